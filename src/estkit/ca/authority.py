@@ -1,0 +1,581 @@
+"""The certificate authority and its EST policy (DESIGN.md "Policy").
+
+Every decision, issuance or refusal, is written to the audit log. A
+certificate is handed back only after its record is committed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NoReturn, Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from estkit.ca import secrets
+from estkit.ca.errors import BadRequest, Conflict, Forbidden, NotFound, Pending, Unauthenticated
+from estkit.pki.certs import is_issued_by, is_valid_at, serial_hex
+from estkit.pki.csr import CertificationRequest, parse_csr
+from estkit.pki.errors import DecodeError, PolicyError
+from estkit.pki.keys import PrivateKey
+from estkit.pki.names import common_name, names_equal, sans_equal, subject_alt_names
+from estkit.pki.profiles import Profile, issue_leaf
+from estkit.pki.revocation import REASONS
+from estkit.store import (
+    AuditEvent,
+    CertificateRecord,
+    CertStatus,
+    DeviceStatus,
+    SqlStore,
+)
+from estkit.store import errors as store_errors
+
+REVOCATION_REASONS = tuple(REASONS)
+
+SAN_TYPES = {
+    "dns": x509.DNSName,
+    "uri": x509.UniformResourceIdentifier,
+    "email": x509.RFC822Name,
+    "ip": x509.IPAddress,
+}
+_SAN_TYPE_NAMES: dict[type, str] = {cls: name for name, cls in SAN_TYPES.items()}
+
+MAX_DEVICE_ID = 128
+
+
+@dataclass(frozen=True, slots=True)
+class IssuingCa:
+    """A CA held in memory: its certificate, signing key, and chain up to the root."""
+
+    name: str
+    cert: x509.Certificate
+    key: PrivateKey
+    chain: tuple[x509.Certificate, ...]  # this CA's certificate first, the root last
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """An EST label: which CA signs, under which profile, with which wire options."""
+
+    name: str
+    ca: str
+    profile: Profile
+    permitted_san_types: frozenset[str] = frozenset({"dns", "uri"})
+    base64_line_length: int = 0
+    csrattrs: tuple[x509.ObjectIdentifier, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is asking, as authenticated: by a client certificate, a secret, or locally."""
+
+    device_id: str
+    actor: str
+    cert: x509.Certificate | None = None
+    cert_ca: str | None = None  # name of the CA that issued ``cert``
+    record: CertificateRecord | None = None
+    secret_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    certificate: x509.Certificate
+    record: CertificateRecord
+    chain: tuple[x509.Certificate, ...]  # issuing CA first, root last
+
+
+class ApprovalPolicy(Protocol):
+    """Decides whether an enrollment waits for approval: None to proceed, else Retry-After."""
+
+    def retry_after(
+        self, label: Label, principal: Principal, request: CertificationRequest
+    ) -> int | None: ...
+
+
+class NoApproval:
+    """The default: every request that passes policy is issued at once."""
+
+    def retry_after(
+        self, label: Label, principal: Principal, request: CertificationRequest
+    ) -> int | None:
+        return None
+
+
+class Authority:
+    def __init__(
+        self,
+        *,
+        cas: Mapping[str, IssuingCa],
+        labels: Mapping[str, Label],
+        bootstrap_profile: Profile,
+        store: SqlStore,
+        secret_validity: dt.timedelta,
+        approval: ApprovalPolicy | None = None,
+    ) -> None:
+        for label in labels.values():
+            if label.ca not in cas:
+                raise ValueError(f"label {label.name!r} names unknown CA {label.ca!r}")
+        if "bootstrap" not in cas or "root" not in cas:
+            raise ValueError("the CAs 'root' and 'bootstrap' must be configured")
+        self.cas = dict(cas)
+        self.labels = dict(labels)
+        self.bootstrap_profile = bootstrap_profile
+        self.store = store
+        self.secret_validity = secret_validity
+        self.approval = approval or NoApproval()
+        # CAs whose certificates may authenticate a device: the bootstrap CA and
+        # every CA an EST label issues from.
+        self._client_cas = [
+            cas["bootstrap"],
+            *{cas[lb.ca].name: cas[lb.ca] for lb in labels.values()}.values(),
+        ]
+
+    # -- lookups -------------------------------------------------------------
+
+    def label(self, name: str) -> Label:
+        try:
+            return self.labels[name]
+        except KeyError:
+            raise NotFound(f"unknown EST label {name!r}") from None
+
+    def chain_for(self, label: Label) -> tuple[x509.Certificate, ...]:
+        return self.cas[label.ca].chain
+
+    # -- authentication --------------------------------------------------------
+
+    def authenticate_certificate(self, cert: x509.Certificate, *, now: dt.datetime) -> Principal:
+        """Accept a client certificate of one of this authority's CAs, valid and unrevoked."""
+        serial = serial_hex(cert.serial_number)
+        issuer = next((ca for ca in self._client_cas if is_issued_by(cert, ca.cert)), None)
+        if issuer is None:
+            self._refuse(
+                f"cert:{serial}",
+                "authenticate",
+                None,
+                serial,
+                "client certificate not issued by this CA",
+                now,
+            )
+        device_id = common_name(cert.subject)
+        actor = f"cert:{serial}"
+        if device_id is None:
+            self._refuse(
+                actor, "authenticate", device_id, serial, "client certificate has no single CN", now
+            )
+        if not is_valid_at(cert, now):
+            self._refuse(
+                actor,
+                "authenticate",
+                device_id,
+                serial,
+                "client certificate is expired or not yet valid",
+                now,
+            )
+        record = self.store.get_certificate(serial)
+        if record is None or record.der != cert.public_bytes(Encoding.DER):
+            self._refuse(
+                actor,
+                "authenticate",
+                device_id,
+                serial,
+                "client certificate unknown to this CA",
+                now,
+            )
+        assert record is not None and device_id is not None
+        if record.status is not CertStatus.VALID:
+            self._refuse(
+                actor, "authenticate", device_id, serial, "client certificate is revoked", now
+            )
+        self._check_device_active(actor, device_id, serial, now)
+        return Principal(
+            device_id=device_id, actor=actor, cert=cert, cert_ca=issuer.name, record=record
+        )
+
+    def authenticate_secret(self, device_id: str, secret: str, *, now: dt.datetime) -> Principal:
+        """Accept a device's one-time enrollment secret (HTTP Basic); constant-time."""
+        candidates = self.store.usable_secrets(device_id, now=now)
+        match = None
+        for candidate in candidates:
+            if secrets.verify_secret(secret, candidate.secret_hash):
+                match = candidate
+        if not candidates:
+            secrets.verify_secret(secret, secrets.dummy_hash())
+        actor = f"secret:{device_id}"
+        if match is None:
+            self._audit(
+                actor,
+                "authenticate",
+                "refused",
+                device_id,
+                None,
+                "wrong, used or expired enrollment secret",
+                now,
+            )
+            raise Unauthenticated("enrollment secret not valid for this device")
+        self._check_device_active(actor, device_id, None, now)
+        return Principal(device_id=device_id, actor=actor, secret_id=match.id)
+
+    # -- enrollment --------------------------------------------------------------
+
+    def enroll(self, label: Label, csr_der: bytes, who: Principal, *, now: dt.datetime) -> Issued:
+        """RFC 7030 simpleenroll: CN must be the authenticated device id."""
+        request = self._parse(csr_der, who, "enroll", now)
+        if who.cert is not None and who.cert_ca not in ("bootstrap", label.ca):
+            self._refuse(
+                who.actor,
+                "enroll",
+                who.device_id,
+                None,
+                "client certificate not accepted on this label",
+                now,
+            )
+        if request.common_name != who.device_id:
+            self._refuse(
+                who.actor,
+                "enroll",
+                who.device_id,
+                None,
+                f"CSR CN {request.common_name!r} is not the authenticated device id "
+                f"{who.device_id!r}",
+                now,
+            )
+        self._check_sans(label, request, who, "enroll", now)
+        self._maybe_pending(label, who, request, "enroll", now)
+        return self._issue(
+            label=label,
+            request=request,
+            who=who,
+            subject=request.subject,
+            sans=request.sans,
+            via="est-simpleenroll",
+            now=now,
+            replaces=who.record.serial if who.record and who.cert_ca == label.ca else None,
+        )
+
+    def reenroll(self, label: Label, csr_der: bytes, who: Principal, *, now: dt.datetime) -> Issued:
+        """RFC 7030 simplereenroll: renew the operational certificate that authenticated."""
+        request = self._parse(csr_der, who, "reenroll", now)
+        if who.cert is None or who.cert_ca != label.ca:
+            self._refuse(
+                who.actor,
+                "reenroll",
+                who.device_id,
+                None,
+                "re-enroll needs an operational certificate of this label's CA",
+                now,
+            )
+        assert who.cert is not None and who.record is not None
+        current_sans = subject_alt_names(who.cert.extensions)
+        if not names_equal(request.subject, who.cert.subject):
+            self._refuse(
+                who.actor,
+                "reenroll",
+                who.device_id,
+                who.record.serial,
+                "CSR subject differs from the certificate being renewed",
+                now,
+            )
+        if not sans_equal(request.sans, current_sans):
+            self._refuse(
+                who.actor,
+                "reenroll",
+                who.device_id,
+                who.record.serial,
+                "CSR subjectAltName differs from the certificate being renewed",
+                now,
+            )
+        self._maybe_pending(label, who, request, "reenroll", now)
+        # The new certificate carries the names as the first certificate had them.
+        return self._issue(
+            label=label,
+            request=request,
+            who=who,
+            subject=who.cert.subject,
+            sans=current_sans,
+            via="est-simplereenroll",
+            now=now,
+            replaces=who.record.serial,
+        )
+
+    def issue_bootstrap(
+        self,
+        csr_der: bytes,
+        *,
+        device_id: str,
+        actor: str,
+        now: dt.datetime,
+        via: str = "cli-bootstrap",
+    ) -> Issued:
+        """The factory path: a bootstrap certificate for ``device_id``, same CSR policy as EST."""
+        check_device_id(device_id)
+        who = Principal(device_id=device_id, actor=actor)
+        request = self._parse(csr_der, who, "bootstrap", now)
+        if request.common_name != device_id:
+            self._refuse(
+                actor,
+                "bootstrap",
+                device_id,
+                None,
+                f"CSR CN {request.common_name!r} is not the device id {device_id!r}",
+                now,
+            )
+        device = self.store.get_device(device_id)
+        if device is not None and device.status is not DeviceStatus.ACTIVE:
+            self._refuse(
+                actor, "bootstrap", device_id, None, f"device is {device.status.value}", now
+            )
+        ca = self.cas["bootstrap"]
+        label = Label(name="bootstrap", ca="bootstrap", profile=self.bootstrap_profile)
+        self._check_sans(label, request, who, "bootstrap", now)
+        return self._issue(
+            label=label,
+            request=request,
+            who=who,
+            subject=request.subject,
+            sans=request.sans,
+            via=via,
+            now=now,
+            replaces=None,
+            ca=ca,
+            est_label=None,
+        )
+
+    # -- device lifecycle ------------------------------------------------------------
+
+    def add_device(self, device_id: str, *, actor: str, now: dt.datetime) -> str:
+        """Register a device (or reuse an active one); return a new one-time enrollment secret."""
+        check_device_id(device_id)
+        device = self.store.get_device(device_id)
+        if device is not None and device.status is not DeviceStatus.ACTIVE:
+            raise Conflict(f"device {device_id!r} is {device.status.value}")
+        secret = secrets.new_secret()
+        self.store.add_secret(
+            device_id,
+            secrets.hash_secret(secret),
+            now=now,
+            expires_at=now + self.secret_validity,
+            audit=AuditEvent(
+                at=now,
+                actor=actor,
+                action="device-add",
+                outcome="ok",
+                device_id=device_id,
+                detail=f"enrollment secret valid until {(now + self.secret_validity).isoformat()}",
+            ),
+        )
+        return secret
+
+    def set_device_status(
+        self, device_id: str, status: DeviceStatus, *, actor: str, now: dt.datetime
+    ) -> list[str]:
+        """Disable, enable or decommission a device; decommission revokes its certificates."""
+        action = {
+            DeviceStatus.ACTIVE: "device-enable",
+            DeviceStatus.DISABLED: "device-disable",
+            DeviceStatus.DECOMMISSIONED: "device-decommission",
+        }[status]
+        device = self.store.get_device(device_id)
+        if device is None:
+            raise NotFound(f"no device {device_id!r}")
+        if (
+            device.status is DeviceStatus.DECOMMISSIONED
+            and status is not DeviceStatus.DECOMMISSIONED
+        ):
+            raise Conflict(f"device {device_id!r} is decommissioned")
+        reason = "cessationOfOperation" if status is DeviceStatus.DECOMMISSIONED else None
+        return self.store.set_device_status(
+            device_id,
+            status,
+            now=now,
+            revoke_reason=reason,
+            audit=AuditEvent(at=now, actor=actor, action=action, outcome="ok", device_id=device_id),
+        )
+
+    def revoke(
+        self, serial: str, *, reason: str, actor: str, now: dt.datetime
+    ) -> CertificateRecord:
+        if reason not in REVOCATION_REASONS:
+            raise BadRequest(
+                f"unknown revocation reason {reason!r}; one of {', '.join(REVOCATION_REASONS)}"
+            )
+        try:
+            return self.store.revoke_certificate(
+                serial,
+                reason=reason,
+                now=now,
+                audit=AuditEvent(
+                    at=now, actor=actor, action="revoke", outcome="ok", serial=serial, detail=reason
+                ),
+            )
+        except store_errors.NotFound as exc:
+            raise NotFound(str(exc)) from None
+        except store_errors.Conflict as exc:
+            raise Conflict(str(exc)) from None
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _parse(
+        self, csr_der: bytes, who: Principal, action: str, now: dt.datetime
+    ) -> CertificationRequest:
+        try:
+            return parse_csr(csr_der)
+        except (DecodeError, PolicyError) as exc:
+            self._audit(who.actor, action, "refused", who.device_id, None, str(exc), now)
+            raise BadRequest(str(exc)) from None
+
+    def _check_sans(
+        self,
+        label: Label,
+        request: CertificationRequest,
+        who: Principal,
+        action: str,
+        now: dt.datetime,
+    ) -> None:
+        for name in request.sans or ():
+            kind = _SAN_TYPE_NAMES.get(type(name))
+            if kind is None or kind not in label.permitted_san_types:
+                self._refuse(
+                    who.actor,
+                    action,
+                    who.device_id,
+                    None,
+                    f"subjectAltName type {kind or type(name).__name__} not permitted "
+                    f"on label {label.name!r}",
+                    now,
+                )
+
+    def _maybe_pending(
+        self,
+        label: Label,
+        who: Principal,
+        request: CertificationRequest,
+        action: str,
+        now: dt.datetime,
+    ) -> None:
+        retry_after = self.approval.retry_after(label, who, request)
+        if retry_after is not None:
+            self._audit(
+                who.actor, action, "pending", who.device_id, None, "waiting for approval", now
+            )
+            raise Pending("request is waiting for approval", retry_after=retry_after)
+
+    def _check_device_active(
+        self, actor: str, device_id: str, serial: str | None, now: dt.datetime
+    ) -> None:
+        device = self.store.get_device(device_id)
+        if device is None:
+            self._refuse(actor, "authenticate", device_id, serial, "device is not registered", now)
+        elif device.status is not DeviceStatus.ACTIVE:
+            self._refuse(
+                actor, "authenticate", device_id, serial, f"device is {device.status.value}", now
+            )
+
+    def _issue(
+        self,
+        *,
+        label: Label,
+        request: CertificationRequest,
+        who: Principal,
+        subject: x509.Name,
+        sans: x509.SubjectAlternativeName | None,
+        via: str,
+        now: dt.datetime,
+        replaces: str | None,
+        ca: IssuingCa | None = None,
+        est_label: str | None = "",
+    ) -> Issued:
+        ca = ca or self.cas[label.ca]
+        cert = issue_leaf(
+            profile=label.profile,
+            public_key=request.csr.public_key(),
+            subject=subject,
+            sans=sans,
+            issuer=ca.cert,
+            issuer_key=ca.key,
+            now=now,
+        )
+        serial = serial_hex(cert.serial_number)
+        record = CertificateRecord(
+            serial=serial,
+            device_id=who.device_id,
+            ca=ca.name,
+            label=label.name if est_label == "" else est_label,
+            profile=label.profile.name,
+            subject=cert.subject.rfc4514_string(),
+            sans=tuple(str(getattr(n, "value", n)) for n in sans or ()),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            status=CertStatus.VALID,
+            requested_via=via,
+            requested_by=who.actor,
+            issued_at=now,
+            der=cert.public_bytes(Encoding.DER),
+            replaces=replaces,
+        )
+        audit = AuditEvent(
+            at=now,
+            actor=who.actor,
+            action=via,
+            outcome="ok",
+            device_id=who.device_id,
+            serial=serial,
+            detail=f"ca={ca.name} profile={label.profile.name}",
+        )
+        try:
+            self.store.record_issued(record, audit=audit, consume_secret=who.secret_id)
+        except store_errors.Conflict:
+            self._audit(
+                who.actor,
+                via,
+                "refused",
+                who.device_id,
+                None,
+                "enrollment secret already used",
+                now,
+            )
+            raise Unauthenticated("enrollment secret already used") from None
+        return Issued(certificate=cert, record=record, chain=ca.chain)
+
+    def _audit(
+        self,
+        actor: str,
+        action: str,
+        outcome: str,
+        device_id: str | None,
+        serial: str | None,
+        detail: str,
+        now: dt.datetime,
+    ) -> None:
+        self.store.audit(
+            AuditEvent(
+                at=now,
+                actor=actor,
+                action=action,
+                outcome=outcome,
+                device_id=device_id,
+                serial=serial,
+                detail=detail,
+            )
+        )
+
+    def _refuse(
+        self,
+        actor: str,
+        action: str,
+        device_id: str | None,
+        serial: str | None,
+        reason: str,
+        now: dt.datetime,
+    ) -> NoReturn:
+        self._audit(actor, action, "refused", device_id, serial, reason, now)
+        raise Forbidden(reason)
+
+
+def check_device_id(device_id: str) -> None:
+    """Device ids become certificate CNs and MQTT client ids: printable, bounded, no slashes."""
+    if not device_id or len(device_id) > MAX_DEVICE_ID:
+        raise BadRequest(f"device id must be 1-{MAX_DEVICE_ID} characters")
+    if not device_id.isprintable() or any(c in device_id for c in "/#+ \\"):
+        raise BadRequest("device id may not contain spaces, '/', '\\', '#' or '+'")

@@ -1,0 +1,1 @@
+"""The ``estkit`` command: parses arguments and config, wires objects, prints results."""

@@ -1,0 +1,306 @@
+"""Server-side commands: ``server``, ``ca``, ``device``, ``cert``.
+
+They need ``estkit[server]``; imports of server modules happen inside the
+handlers so that a device-only install still starts the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import socket
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from estkit.cli.errors import CliError
+
+if TYPE_CHECKING:
+    from estkit.ca.authority import Authority
+    from estkit.server.config import ServerConfig
+
+DEFAULT_DATA_DIR = Path("var/estkit")
+KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _operator() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"cli:{user}@{socket.gethostname()}"
+
+
+def _data_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help=f"server data directory (default {DEFAULT_DATA_DIR})",
+    )
+
+
+def _load(args: argparse.Namespace) -> ServerConfig:
+    from estkit.server.config import ConfigError, load_config
+
+    try:
+        return load_config(args.data_dir)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _authority(args: argparse.Namespace) -> Authority:
+    from estkit.server.wiring import build_authority, open_store
+    from estkit.store.errors import SchemaError
+
+    config = _load(args)
+    try:
+        return build_authority(config, open_store(config))
+    except SchemaError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _ca_error(exc: Exception) -> CliError:
+    return CliError(str(exc))
+
+
+# -- server ------------------------------------------------------------------------
+
+
+def cmd_server_init(args: argparse.Namespace) -> int:
+    from estkit.ca.files import write_atomic
+    from estkit.ca.setup import create_pki
+    from estkit.server.config import CONFIG_NAME, DEFAULT_CONFIG
+    from estkit.store import SqlStore
+
+    data_dir: Path = args.data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
+    config_path = data_dir / CONFIG_NAME
+    if config_path.exists():
+        print(f"config: exists ({config_path}), unchanged")
+    else:
+        public_host = args.hostname[0] if args.hostname else "localhost"
+        text = DEFAULT_CONFIG.format(port=args.port, public_host=public_host)
+        write_atomic(config_path, text.encode(), mode=0o600)
+        print(f"config: created {config_path}")
+    config = _load(args)
+    report = create_pki(
+        ca_paths={n: (c.cert, c.key) for n, c in config.cas.items()},
+        tls_cert=config.tls_cert,
+        tls_key=config.tls_key,
+        hostnames=args.hostname,
+        key_type=args.key_type,
+        organization=args.organization,
+        now=_now(),
+    )
+    for line in report:
+        print(line)
+    store = SqlStore.open(config.database_url)
+    try:
+        store.migrate()
+    finally:
+        store.close()
+    print(f"database: schema up to date ({config.database_url.split('://')[0]})")
+    return 0
+
+
+def cmd_server_run(args: argparse.Namespace) -> int:
+    from estkit.server.app import serve
+    from estkit.store.errors import SchemaError
+
+    config = _load(args)
+    try:
+        serve(
+            config,
+            host=args.host or config.host,
+            port=args.port or config.port,
+            workers=args.workers or config.workers,
+        )
+    except SchemaError as exc:
+        raise CliError(str(exc)) from None
+    return 0
+
+
+# -- ca ----------------------------------------------------------------------------
+
+
+def cmd_ca_list(args: argparse.Namespace) -> int:
+    from estkit.pki.certs import fingerprint, load_pem_certificates
+
+    config = _load(args)
+    for name, ca in config.cas.items():
+        cert = load_pem_certificates(ca.cert.read_bytes())[0]
+        print(f"CA {name}")
+        print(f"  subject:     {cert.subject.rfc4514_string()}")
+        print(f"  not after:   {cert.not_valid_after_utc.isoformat()}")
+        print(f"  sha256:      {fingerprint(cert)}")
+    for name, label in config.labels.items():
+        url = f"{config.est_url}/{name}"
+        default = f"  (also {config.est_url}/)" if name == config.default_label else ""
+        print(f"label {name}: CA {label.ca}, profile {label.profile}")
+        print(f"  EST URL:     {url}{default}")
+    return 0
+
+
+def cmd_ca_chain(args: argparse.Namespace) -> int:
+    from estkit.ca.signers import chain_to_root
+    from estkit.pki.certs import certs_to_pem, load_pem_certificates
+
+    config = _load(args)
+    if args.ca not in config.cas:
+        raise CliError(f"unknown CA {args.ca!r}; configured: {', '.join(config.cas)}")
+    certs = {n: load_pem_certificates(c.cert.read_bytes())[0] for n, c in config.cas.items()}
+    sys.stdout.write(certs_to_pem(chain_to_root(certs[args.ca], certs)).decode())
+    return 0
+
+
+# -- device and cert -----------------------------------------------------------------
+
+
+def cmd_device_add(args: argparse.Namespace) -> int:
+    from estkit.ca.errors import CaError
+
+    authority = _authority(args)
+    try:
+        secret = authority.add_device(args.device_id, actor=_operator(), now=_now())
+    except CaError as exc:
+        raise _ca_error(exc) from None
+    # Alone on stdout, so scripts can capture it; shown once, stored only hashed.
+    print(secret)
+    return 0
+
+
+def cmd_device_bootstrap(args: argparse.Namespace) -> int:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import NameOID
+
+    from estkit.ca.errors import CaError
+    from estkit.ca.files import write_atomic
+    from estkit.pki.certs import certs_to_pem, serial_hex
+    from estkit.pki.csr import build_csr
+    from estkit.pki.keys import generate_key, key_to_pem
+
+    authority = _authority(args)
+    key = generate_key(args.key_type)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, args.device_id)])
+    csr = build_csr(key, subject=subject)
+    try:
+        issued = authority.issue_bootstrap(
+            csr.public_bytes(Encoding.DER), device_id=args.device_id, actor=_operator(), now=_now()
+        )
+    except CaError as exc:
+        raise _ca_error(exc) from None
+    out: Path = args.out
+    write_atomic(out / "key.pem", key_to_pem(key), mode=0o600)
+    write_atomic(out / "cert.pem", certs_to_pem([issued.certificate]))
+    # chain.pem: what a TLS client sends after its certificate (the issuing CA), no root.
+    write_atomic(out / "chain.pem", certs_to_pem(issued.chain[:-1]))
+    print(
+        f"bootstrap certificate for {args.device_id}: serial "
+        f"{serial_hex(issued.certificate.serial_number)}, valid until "
+        f"{issued.certificate.not_valid_after_utc.isoformat()}, files in {out}"
+    )
+    return 0
+
+
+def _set_status(args: argparse.Namespace, status_name: str) -> int:
+    from estkit.ca.errors import CaError
+    from estkit.store import DeviceStatus
+
+    authority = _authority(args)
+    status = DeviceStatus(status_name)
+    try:
+        revoked = authority.set_device_status(args.device_id, status, actor=_operator(), now=_now())
+    except CaError as exc:
+        raise _ca_error(exc) from None
+    suffix = f"; revoked {len(revoked)} certificate(s)" if revoked else ""
+    print(f"device {args.device_id}: {status.value}{suffix}")
+    return 0
+
+
+def cmd_cert_revoke(args: argparse.Namespace) -> int:
+    from estkit.ca.errors import CaError
+    from estkit.pki.certs import parse_serial, serial_hex
+
+    authority = _authority(args)
+    try:
+        serial = serial_hex(parse_serial(args.serial))
+        record = authority.revoke(serial, reason=args.reason, actor=_operator(), now=_now())
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    except CaError as exc:
+        raise _ca_error(exc) from None
+    print(f"certificate {record.serial} of {record.device_id}: revoked ({args.reason})")
+    return 0
+
+
+def register(sub: Any) -> None:
+    from estkit.pki.revocation import REASONS
+
+    server = sub.add_parser("server", help="initialise and run the EST server").add_subparsers(
+        dest="server_command", required=True, metavar="ACTION"
+    )
+    p = server.add_parser("init", help="create config, CAs, TLS certificate and database once")
+    _data_dir_arg(p)
+    p.add_argument("--hostname", action="append", default=[], help="TLS name (repeatable)")
+    p.add_argument("--key-type", choices=KEY_TYPES, default="ec-p256")
+    p.add_argument("--organization", default="estkit", help="O= of the CA names")
+    p.add_argument("--port", type=int, default=8443, help="port written to the new config")
+    p.set_defaults(handler=cmd_server_init)
+    p = server.add_parser("run", help="serve EST over HTTPS")
+    _data_dir_arg(p)
+    p.add_argument("--host", help="listen address (default from config: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default from config: 8443)")
+    p.add_argument("--workers", type=int, help="worker processes (default from config: 1)")
+    p.set_defaults(handler=cmd_server_run)
+
+    ca = sub.add_parser("ca", help="inspect the CAs").add_subparsers(
+        dest="ca_command", required=True, metavar="ACTION"
+    )
+    p = ca.add_parser("list", help="each CA and EST label, EST URL and SHA-256 fingerprint")
+    _data_dir_arg(p)
+    p.set_defaults(handler=cmd_ca_list)
+    p = ca.add_parser("chain", help="print a CA's PEM chain (root: the devices' trust anchor)")
+    _data_dir_arg(p)
+    p.add_argument("--ca", default="root", help="devices, bootstrap or root (default)")
+    p.set_defaults(handler=cmd_ca_chain)
+
+    device = sub.add_parser("device", help="register and manage devices").add_subparsers(
+        dest="device_command", required=True, metavar="ACTION"
+    )
+    p = device.add_parser("add", help="register a device; print a one-time enrollment secret")
+    _data_dir_arg(p)
+    p.add_argument("device_id")
+    p.set_defaults(handler=cmd_device_add)
+    p = device.add_parser("bootstrap", help="local factory: key + bootstrap certificate")
+    _data_dir_arg(p)
+    p.add_argument("device_id")
+    p.add_argument("--out", type=Path, required=True, help="directory for key/cert/chain.pem")
+    p.add_argument("--key-type", choices=KEY_TYPES, default="ec-p256")
+    p.set_defaults(handler=cmd_device_bootstrap)
+    for action, status, text in (
+        ("revoke", "decommissioned", "decommission: revoke all its certificates, refuse it"),
+        ("decommission", "decommissioned", "same as revoke"),
+        ("disable", "disabled", "refuse the device until enabled again"),
+        ("enable", "active", "accept a disabled device again"),
+    ):
+        p = device.add_parser(action, help=text)
+        _data_dir_arg(p)
+        p.add_argument("device_id")
+        p.set_defaults(handler=lambda a, s=status: _set_status(a, s))
+
+    cert = sub.add_parser("cert", help="manage issued certificates").add_subparsers(
+        dest="cert_command", required=True, metavar="ACTION"
+    )
+    p = cert.add_parser("revoke", help="revoke one certificate by serial (hex)")
+    _data_dir_arg(p)
+    p.add_argument("serial")
+    p.add_argument("--reason", choices=tuple(REASONS), default="unspecified")
+    p.set_defaults(handler=cmd_cert_revoke)

@@ -1,0 +1,1 @@
+"""Thin HTTP adapters: EST routes, authentication, the one place errors become statuses."""

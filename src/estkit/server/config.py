@@ -1,0 +1,289 @@
+"""Server configuration: ``estkit.toml`` in the data directory, loaded once and validated.
+
+A bad config fails at start with the field name and the reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from estkit.ca.authority import SAN_TYPES
+from estkit.pki.profiles import Kind, Profile
+
+CONFIG_NAME = "estkit.toml"
+CA_NAMES = ("root", "devices", "bootstrap")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the field."""
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object, field: str) -> dt.timedelta:
+    """``"30d"``, ``"12h"``, ``"90s"``, ``"10m"``, ``"2w"`` or an integer number of seconds."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        seconds = value
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ConfigError(f"{field}: expected a duration like '30d', '12h', '90s', got {value!r}")
+    if seconds <= 0:
+        raise ConfigError(f"{field}: duration must be positive")
+    return dt.timedelta(seconds=seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class CaConfig:
+    name: str
+    cert: Path
+    key: Path
+    signer: str
+
+
+@dataclass(frozen=True, slots=True)
+class LabelConfig:
+    name: str
+    ca: str
+    profile: str
+    base64_line_length: int
+    permitted_san_types: frozenset[str]
+    csrattrs: tuple[x509.ObjectIdentifier, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    data_dir: Path
+    host: str
+    port: int
+    workers: int
+    public_url: str
+    max_request_bytes: int
+    tls_cert: Path
+    tls_key: Path
+    database_url: str
+    cas: Mapping[str, CaConfig]
+    profiles: Mapping[str, Profile]
+    labels: Mapping[str, LabelConfig]
+    default_label: str
+    secret_validity: dt.timedelta
+
+    @property
+    def est_url(self) -> str:
+        return f"{self.public_url.rstrip('/')}/.well-known/est"
+
+
+def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"[{name}]: expected a table")
+    return value
+
+
+def _get(table: Mapping[str, Any], key: str, kind: type, field: str, default: Any = None) -> Any:
+    value = table.get(key, default)
+    if value is None:
+        raise ConfigError(f"{field}: required")
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ConfigError(f"{field}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def load_config(data_dir: Path) -> ServerConfig:
+    """Read and validate ``DATA_DIR/estkit.toml``."""
+    path = data_dir / CONFIG_NAME
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: not found; run `estkit server init --data-dir {data_dir}`"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return parse_config(data, data_dir)
+
+
+def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
+    base = data_dir.resolve()
+
+    def path_of(value: str) -> Path:
+        p = Path(value)
+        return p if p.is_absolute() else base / p
+
+    server = _section(data, "server")
+    port = _get(server, "port", int, "server.port", 8443)
+    if not 0 < port < 65536:
+        raise ConfigError("server.port: must be 1-65535")
+    workers = _get(server, "workers", int, "server.workers", 1)
+    if workers < 1:
+        raise ConfigError("server.workers: must be at least 1")
+    max_bytes = _get(server, "max_request_bytes", int, "server.max_request_bytes", 65536)
+    tls = _section(data, "tls")
+    db = _section(data, "database")
+    db_url = _get(db, "url", str, "database.url", "sqlite:///estkit.db")
+    if db_url.startswith("sqlite:///") and not db_url.startswith("sqlite:////"):
+        db_url = f"sqlite:///{path_of(db_url.removeprefix('sqlite:///'))}"
+
+    cas: dict[str, CaConfig] = {}
+    for name, table in _section(data, "cas").items():
+        f = f"cas.{name}"
+        signer = _get(table, "signer", str, f"{f}.signer", "file")
+        if signer != "file":
+            raise ConfigError(f"{f}.signer: unknown signer {signer!r} (available: file)")
+        cas[name] = CaConfig(
+            name=name,
+            cert=path_of(_get(table, "cert", str, f"{f}.cert")),
+            key=path_of(_get(table, "key", str, f"{f}.key")),
+            signer=signer,
+        )
+    for name in ("root", "bootstrap"):
+        if name not in cas:
+            raise ConfigError(f"cas.{name}: required")
+
+    profiles: dict[str, Profile] = {}
+    for name, table in _section(data, "profiles").items():
+        f = f"profiles.{name}"
+        kind_name = _get(table, "kind", str, f"{f}.kind")
+        try:
+            kind = Kind(kind_name)
+        except ValueError:
+            raise ConfigError(f"{f}.kind: one of operational, bootstrap") from None
+        validity = parse_duration(table.get("validity"), f"{f}.validity")
+        profiles[name] = Profile(name=name, kind=kind, validity=validity)
+    if "bootstrap" not in profiles:
+        raise ConfigError("profiles.bootstrap: required")
+
+    labels: dict[str, LabelConfig] = {}
+    for name, table in _section(data, "labels").items():
+        f = f"labels.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            raise ConfigError(f"{f}: label names are 1-64 letters, digits, '-' or '_'")
+        ca = _get(table, "ca", str, f"{f}.ca")
+        if ca not in cas:
+            raise ConfigError(f"{f}.ca: unknown CA {ca!r}")
+        profile = _get(table, "profile", str, f"{f}.profile")
+        if profile not in profiles:
+            raise ConfigError(f"{f}.profile: unknown profile {profile!r}")
+        line = _get(table, "base64_line_length", int, f"{f}.base64_line_length", 0)
+        if line < 0 or line % 4:
+            raise ConfigError(f"{f}.base64_line_length: 0 or a positive multiple of 4")
+        sans = _get(table, "permitted_san_types", list, f"{f}.permitted_san_types", ["dns", "uri"])
+        unknown = set(sans) - set(SAN_TYPES)
+        if unknown:
+            raise ConfigError(f"{f}.permitted_san_types: unknown {sorted(unknown)}")
+        oids = _get(table, "csrattrs", list, f"{f}.csrattrs", [])
+        try:
+            csrattrs = tuple(x509.ObjectIdentifier(o) for o in oids)
+        except (ValueError, TypeError):
+            raise ConfigError(f"{f}.csrattrs: dotted OIDs expected") from None
+        labels[name] = LabelConfig(name, ca, profile, line, frozenset(sans), csrattrs)
+    est = _section(data, "est")
+    default_label = _get(est, "default_label", str, "est.default_label", "devices")
+    if default_label not in labels:
+        raise ConfigError(f"est.default_label: unknown label {default_label!r}")
+    enrollment = _section(data, "enrollment")
+    return ServerConfig(
+        data_dir=base,
+        host=_get(server, "host", str, "server.host", "127.0.0.1"),
+        port=port,
+        workers=workers,
+        public_url=_get(
+            server, "public_url", str, "server.public_url", f"https://localhost:{port}"
+        ),
+        max_request_bytes=max_bytes,
+        tls_cert=path_of(_get(tls, "cert", str, "tls.cert", "tls/server.pem")),
+        tls_key=path_of(_get(tls, "key", str, "tls.key", "tls/server.key")),
+        database_url=db_url,
+        cas=cas,
+        profiles=profiles,
+        labels=labels,
+        default_label=default_label,
+        secret_validity=parse_duration(
+            enrollment.get("secret_validity", "7d"), "enrollment.secret_validity"
+        ),
+    )
+
+
+DEFAULT_CONFIG = """\
+# estkit server configuration, written by `estkit server init`.
+# Relative paths are relative to this file's directory (the data directory).
+
+[server]
+# Address to listen on; 0.0.0.0 or :: to serve other machines.
+host = "127.0.0.1"
+port = {port}
+# Worker processes; they share the listening socket and the database.
+workers = 1
+# The URL devices use to reach this server (printed by `estkit ca list`).
+public_url = "https://{public_host}:{port}"
+# Request bodies above this many bytes get 413.
+max_request_bytes = 65536
+
+[tls]
+# The server's certificate chain and key. `server init` issues one under the
+# estkit root, so the one trust anchor a device gets verifies the server too;
+# point these at an operator-supplied certificate instead if you have one.
+cert = "tls/server.pem"
+key = "tls/server.key"
+
+[database]
+# SQLite file in the data directory; postgresql://user@host/db for several nodes.
+url = "sqlite:///estkit.db"
+
+# The CAs. `root` is the trust anchor devices are given; `devices` issues the
+# short-lived operational certificates; `bootstrap` the factory certificates.
+# signer = "file": the key is a PEM file (0600).
+[cas.root]
+cert = "ca/root.pem"
+key = "ca/root.key"
+signer = "file"
+
+[cas.devices]
+cert = "ca/devices.pem"
+key = "ca/devices.key"
+signer = "file"
+
+[cas.bootstrap]
+cert = "ca/bootstrap.pem"
+key = "ca/bootstrap.key"
+signer = "file"
+
+# Certificate profiles. validity: "30d", "12h", "90s", ... (seconds are fine for tests).
+[profiles.operational]
+kind = "operational"
+validity = "30d"
+
+[profiles.bootstrap]
+kind = "bootstrap"
+validity = "3650d"
+
+[est]
+# The label served at /.well-known/est/ without a label segment.
+default_label = "devices"
+
+# EST labels: /.well-known/est/<label>/...
+[labels.devices]
+ca = "devices"
+profile = "operational"
+# 0: base64 on one line (RFC 8951; Debian 12's strongSwan needs it). 64 or 76
+# for clients that want wrapped lines.
+base64_line_length = 0
+# subjectAltName types a CSR may ask for: dns, uri, email, ip.
+permitted_san_types = ["dns", "uri"]
+# OIDs announced by /csrattrs (here: ecdsa-with-SHA256). Empty: 204.
+csrattrs = ["1.2.840.10045.4.3.2"]
+
+[enrollment]
+# How long a one-time enrollment secret from `estkit device add` stays usable.
+secret_validity = "7d"
+"""

@@ -1,0 +1,56 @@
+"""The one place where decisions become HTTP statuses: a ``text/plain`` one-line reason."""
+
+from __future__ import annotations
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+
+from estkit.ca import errors as ca
+
+CHALLENGE = {"WWW-Authenticate": 'Basic realm="estkit"'}
+
+_STATUS: dict[type[ca.CaError], int] = {
+    ca.BadRequest: 400,
+    ca.Unauthenticated: 401,
+    ca.Forbidden: 403,
+    ca.NotFound: 404,
+    ca.Conflict: 409,
+}
+
+
+class RequestError(Exception):
+    """An HTTP-level refusal (media type, size) before the authority is asked."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())[:300] + "\n"
+
+
+def text_response(status: int, reason: str, headers: dict[str, str] | None = None) -> Response:
+    return PlainTextResponse(one_line(reason), status_code=status, headers=headers)
+
+
+async def ca_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ca.CaError)
+    if isinstance(exc, ca.Pending):
+        return text_response(202, str(exc), {"Retry-After": str(int(exc.retry_after))})
+    status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
+    return text_response(status, str(exc), CHALLENGE if status == 401 else None)
+
+
+async def request_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestError)
+    return text_response(exc.status, str(exc), CHALLENGE if exc.status == 401 else None)
+
+
+async def http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return text_response(exc.status_code, exc.detail or "error", dict(exc.headers or {}))
+
+
+HANDLERS = {ca.CaError: ca_error, RequestError: request_error, HTTPException: http_error}

@@ -1,0 +1,203 @@
+"""EST routes (RFC 7030 section 4, RFC 8951), served under /.well-known/est[/<label>]/.
+
+Wire rules (DESIGN.md): request bodies are decoded whatever their line
+breaks and Content-Transfer-Encoding; responses carry Content-Length, never
+chunked, ``Content-Transfer-Encoding: base64`` and one-line base64 unless the
+label asks for wrapping.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+from collections.abc import Callable
+from typing import Protocol
+
+from cryptography import x509
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from estkit.ca.authority import Issued, Label, Principal
+from estkit.pki import wire
+from estkit.pki.certs import certs_to_pem
+from estkit.pki.cms import encode_certs_only
+from estkit.pki.csrattrs import encode_csrattrs
+from estkit.pki.errors import DecodeError
+from estkit.server.errors import RequestError
+
+PREFIX = "/.well-known/est"
+
+
+class EstAuthority(Protocol):
+    """What the EST front-end needs from the authority, and nothing more."""
+
+    def label(self, name: str) -> Label: ...
+    def chain_for(self, label: Label) -> tuple[x509.Certificate, ...]: ...
+    def authenticate_certificate(
+        self, cert: x509.Certificate, *, now: dt.datetime
+    ) -> Principal: ...
+    def authenticate_secret(
+        self, device_id: str, secret: str, *, now: dt.datetime
+    ) -> Principal: ...
+    def enroll(
+        self, label: Label, csr_der: bytes, who: Principal, *, now: dt.datetime
+    ) -> Issued: ...
+    def reenroll(
+        self, label: Label, csr_der: bytes, who: Principal, *, now: dt.datetime
+    ) -> Issued: ...
+
+
+def client_certificate(request: Request) -> x509.Certificate | None:
+    """The client certificate the TLS handshake saw (ASGI TLS extension), if any."""
+    tls = request.scope.get("extensions", {}).get("tls") or {}
+    chain = tls.get("client_cert_chain") or []
+    return x509.load_pem_x509_certificate(chain[0].encode()) if chain else None
+
+
+def basic_credentials(request: Request) -> tuple[str, str] | None:
+    header = request.headers.get("authorization")
+    if header is None:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        raise RequestError(401, "only HTTP Basic or a client certificate are accepted")
+    try:
+        user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        raise RequestError(401, "malformed Basic credentials") from None
+    if not sep or not user:
+        raise RequestError(401, "malformed Basic credentials")
+    return user, password
+
+
+class EstRoutes:
+    def __init__(
+        self,
+        authority: EstAuthority,
+        *,
+        default_label: str,
+        max_request_bytes: int,
+        clock: Callable[[], dt.datetime],
+    ) -> None:
+        self._authority = authority
+        self._default_label = default_label
+        self._max = max_request_bytes
+        self._clock = clock
+        self._cacerts: dict[str, bytes] = {}
+
+    def routes(self) -> list[BaseRoute]:
+        table = [
+            ("cacerts", self.cacerts, ["GET"]),
+            ("simpleenroll", self.simpleenroll, ["POST"]),
+            ("simplereenroll", self.simplereenroll, ["POST"]),
+            ("csrattrs", self.csrattrs, ["GET"]),
+        ]
+        out: list[BaseRoute] = []
+        for op, handler, methods in table:
+            out.append(Route(f"{PREFIX}/{op}", handler, methods=methods))
+            out.append(Route(f"{PREFIX}/{{label}}/{op}", handler, methods=methods))
+        out.append(Route("/health/certificate", self.health_certificate, methods=["GET"]))
+        out.append(Route("/health", self.health, methods=["GET"]))
+        return out
+
+    def _label(self, request: Request) -> Label:
+        return self._authority.label(request.path_params.get("label", self._default_label))
+
+    async def cacerts(self, request: Request) -> Response:
+        label = self._label(request)
+        body = self._cacerts.get(label.name)
+        if body is None:
+            der = encode_certs_only(self._authority.chain_for(label))
+            body = self._cacerts[label.name] = wire.encode_base64_body(
+                der, line_length=label.base64_line_length
+            )
+        return _base64_response(body, wire.CACERTS_CONTENT_TYPE)
+
+    async def csrattrs(self, request: Request) -> Response:
+        label = self._label(request)
+        if not label.csrattrs:
+            return Response(status_code=204)
+        der = encode_csrattrs(label.csrattrs)
+        body = wire.encode_base64_body(der, line_length=label.base64_line_length)
+        return _base64_response(body, wire.CSRATTRS)
+
+    async def simpleenroll(self, request: Request) -> Response:
+        return await self._enroll(request, reenroll=False)
+
+    async def simplereenroll(self, request: Request) -> Response:
+        return await self._enroll(request, reenroll=True)
+
+    async def _enroll(self, request: Request, *, reenroll: bool) -> Response:
+        label = self._label(request)
+        cert = client_certificate(request)
+        basic = None if cert is not None else basic_credentials(request)
+        if cert is None and basic is None:
+            raise RequestError(401, "authentication required: client certificate or HTTP Basic")
+        if wire.media_type(request.headers.get("content-type")) != wire.PKCS10:
+            raise RequestError(415, "expected Content-Type application/pkcs10")
+        body = await self._read_body(request)
+        try:
+            csr_der = wire.decode_base64_body(body)
+        except DecodeError as exc:
+            raise RequestError(400, str(exc)) from None
+        now = self._clock()
+        issued = await run_in_threadpool(self._decide, label, csr_der, cert, basic, now, reenroll)
+        der = encode_certs_only([issued.certificate])
+        body = wire.encode_base64_body(der, line_length=label.base64_line_length)
+        return _base64_response(body, wire.ENROLL_CONTENT_TYPE)
+
+    def _decide(
+        self,
+        label: Label,
+        csr_der: bytes,
+        cert: x509.Certificate | None,
+        basic: tuple[str, str] | None,
+        now: dt.datetime,
+        reenroll: bool,
+    ) -> Issued:
+        """Authenticate and issue: blocking work (signature, database), run off the event loop."""
+        authority = self._authority
+        if cert is not None:
+            who = authority.authenticate_certificate(cert, now=now)
+        else:
+            assert basic is not None
+            if reenroll:
+                raise RequestError(403, "re-enroll needs the client certificate being renewed")
+            who = authority.authenticate_secret(basic[0], basic[1], now=now)
+        if reenroll:
+            return authority.reenroll(label, csr_der, who, now=now)
+        return authority.enroll(label, csr_der, who, now=now)
+
+    async def _read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max:
+            raise RequestError(413, f"request body over {self._max} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self._max:
+                raise RequestError(413, f"request body over {self._max} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def health_certificate(self, request: Request) -> Response:
+        cert = client_certificate(request)
+        if cert is None:
+            raise RequestError(401, "no client certificate was presented")
+        return Response(certs_to_pem([cert]), media_type="application/x-pem-file")
+
+    async def health(self, _request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+
+def _base64_response(body: bytes, content_type: str) -> Response:
+    return Response(
+        body,
+        status_code=200,
+        media_type=content_type,
+        headers={"Content-Transfer-Encoding": "base64"},
+    )

@@ -1,0 +1,86 @@
+"""Table definitions (SQLAlchemy Core). Changes here need an Alembic migration."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import sqlalchemy as sa
+
+
+class UtcDateTime(sa.TypeDecorator[dt.datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out (SQLite keeps no zone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use aware UTC datetimes")
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+metadata = sa.MetaData()
+
+devices = sa.Table(
+    "devices",
+    metadata,
+    sa.Column("device_id", sa.String(128), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("updated_at", UtcDateTime(), nullable=False),
+)
+
+certificates = sa.Table(
+    "certificates",
+    metadata,
+    sa.Column("serial", sa.String(42), primary_key=True),
+    sa.Column("device_id", sa.String(128), nullable=False, index=True),
+    sa.Column("ca", sa.String(64), nullable=False),
+    sa.Column("label", sa.String(64), nullable=True),
+    sa.Column("profile", sa.String(64), nullable=False),
+    sa.Column("subject", sa.Text(), nullable=False),
+    sa.Column("sans", sa.Text(), nullable=False),
+    sa.Column("not_before", UtcDateTime(), nullable=False),
+    sa.Column("not_after", UtcDateTime(), nullable=False, index=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("requested_via", sa.String(32), nullable=False),
+    sa.Column("requested_by", sa.String(256), nullable=False),
+    sa.Column("issued_at", UtcDateTime(), nullable=False),
+    sa.Column("der", sa.LargeBinary(), nullable=False),
+    sa.Column("revoked_at", UtcDateTime(), nullable=True),
+    sa.Column("revocation_reason", sa.String(32), nullable=True),
+    sa.Column("replaces", sa.String(42), nullable=True),
+)
+
+enrollment_secrets = sa.Table(
+    "enrollment_secrets",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("device_id", sa.String(128), nullable=False, index=True),
+    sa.Column("secret_hash", sa.LargeBinary(), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("expires_at", UtcDateTime(), nullable=False),
+    sa.Column("used_at", UtcDateTime(), nullable=True),
+)
+
+audit_events = sa.Table(
+    "audit_events",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("at", UtcDateTime(), nullable=False, index=True),
+    sa.Column("actor", sa.String(256), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("device_id", sa.String(128), nullable=True, index=True),
+    sa.Column("serial", sa.String(42), nullable=True),
+    sa.Column("detail", sa.Text(), nullable=False),
+)
