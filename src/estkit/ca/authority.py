@@ -42,7 +42,7 @@ SAN_TYPES = {
 }
 _SAN_TYPE_NAMES: dict[type, str] = {cls: name for name, cls in SAN_TYPES.items()}
 
-MAX_DEVICE_ID = 128
+MAX_DEVICE_ID = 64  # ub-common-name (RFC 5280): device ids become CNs
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,11 +184,12 @@ class Authority:
                 now,
             )
         assert record is not None and device_id is not None
+        # The device's state first: "decommissioned" tells an operator more than "revoked".
+        self._check_device_active(actor, device_id, serial, now)
         if record.status is not CertStatus.VALID:
             self._refuse(
                 actor, "authenticate", device_id, serial, "client certificate is revoked", now
             )
-        self._check_device_active(actor, device_id, serial, now)
         return Principal(
             device_id=device_id, actor=actor, cert=cert, cert_ca=issuer.name, record=record
         )

@@ -48,6 +48,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.exception("failed")
         print(f"estkit: {exc}", file=sys.stderr)
         return exc.exit_code
+    except (OSError, ValueError) as exc:
+        # Anything a handler did not translate still gets one line, not a traceback.
+        if args.verbose:
+            logging.exception("failed")
+        print(f"estkit: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return status

@@ -127,6 +127,30 @@ def cmd_server_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server_info(args: argparse.Namespace) -> int:
+    """What a person needs to point a device at this server, ready to copy."""
+    from estkit.pki.certs import fingerprint, load_pem_certificates
+
+    config = _load(args)
+    root = load_pem_certificates(config.cas["root"].cert.read_bytes())[0]
+    fp = fingerprint(root)
+    data = args.data_dir
+    demo = Path("var/demo-1")
+    print(f"EST URL:                 {config.est_url}")
+    print(f"trust anchor (root CA):  {config.cas['root'].cert}")
+    print(f"trust anchor SHA-256:    {fp}")
+    print()
+    print("Enroll a test device (in another terminal, once the server runs):")
+    print(f"  .venv/bin/estkit device bootstrap --data-dir {data} demo-1 --out {demo}/bootstrap")
+    print(
+        f"  .venv/bin/estkit enroll --url {config.est_url} --device-id demo-1 "
+        f"--cert {demo}/bootstrap/cert.pem --key {demo}/bootstrap/key.pem "
+        f"--fingerprint {fp} --out {demo}/operational"
+    )
+    print()
+    return 0
+
+
 # -- ca ----------------------------------------------------------------------------
 
 
@@ -181,12 +205,17 @@ def cmd_device_bootstrap(args: argparse.Namespace) -> int:
     from cryptography.hazmat.primitives.serialization import Encoding
     from cryptography.x509.oid import NameOID
 
+    from estkit.ca.authority import check_device_id
     from estkit.ca.errors import CaError
     from estkit.ca.files import write_atomic
     from estkit.pki.certs import certs_to_pem, serial_hex
     from estkit.pki.csr import build_csr
     from estkit.pki.keys import generate_key, key_to_pem
 
+    try:
+        check_device_id(args.device_id)
+    except CaError as exc:
+        raise _ca_error(exc) from None
     authority = _authority(args)
     key = generate_key(args.key_type)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, args.device_id)])
@@ -254,6 +283,9 @@ def register(sub: Any) -> None:
     p.add_argument("--organization", default="estkit", help="O= of the CA names")
     p.add_argument("--port", type=int, default=8443, help="port written to the new config")
     p.set_defaults(handler=cmd_server_init)
+    p = server.add_parser("info", help="print the EST URL, trust anchor and an example")
+    _data_dir_arg(p)
+    p.set_defaults(handler=cmd_server_info)
     p = server.add_parser("run", help="serve EST over HTTPS")
     _data_dir_arg(p)
     p.add_argument("--host", help="listen address (default from config: 127.0.0.1)")

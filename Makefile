@@ -1,0 +1,45 @@
+# estkit: `make run` serves EST on the embedded default (SQLite, file keys);
+# `make test` installs everything the suite needs and runs it with the gates.
+
+PYTHON    ?= python3
+VENV      := .venv
+BIN       := $(VENV)/bin
+DATA_DIR  ?= var/estkit
+PORT      ?= 8443
+# Debian packages the tests use as independent peers and tools.
+TEST_DEBS := strongswan-pki libstrongswan-extra-plugins curl openssl
+
+.PHONY: run test lint typecheck unit deps-test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-server: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[server]"
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[server,test]"
+	touch $@ $(VENV)/.installed-server
+
+run: $(VENV)/.installed-server
+	$(BIN)/estkit server init --data-dir $(DATA_DIR) --port $(PORT)
+	$(BIN)/estkit server info --data-dir $(DATA_DIR)
+	$(BIN)/estkit server run --data-dir $(DATA_DIR)
+
+deps-test:
+	@scripts/install-test-debs.sh $(TEST_DEBS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+typecheck: $(VENV)/.installed-test
+	$(BIN)/mypy src
+
+test: deps-test lint typecheck
+	$(BIN)/pytest -n 2 -W error -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,43 @@
+"""Shared fixtures: real estkit servers, each in its own temporary data directory."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from estserver import EstServer, make_server
+
+
+@pytest.fixture(scope="session")
+def est_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
+    """One running server shared by the tests of a worker (default config)."""
+    server = make_server(tmp_path_factory.mktemp("est"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def fresh_server(tmp_path: Path) -> Iterator[EstServer]:
+    """A server of the test's own, not yet started, whose config the test may change."""
+    server = make_server(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+_counter = iter(range(1_000_000))
+
+
+@pytest.fixture
+def device_id(request: pytest.FixtureRequest) -> str:
+    """A device id unique within the session, readable in logs."""
+    name = re.sub(r"[^A-Za-z0-9-]", "-", request.node.name)[:40].strip("-")
+    return f"{name}-{os.getpid()}-{next(_counter)}"

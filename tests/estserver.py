@@ -1,0 +1,148 @@
+"""A real ``estkit server run`` process on a free loopback port, in its own data directory.
+
+Waiting loops are bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ESTKIT = [sys.executable, "-m", "estkit.cli.main"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_estkit(
+    *args: str | Path, check: bool = True, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``estkit`` command as a user would, capturing its output."""
+    proc = subprocess.run(
+        [*ESTKIT, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"estkit {' '.join(map(str, args))} exited {proc.returncode}: {proc.stderr.strip()}"
+        )
+    return proc
+
+
+def set_config(data_dir: Path, section: str, key: str, value: str) -> None:
+    """Replace ``key = …`` inside ``[section]`` of the server's config (a TOML literal)."""
+    path = data_dir / "estkit.toml"
+    text = path.read_text()
+    head = f"[{section}]\n"
+    start = text.index(head) + len(head)
+    end = text.find("\n[", start)
+    end = len(text) if end < 0 else end
+    body = text[start:end]
+    pattern = re.compile(rf"^{re.escape(key)}\s*=.*$", re.M)
+    body = (
+        pattern.sub(f"{key} = {value}", body)
+        if pattern.search(body)
+        else body + f"{key} = {value}\n"
+    )
+    path.write_text(text[:start] + body + text[end:])
+
+
+@dataclass
+class EstServer:
+    data_dir: Path
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def origin(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.origin}/.well-known/est"
+
+    @property
+    def root_pem(self) -> Path:
+        return self.data_dir / "ca" / "root.pem"
+
+    def cli(self, *args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """An operator command against this server's data directory."""
+        group, action, *rest = args
+        return run_estkit(group, action, "--data-dir", self.data_dir, *rest, check=check)
+
+    def start(self, *extra: str) -> None:
+        assert self.proc is None
+        self.log_path = self.data_dir / "server.log"
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [
+                *ESTKIT,
+                "server",
+                "run",
+                "--data-dir",
+                str(self.data_dir),
+                "--port",
+                str(self.port),
+                *extra,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        ctx = ssl.create_default_context(cafile=str(self.root_pem))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}: {self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.origin}/health", context=ctx, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"server did not start within 30 s: {self.log()}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-4000:] if self.log_path and self.log_path.exists() else ""
+
+
+def make_server(tmp: Path, *, config: dict[tuple[str, str], str] | None = None) -> EstServer:
+    data_dir = tmp / "server"
+    port = free_port()
+    run_estkit("server", "init", "--data-dir", data_dir, "--port", str(port))
+    for (section, key), value in (config or {}).items():
+        set_config(data_dir, section, key, value)
+    return EstServer(data_dir=data_dir, port=port)
