@@ -101,6 +101,10 @@ def cmd_server_init(args: argparse.Namespace) -> int:
     )
     for line in report:
         print(line)
+    db_file = _sqlite_file(config.database_url)
+    if db_file is not None and not db_file.exists():
+        # Holds secret hashes: private from the first byte (SQLite's -wal/-shm files follow it).
+        db_file.touch(mode=0o600)
     store = SqlStore.open(config.database_url)
     try:
         store.migrate()
@@ -108,6 +112,11 @@ def cmd_server_init(args: argparse.Namespace) -> int:
         store.close()
     print(f"database: schema up to date ({config.database_url.split('://')[0]})")
     return 0
+
+
+def _sqlite_file(url: str) -> Path | None:
+    prefix = "sqlite:///"
+    return Path(url.removeprefix(prefix)) if url.startswith(prefix) else None
 
 
 def cmd_server_run(args: argparse.Namespace) -> int:

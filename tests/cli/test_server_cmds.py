@@ -1,0 +1,134 @@
+"""The operator commands: ``server init`` once and idempotent, ``ca``, ``device``, ``cert``."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from estkit.pki.certs import build_path, fingerprint
+from estserver import run_estkit, set_config
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("init") / "data"
+    run_estkit("server", "init", "--data-dir", d, "--hostname", "est.example.net")
+    return d
+
+
+def test_init_creates_private_keys_config_and_database(data_dir: Path) -> None:
+    for name in ("root", "devices", "bootstrap"):
+        assert _mode(data_dir / "ca" / f"{name}.key") == 0o600
+        assert (data_dir / "ca" / f"{name}.pem").exists()
+    assert _mode(data_dir / "tls" / "server.key") == 0o600
+    assert _mode(data_dir / "estkit.db") == 0o600
+    assert _mode(data_dir) == 0o700
+    assert "[labels.devices]" in (data_dir / "estkit.toml").read_text()
+
+
+def test_init_twice_changes_nothing_and_says_so(data_dir: Path) -> None:
+    files = sorted(
+        p for p in data_dir.rglob("*") if p.is_file() and p.suffix in (".pem", ".key", ".toml")
+    )
+    before = {p: p.read_bytes() for p in files}
+    out = run_estkit("server", "init", "--data-dir", data_dir).stdout
+    assert out.count("unchanged") == 5  # config, three CAs, TLS certificate
+    assert {p: p.read_bytes() for p in files} == before
+
+
+def test_one_root_verifies_issuing_cas_and_tls_certificate(data_dir: Path) -> None:
+    root = x509.load_pem_x509_certificate((data_dir / "ca" / "root.pem").read_bytes())
+    tls = x509.load_pem_x509_certificate((data_dir / "tls" / "server.pem").read_bytes())
+    names = tls.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "est.example.net" in names.get_values_for_type(x509.DNSName)
+    assert "localhost" in names.get_values_for_type(x509.DNSName)
+    assert build_path(tls, [], [root]) == [tls, root]
+    for name in ("devices", "bootstrap"):
+        ca = x509.load_pem_x509_certificate((data_dir / "ca" / f"{name}.pem").read_bytes())
+        assert build_path(ca, [], [root]) == [ca, root]
+        assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
+def test_ca_list_prints_fingerprints_and_est_urls(data_dir: Path) -> None:
+    out = run_estkit("ca", "list", "--data-dir", data_dir).stdout
+    root = x509.load_pem_x509_certificate((data_dir / "ca" / "root.pem").read_bytes())
+    assert fingerprint(root) in out
+    assert "/.well-known/est/devices" in out
+
+
+@pytest.mark.parametrize(
+    ("ca", "length"),
+    [("root", 1), ("devices", 2), ("bootstrap", 2)],
+    ids=["ok/root", "ok/devices", "ok/bootstrap"],
+)
+def test_ca_chain_prints_chain_up_to_root(
+    data_dir: Path, tmp_path: Path, ca: str, length: int
+) -> None:
+    pem = run_estkit("ca", "chain", "--data-dir", data_dir, "--ca", ca).stdout.encode()
+    certs = x509.load_pem_x509_certificates(pem)
+    assert len(certs) == length
+    assert certs[-1].subject == certs[-1].issuer  # ends at the self-signed root
+    first = tmp_path / "first.pem"
+    first.write_bytes(certs[0].public_bytes(Encoding.PEM))
+    verified = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(data_dir / "ca" / "root.pem"), str(first)],
+        capture_output=True,
+    )
+    assert verified.returncode == 0, verified.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ca", "chain", "--ca", "nosuch"], "unknown CA"),
+        (["cert", "revoke", "zz-not-hex"], "hexadecimal"),
+        (["cert", "revoke", "ABCDEF"], "no certificate"),
+        (["device", "disable", "never-registered"], "no device"),
+        (["device", "bootstrap", "has/slash", "--out", "/tmp/never"], "device id"),
+    ],
+    ids=[
+        "fail/unknown-ca",
+        "fail/serial-not-hex",
+        "fail/unknown-serial",
+        "fail/unknown-device",
+        "fail/bad-device-id",
+    ],
+)
+def test_operator_errors_are_one_line_and_nonzero(
+    data_dir: Path, args: list[str], message: str
+) -> None:
+    group, action, *rest = args
+    proc = run_estkit(group, action, "--data-dir", data_dir, *rest, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert "Traceback" not in proc.stderr
+
+
+def test_device_add_prints_only_the_secret_and_stores_a_hash(data_dir: Path) -> None:
+    import sqlite3
+
+    out = run_estkit("device", "add", "--data-dir", data_dir, "dev-secret").stdout
+    secret = out.strip()
+    assert out == secret + "\n" and len(secret) >= 32
+    with sqlite3.connect(data_dir / "estkit.db") as db:
+        stored = [bytes(r[0]) for r in db.execute("SELECT secret_hash FROM enrollment_secrets")]
+    assert stored and all(secret.encode() not in h for h in stored)
+
+
+def test_bad_config_fails_at_start_naming_the_field(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    run_estkit("server", "init", "--data-dir", d)
+    set_config(d, "profiles.operational", "validity", '"soon"')
+    proc = run_estkit("server", "run", "--data-dir", d, "--port", "1", check=False, timeout=30)
+    assert proc.returncode != 0
+    assert "profiles.operational.validity" in proc.stderr
