@@ -1,0 +1,430 @@
+"""The EST client (RFC 7030 with RFC 8951): one object per server and label.
+
+    with EstClient("https://est.example:8443/.well-known/est", trust=anchor,
+                   auth=ClientCertificate(cert, key)) as est:
+        issued = est.simpleenroll(csr)
+
+Every operation has a deadline (``total_timeout``) across all its attempts;
+each attempt has its own ``timeout``. Transient failures (timeouts, dropped
+connections, 429/502/503/504) are retried with exponential backoff and full
+jitter, or after the server's ``Retry-After``; a 202 to an enrollment is
+polled after its ``Retry-After`` until the deadline, then raised as
+``EnrollmentPending``. Nothing else is retried.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from estkit import __version__
+from estkit.client import retry, tls
+from estkit.client.auth import BasicAuth, ClientCertificate
+from estkit.client.errors import (
+    EnrollmentPending,
+    EstAuthError,
+    EstConnectionError,
+    EstHttpError,
+    EstNotFoundError,
+    EstProtocolError,
+    one_line,
+)
+from estkit.client.trust import TrustAnchor
+from estkit.pki import certs, cms, keys, wire
+from estkit.pki.csrattrs import CsrAttribute, decode_csrattrs
+from estkit.pki.errors import DecodeError
+
+USER_AGENT = f"estkit/{__version__}"
+HEALTH_PATH = "/health/certificate"
+# EST bodies are a few kilobytes; a bootstrap peer is not yet trusted to be sane.
+MAX_BODY = 1 << 20
+# A 202 with "Retry-After: 0" must not turn polling into a busy loop.
+MIN_PENDING_DELAY = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """One HTTP response, read in full."""
+
+    method: str
+    url: str
+    status: int
+    headers: httpx.Headers
+    body: bytes
+
+    @property
+    def where(self) -> str:
+        return f"{self.method} {self.url}"
+
+
+class EstClient:
+    """EST operations against one base URL (path prefix and label included)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        trust: TrustAnchor,
+        auth: ClientCertificate | BasicAuth | None = None,
+        timeout: float = 30.0,
+        total_timeout: float = 120.0,
+        retries: int = 3,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        url = httpx.URL(base_url)
+        if url.scheme != "https" or not url.host:
+            raise ValueError(f"EST base URL must be https://host[:port]/path, got {base_url!r}")
+        if url.userinfo or url.query or url.fragment:
+            raise ValueError("EST base URL must not carry credentials, a query or a fragment")
+        if timeout <= 0 or total_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        if retries < 0 or backoff < 0 or max_backoff < 0:
+            raise ValueError("retries and backoff must not be negative")
+        self._base = str(url).rstrip("/")
+        self._health_url = str(url.copy_with(raw_path=HEALTH_PATH.encode()))
+        self._trust = trust
+        self._auth = auth
+        self._timeout = timeout
+        self._total_timeout = total_timeout
+        self._retries = retries
+        self._backoff = backoff
+        self._max_backoff = max_backoff
+        self._transport = transport
+        self._sleep = sleep
+        self._clock = clock
+        self._rng = rng if rng is not None else random.Random()
+        self._anchor: TrustAnchor | None = None if trust.needs_bootstrap else trust
+        self._http: httpx.Client | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def __enter__(self) -> EstClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+
+    @property
+    def base_url(self) -> str:
+        return self._base
+
+    # -- operations ----------------------------------------------------------
+
+    def trust_anchors(self) -> tuple[x509.Certificate, ...]:
+        """The explicit trust anchors, bootstrapping them first in fingerprint mode."""
+        return self._anchors(self._deadline())
+
+    def cacerts(self) -> list[x509.Certificate]:
+        """``GET /cacerts``: the CA certificates, each followed by its issuer when present
+        (the CMS carries a SET, whose order means nothing)."""
+        deadline = self._deadline()
+        answer = self._send(self._client(deadline), "GET", self._url("cacerts"), deadline=deadline)
+        return _chain_order(self._certificates(_expect(answer, 200)))
+
+    def simpleenroll(self, csr: x509.CertificateSigningRequest) -> list[x509.Certificate]:
+        """``POST /simpleenroll``: the issued certificate first, then the others sent with it
+        (ordered as ``cacerts``)."""
+        return self._enroll("simpleenroll", csr)
+
+    def simplereenroll(self, csr: x509.CertificateSigningRequest) -> list[x509.Certificate]:
+        """``POST /simplereenroll``: as ``simpleenroll``, authenticated by the certificate
+        being renewed."""
+        return self._enroll("simplereenroll", csr)
+
+    def csrattrs(self) -> list[CsrAttribute]:
+        """``GET /csrattrs``; empty when the server has none (204, or 404 per RFC 7030 4.5.2)."""
+        deadline = self._deadline()
+        try:
+            answer = self._send(
+                self._client(deadline), "GET", self._url("csrattrs"), deadline=deadline
+            )
+        except EstNotFoundError:
+            return []
+        if answer.status == 204:
+            return []
+        _expect(answer, 200)
+        if not answer.body.strip():
+            return []
+        der = _payload(answer, wire.CSRATTRS)
+        try:
+            return decode_csrattrs(der)
+        except DecodeError as exc:
+            raise EstProtocolError(f"{answer.where}: {exc}") from exc
+
+    def health(self) -> x509.Certificate:
+        """``GET /health/certificate`` at the server root: the client certificate it saw."""
+        deadline = self._deadline()
+        answer = self._send(self._client(deadline), "GET", self._health_url, deadline=deadline)
+        try:
+            return certs.load_pem_certificates(_expect(answer, 200).body)[0]
+        except DecodeError as exc:
+            raise EstProtocolError(f"{answer.where}: {exc}") from exc
+
+    # -- internals -----------------------------------------------------------
+
+    def _url(self, operation: str) -> str:
+        return f"{self._base}/{operation}"
+
+    def _deadline(self) -> float:
+        return self._clock() + self._total_timeout
+
+    def _enroll(
+        self, operation: str, csr: x509.CertificateSigningRequest
+    ) -> list[x509.Certificate]:
+        deadline = self._deadline()
+        # Wrapped with a final newline: a widely deployed server rejects anything else.
+        body = wire.encode_base64_body(csr.public_bytes(Encoding.DER), line_length=64)
+        headers = {"Content-Type": wire.PKCS10, "Content-Transfer-Encoding": "base64"}
+        answer = self._send(
+            self._client(deadline),
+            "POST",
+            self._url(operation),
+            deadline=deadline,
+            content=body,
+            headers=headers,
+            pending_ok=True,
+        )
+        issued = self._certificates(_expect(answer, 200))
+        return _issued_first(issued, csr.public_key(), where=answer.where)
+
+    def _certificates(self, answer: _Answer) -> list[x509.Certificate]:
+        der = _payload(answer, wire.PKCS7_MIME)
+        try:
+            return cms.decode_certs_only(der)
+        except DecodeError as exc:
+            raise EstProtocolError(f"{answer.where}: {exc}") from exc
+
+    def _anchors(self, deadline: float) -> tuple[x509.Certificate, ...]:
+        if self._anchor is None:
+            self._anchor = self._bootstrap(deadline)
+        return self._anchor.certificates
+
+    def _bootstrap(self, deadline: float) -> TrustAnchor:
+        # RFC 7030 4.1.1: /cacerts over an unverified connection, without credentials;
+        # only the certificate with the out-of-band fingerprint is kept.
+        url = self._url("cacerts")
+        with self._new_http(tls.bootstrap_context(), with_auth=False) as http:
+            answer = self._send(http, "GET", url, deadline=deadline)
+        candidates = self._certificates(_expect(answer, 200))
+        return self._trust.select(candidates, source=url)
+
+    def _client(self, deadline: float) -> httpx.Client:
+        if self._http is None:
+            client_cert = self._auth if isinstance(self._auth, ClientCertificate) else None
+            context = tls.verified_context(self._anchors(deadline), client_cert)
+            self._http = self._new_http(context, with_auth=True)
+        return self._http
+
+    def _new_http(self, context: ssl.SSLContext, *, with_auth: bool) -> httpx.Client:
+        auth = None
+        if with_auth and isinstance(self._auth, BasicAuth):
+            auth = httpx.BasicAuth(self._auth.username, self._auth.password)
+        return httpx.Client(
+            verify=context,
+            auth=auth,
+            transport=self._transport,
+            trust_env=False,  # no proxies or .netrc credentials picked up behind our back
+            follow_redirects=False,
+            headers={"User-Agent": USER_AGENT},
+        )
+
+    def _send(
+        self,
+        http: httpx.Client,
+        method: str,
+        url: str,
+        *,
+        deadline: float,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        pending_ok: bool = False,
+    ) -> _Answer:
+        """One request, retried as the module docstring says; a 2xx answer or an exception."""
+        failures = 0
+        polls = 0
+        while True:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise EstConnectionError(url, f"no answer within {self._total_timeout:g} s")
+            try:
+                answer = self._attempt(
+                    http, method, url, content, headers, timeout=min(self._timeout, remaining)
+                )
+            except httpx.TransportError as exc:
+                error = _connection_error(url, exc, attempts=failures + 1)
+                if not retry.is_transient_error(exc) or failures >= self._retries:
+                    raise error from exc
+                delay = self._backoff_delay(failures)
+                failures += 1
+                if not self._wait(delay, deadline):
+                    raise error from exc
+                continue
+            retry_after = retry.parse_retry_after(
+                answer.headers.get("retry-after"), now=dt.datetime.now(dt.UTC)
+            )
+            if answer.status == 202 and pending_ok:
+                delay = retry_after if retry_after is not None else self._backoff_delay(polls)
+                delay = max(MIN_PENDING_DELAY, delay)
+                polls += 1
+                if not self._wait(delay, deadline):
+                    raise EnrollmentPending(url, delay)
+                continue
+            if 200 <= answer.status < 300:
+                return answer
+            http_error = _http_error(answer, retry_after)
+            if answer.status in retry.TRANSIENT_STATUSES and failures < self._retries:
+                delay = (
+                    retry_after
+                    if retry_after is not None and answer.status in retry.RETRY_AFTER_STATUSES
+                    else self._backoff_delay(failures)
+                )
+                failures += 1
+                if self._wait(delay, deadline):
+                    continue
+            raise http_error
+
+    def _attempt(
+        self,
+        http: httpx.Client,
+        method: str,
+        url: str,
+        content: bytes | None,
+        headers: Mapping[str, str] | None,
+        *,
+        timeout: float,
+    ) -> _Answer:
+        request = http.build_request(
+            method, url, content=content, headers=headers, timeout=httpx.Timeout(timeout)
+        )
+        response = http.send(request, stream=True)
+        try:
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > MAX_BODY:
+                    raise EstProtocolError(f"{method} {url}: response larger than {MAX_BODY} bytes")
+        except httpx.DecodingError as exc:  # a broken Content-Encoding
+            raise EstProtocolError(f"{method} {url}: {exc}") from exc
+        finally:
+            response.close()
+        return _Answer(method, url, response.status_code, response.headers, bytes(body))
+
+    def _backoff_delay(self, attempt: int) -> float:
+        return retry.backoff_delay(
+            attempt, base=self._backoff, cap=self._max_backoff, rng=self._rng
+        )
+
+    def _wait(self, delay: float, deadline: float) -> bool:
+        """Sleep ``delay`` unless that leaves no time before ``deadline`` (then False)."""
+        if self._clock() + delay >= deadline:
+            return False
+        self._sleep(delay)
+        return True
+
+
+def _expect(answer: _Answer, status: int) -> _Answer:
+    if answer.status != status:
+        raise EstProtocolError(f"{answer.where}: unexpected HTTP {answer.status}")
+    return answer
+
+
+def _payload(answer: _Answer, media: str) -> bytes:
+    """The DER inside a base64 body of media type ``media`` (parameters ignored)."""
+    content_type = answer.headers.get("content-type")
+    if wire.media_type(content_type) != media:
+        raise EstProtocolError(
+            f"{answer.where}: expected {media}, got {content_type or 'no Content-Type'}"
+        )
+    try:
+        return wire.decode_base64_body(answer.body)
+    except DecodeError as exc:
+        raise EstProtocolError(f"{answer.where}: {exc}") from exc
+
+
+def _issued_first(
+    issued: list[x509.Certificate], public_key: CertificatePublicKeyTypes, *, where: str
+) -> list[x509.Certificate]:
+    # A CMS SET has no order to rely on: the issued certificate is the one for our key.
+    leaf = next((c for c in issued if keys.public_keys_match(c.public_key(), public_key)), None)
+    if leaf is None:
+        raise EstProtocolError(f"{where}: no certificate in the response is for the CSR's key")
+    return [leaf, *_chain_order([c for c in issued if c is not leaf])]
+
+
+def _chain_order(unordered: list[x509.Certificate]) -> list[x509.Certificate]:
+    """Each certificate followed by its issuer where the set has it, lowest first."""
+    remaining = list(unordered)
+    ordered: list[x509.Certificate] = []
+    while remaining:
+        current: x509.Certificate | None = next(
+            (
+                c
+                for c in remaining
+                if not any(o is not c and certs.is_issued_by(o, c) for o in remaining)
+            ),
+            remaining[0],
+        )
+        while current is not None:
+            ordered.append(current)
+            remaining.remove(current)
+            issuer = current
+            current = next((c for c in remaining if certs.is_issued_by(issuer, c)), None)
+    return ordered
+
+
+def _http_error(answer: _Answer, retry_after: float | None) -> EstHttpError:
+    reason = ""
+    if wire.media_type(answer.headers.get("content-type")) == "text/plain":
+        reason = one_line(answer.body.decode("utf-8", "replace"))
+    cls: type[EstHttpError] = EstHttpError
+    if answer.status in (401, 403):
+        cls = EstAuthError
+    elif answer.status == 404:
+        cls = EstNotFoundError
+    return cls(
+        method=answer.method,
+        url=answer.url,
+        status=answer.status,
+        reason=reason,
+        retry_after=retry_after,
+    )
+
+
+def _connection_error(url: str, exc: httpx.TransportError, *, attempts: int) -> EstConnectionError:
+    failure = retry.tls_failure(exc)
+    if isinstance(failure, ssl.SSLCertVerificationError):
+        detail = f"TLS server certificate not trusted: {failure.verify_message}"
+    elif failure is not None:
+        detail = f"TLS failed: {failure.reason or failure}"
+    elif isinstance(exc, httpx.TimeoutException):
+        detail = f"timed out ({type(exc).__name__})"
+    else:
+        detail = one_line(str(exc)) or type(exc).__name__
+    if attempts > 1:
+        detail += f" (after {attempts} attempts)"
+    return EstConnectionError(url, detail)
