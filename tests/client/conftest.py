@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-
-try:
-    import estkit  # noqa: F401
-except ModuleNotFoundError:  # not installed: run from the source tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
-
 from client_fakes import FakeClock, Pki, Server, make_ca
 
 
