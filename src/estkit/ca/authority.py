@@ -251,6 +251,7 @@ class Authority:
             subject=request.subject,
             sans=request.sans,
             via="est-simpleenroll",
+            est_label=label.name,
             now=now,
             replaces=who.record.serial if who.record and who.cert_ca == label.ca else None,
         )
@@ -296,6 +297,7 @@ class Authority:
             subject=who.cert.subject,
             sans=current_sans,
             via="est-simplereenroll",
+            est_label=label.name,
             now=now,
             replaces=who.record.serial,
         )
@@ -327,7 +329,6 @@ class Authority:
             self._refuse(
                 actor, "bootstrap", device_id, None, f"device is {device.status.value}", now
             )
-        ca = self.cas["bootstrap"]
         label = Label(name="bootstrap", ca="bootstrap", profile=self.bootstrap_profile)
         self._check_sans(label, request, who, "bootstrap", now)
         return self._issue(
@@ -339,7 +340,6 @@ class Authority:
             via=via,
             now=now,
             replaces=None,
-            ca=ca,
             est_label=None,
         )
 
@@ -484,10 +484,9 @@ class Authority:
         via: str,
         now: dt.datetime,
         replaces: str | None,
-        ca: IssuingCa | None = None,
-        est_label: str | None = "",
+        est_label: str | None,
     ) -> Issued:
-        ca = ca or self.cas[label.ca]
+        ca = self.cas[label.ca]
         cert = issue_leaf(
             profile=label.profile,
             public_key=request.csr.public_key(),
@@ -502,7 +501,7 @@ class Authority:
             serial=serial,
             device_id=who.device_id,
             ca=ca.name,
-            label=label.name if est_label == "" else est_label,
+            label=est_label,
             profile=label.profile.name,
             subject=cert.subject.rfc4514_string(),
             sans=tuple(str(getattr(n, "value", n)) for n in sans or ()),

@@ -144,7 +144,7 @@ def cmd_server_info(args: argparse.Namespace) -> int:
     root = load_pem_certificates(config.cas["root"].cert.read_bytes())[0]
     fp = fingerprint(root)
     data = args.data_dir
-    demo = Path("var/demo-1")
+    demo = data.parent / "demo-1"
     print(f"EST URL:                 {config.est_url}")
     print(f"trust anchor (root CA):  {config.cas['root'].cert}")
     print(f"trust anchor SHA-256:    {fp}")

@@ -101,26 +101,8 @@ class SqlStore:
             rows = conn.execute(sa.select(schema.devices).order_by(schema.devices.c.device_id))
             return [_device(r) for r in rows]
 
-    def add_device(self, device_id: str, *, now: dt.datetime, audit: AuditEvent) -> Device:
-        """Register a device; ``Conflict`` when it exists."""
-        with self._tx() as conn:
-            exists = conn.execute(
-                sa.select(schema.devices.c.device_id).where(schema.devices.c.device_id == device_id)
-            ).first()
-            if exists:
-                raise Conflict(f"device {device_id!r} already exists")
-            conn.execute(
-                schema.devices.insert().values(
-                    device_id=device_id,
-                    status=DeviceStatus.ACTIVE.value,
-                    created_at=now,
-                    updated_at=now,
-                )
-            )
-            _insert_audit(conn, audit)
-        return Device(device_id, DeviceStatus.ACTIVE, now, now)
-
-    def ensure_device(self, conn: Connection, device_id: str, now: dt.datetime) -> None:
+    def _ensure_device(self, conn: Connection, device_id: str, now: dt.datetime) -> None:
+        """Register ``device_id`` as active unless it exists (inside the caller's transaction)."""
         exists = conn.execute(
             sa.select(schema.devices.c.device_id).where(schema.devices.c.device_id == device_id)
         ).first()
@@ -201,7 +183,7 @@ class SqlStore:
                 )
                 if res.rowcount != 1:
                     raise Conflict("enrollment secret already used")
-            self.ensure_device(conn, record.device_id, record.issued_at)
+            self._ensure_device(conn, record.device_id, record.issued_at)
             conn.execute(schema.certificates.insert().values(**_cert_row(record)))
             _insert_audit(conn, audit)
 
@@ -261,7 +243,7 @@ class SqlStore:
         audit: AuditEvent,
     ) -> int:
         with self._tx() as conn:
-            self.ensure_device(conn, device_id, now)
+            self._ensure_device(conn, device_id, now)
             res = conn.execute(
                 schema.enrollment_secrets.insert().values(
                     device_id=device_id,
