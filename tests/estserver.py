@@ -66,6 +66,7 @@ def set_config(data_dir: Path, section: str, key: str, value: str) -> None:
 class EstServer:
     data_dir: Path
     port: int
+    crl_port: int
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -76,6 +77,10 @@ class EstServer:
     @property
     def url(self) -> str:
         return f"{self.origin}/.well-known/est"
+
+    @property
+    def crl_url(self) -> str:
+        return f"http://localhost:{self.crl_port}/crl"
 
     @property
     def root_pem(self) -> Path:
@@ -141,8 +146,10 @@ class EstServer:
 
 def make_server(tmp: Path, *, config: dict[tuple[str, str], str] | None = None) -> EstServer:
     data_dir = tmp / "server"
-    port = free_port()
-    run_estkit("server", "init", "--data-dir", data_dir, "--port", str(port))
+    port, crl_port = free_port(), free_port()
+    run_estkit(
+        "server", "init", "--data-dir", data_dir, "--port", str(port), "--crl-port", str(crl_port)
+    )
     for (section, key), value in (config or {}).items():
         set_config(data_dir, section, key, value)
-    return EstServer(data_dir=data_dir, port=port)
+    return EstServer(data_dir=data_dir, port=port, crl_port=crl_port)

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import datetime as dt
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,28 +14,14 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from estkit.ca.authority import Authority, Label, NoApproval, Principal
-from estkit.pki.csr import CertificationRequest
+from estkit.ca.authority import Authority, Label
 from estkit.server.config import load_config
 from estkit.server.errors import HANDLERS
 from estkit.server.est import EstRoutes
 from estkit.server.wiring import build_authority, open_store
+from estkit.store import PendingStatus
 from estserver import run_estkit
 from estutil import csr_der, new_key
-
-
-class ApproveAfter:
-    """An approval policy that keeps every request pending, as manual approval will."""
-
-    def __init__(self, seconds: int) -> None:
-        self.seconds = seconds
-        self.seen: list[str] = []
-
-    def retry_after(
-        self, label: Label, principal: Principal, request: CertificationRequest
-    ) -> int | None:
-        self.seen.append(principal.device_id)
-        return self.seconds
 
 
 @pytest.fixture(scope="module")
@@ -92,22 +79,44 @@ def client_for(authority: Authority, *, max_bytes: int = 65536) -> AsgiClient:
     return AsgiClient(app)
 
 
-def test_pending_approval_answers_202_with_integer_retry_after(authority: Authority) -> None:
-    policy = ApproveAfter(42)
-    authority.approval = policy
-    secret = authority.add_device("dev-pending", actor="test", now=dt.datetime.now(dt.UTC))
-    with client_for(authority) as client:
-        response = client.post(
-            "/.well-known/est/simpleenroll",
-            content=base64.b64encode(csr_der(new_key(), "dev-pending")),
-            headers={"Content-Type": "application/pkcs10"},
-            auth=("dev-pending", secret),
-        )
-    assert response.status_code == 202
-    assert response.headers["retry-after"] == "42"
-    assert policy.seen == ["dev-pending"]
+def _manual_label(authority: Authority, name: str, retry_after: int) -> None:
+    base = authority.labels["devices"]
+    authority.labels[name] = replace(base, name=name, approval=True, retry_after=retry_after)
+
+
+@pytest.mark.parametrize("approve", [True, False], ids=["ok/approved", "fail/denied"])
+def test_manual_approval_answers_202_then_the_decision(authority: Authority, approve: bool) -> None:
+    _manual_label(authority, "manual", 42)
+    device = f"dev-pending-{approve}"
+    secret = authority.add_device(device, actor="test", now=dt.datetime.now(dt.UTC))
+    body = base64.b64encode(csr_der(new_key(), device))
+
+    def enroll() -> httpx.Response:
+        with client_for(authority) as client:
+            return client.post(
+                "/.well-known/est/manual/simpleenroll",
+                content=body,
+                headers={"Content-Type": "application/pkcs10"},
+                auth=(device, secret),
+            )
+
+    first, second = enroll(), enroll()
+    for response in (first, second):
+        assert response.status_code == 202
+        assert response.headers["retry-after"] == "42"
+    pending = authority.store.list_pending(status=PendingStatus.PENDING).items
+    mine = [p for p in pending if p.device_id == device]
+    assert len(mine) == 1  # the retry found the same request
     # Pending does not consume the one-time secret: the retry must be able to use it.
-    assert authority.store.usable_secrets("dev-pending", now=dt.datetime.now(dt.UTC))
+    assert authority.store.usable_secrets(device, now=dt.datetime.now(dt.UTC))
+    authority.decide(mine[0].id, approve=approve, actor="op", now=dt.datetime.now(dt.UTC))
+    decided = enroll()
+    if approve:
+        assert decided.status_code == 200
+        # The issuance consumed the one-time secret: it buys nothing more.
+        assert enroll().status_code == 401
+    else:
+        assert decided.status_code == 403 and "denied" in decided.text
 
 
 @pytest.mark.parametrize(
@@ -122,7 +131,6 @@ def test_pending_approval_answers_202_with_integer_retry_after(authority: Author
     ids=["ok/one-line", "ok/final-newline-cte", "ok/crlf-76", "ok/cte-upper", "ok/cte-wrong"],
 )
 def test_enroll_body_encodings_are_all_accepted(authority: Authority, body, headers) -> None:  # type: ignore[no-untyped-def]
-    authority.approval = NoApproval()
     device = f"dev-enc-{len(headers)}-{id(body) % 10000}"
     secret = authority.add_device(device, actor="test", now=dt.datetime.now(dt.UTC))
     with client_for(authority) as client:

@@ -7,9 +7,10 @@ certificate is handed back only after its record is committed.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import NoReturn, Protocol
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import NoReturn
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -28,6 +29,8 @@ from estkit.store import (
     CertificateRecord,
     CertStatus,
     DeviceStatus,
+    PendingRequest,
+    PendingStatus,
     SqlStore,
 )
 from estkit.store import errors as store_errors
@@ -65,6 +68,9 @@ class Label:
     permitted_san_types: frozenset[str] = frozenset({"dns", "uri"})
     base64_line_length: int = 0
     csrattrs: tuple[x509.ObjectIdentifier, ...] = ()
+    # Manual approval: requests wait (202 + Retry-After) until an operator decides.
+    approval: bool = False
+    retry_after: int = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,21 +92,8 @@ class Issued:
     chain: tuple[x509.Certificate, ...]  # issuing CA first, root last
 
 
-class ApprovalPolicy(Protocol):
-    """Decides whether an enrollment waits for approval: None to proceed, else Retry-After."""
-
-    def retry_after(
-        self, label: Label, principal: Principal, request: CertificationRequest
-    ) -> int | None: ...
-
-
-class NoApproval:
-    """The default: every request that passes policy is issued at once."""
-
-    def retry_after(
-        self, label: Label, principal: Principal, request: CertificationRequest
-    ) -> int | None:
-        return None
+RevocationListener = Callable[[Sequence[str], dt.datetime], None]
+"""Told which CAs revoked something (after the commit), e.g. to republish their CRLs."""
 
 
 class Authority:
@@ -112,7 +105,8 @@ class Authority:
         bootstrap_profile: Profile,
         store: SqlStore,
         secret_validity: dt.timedelta,
-        approval: ApprovalPolicy | None = None,
+        crl_urls: Mapping[str, str] | None = None,
+        on_revocation: RevocationListener | None = None,
     ) -> None:
         for label in labels.values():
             if label.ca not in cas:
@@ -124,7 +118,8 @@ class Authority:
         self.bootstrap_profile = bootstrap_profile
         self.store = store
         self.secret_validity = secret_validity
-        self.approval = approval or NoApproval()
+        self.crl_urls = dict(crl_urls or {})
+        self.on_revocation = on_revocation
         # CAs whose certificates may authenticate a device: the bootstrap CA and
         # every CA an EST label issues from.
         self._client_cas = [
@@ -243,8 +238,11 @@ class Authority:
                 now,
             )
         self._check_sans(label, request, who, "enroll", now)
-        self._maybe_pending(label, who, request, "enroll", now)
+        gate = self._approval_gate(label, who, csr_der, "simpleenroll", now)
+        if isinstance(gate, Issued):
+            return gate
         return self._issue(
+            pending_id=gate,
             label=label,
             request=request,
             who=who,
@@ -288,9 +286,12 @@ class Authority:
                 "CSR subjectAltName differs from the certificate being renewed",
                 now,
             )
-        self._maybe_pending(label, who, request, "reenroll", now)
+        gate = self._approval_gate(label, who, csr_der, "simplereenroll", now)
+        if isinstance(gate, Issued):
+            return gate
         # The new certificate carries the names as the first certificate had them.
         return self._issue(
+            pending_id=gate,
             label=label,
             request=request,
             who=who,
@@ -303,22 +304,42 @@ class Authority:
         )
 
     def issue_bootstrap(
+        self, csr_der: bytes, *, device_id: str, actor: str, now: dt.datetime
+    ) -> Issued:
+        """The local factory path (``estkit device bootstrap``)."""
+        return self.provision(
+            "bootstrap", csr_der, device_id=device_id, actor=actor, now=now, via="cli-bootstrap"
+        )
+
+    def provision(
         self,
+        label_name: str,
         csr_der: bytes,
         *,
         device_id: str,
         actor: str,
         now: dt.datetime,
-        via: str = "cli-bootstrap",
+        via: str,
+        validity: dt.timedelta | None = None,
+        dns_names: Sequence[str] | None = None,
     ) -> Issued:
-        """The factory path: a bootstrap certificate for ``device_id``, same CSR policy as EST."""
+        """The factory path: a certificate for ``device_id`` from a station, not the device.
+
+        Label ``bootstrap`` gives a bootstrap certificate; an EST label gives that
+        label's certificate. Same CSR policy as EST; ``validity`` may only shorten
+        the profile's; ``dns_names``, when given, are the SANs (else the CSR's).
+        """
         check_device_id(device_id)
+        if label_name == "bootstrap":
+            label = Label(name="bootstrap", ca="bootstrap", profile=self.bootstrap_profile)
+        else:
+            label = self.label(label_name)
         who = Principal(device_id=device_id, actor=actor)
-        request = self._parse(csr_der, who, "bootstrap", now)
+        request = self._parse(csr_der, who, via, now)
         if request.common_name != device_id:
             self._refuse(
                 actor,
-                "bootstrap",
+                via,
                 device_id,
                 None,
                 f"CSR CN {request.common_name!r} is not the device id {device_id!r}",
@@ -326,21 +347,24 @@ class Authority:
             )
         device = self.store.get_device(device_id)
         if device is not None and device.status is not DeviceStatus.ACTIVE:
-            self._refuse(
-                actor, "bootstrap", device_id, None, f"device is {device.status.value}", now
-            )
-        label = Label(name="bootstrap", ca="bootstrap", profile=self.bootstrap_profile)
-        self._check_sans(label, request, who, "bootstrap", now)
+            self._refuse(actor, via, device_id, None, f"device is {device.status.value}", now)
+        sans = request.sans
+        if dns_names is not None:
+            sans = x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]) or None
+            if sans is not None and not len(sans):
+                sans = None
+        self._check_sans(label, replace(request, sans=sans), who, via, now)
         return self._issue(
             label=label,
             request=request,
             who=who,
             subject=request.subject,
-            sans=request.sans,
+            sans=sans,
             via=via,
             now=now,
             replaces=None,
-            est_label=None,
+            est_label=None if label_name == "bootstrap" else label.name,
+            not_after=now + validity if validity is not None else None,
         )
 
     # -- device lifecycle ------------------------------------------------------------
@@ -386,13 +410,16 @@ class Authority:
         ):
             raise Conflict(f"device {device_id!r} is decommissioned")
         reason = "cessationOfOperation" if status is DeviceStatus.DECOMMISSIONED else None
-        return self.store.set_device_status(
+        revoked = self.store.set_device_status(
             device_id,
             status,
             now=now,
             revoke_reason=reason,
             audit=AuditEvent(at=now, actor=actor, action=action, outcome="ok", device_id=device_id),
         )
+        if revoked and self.on_revocation is not None:
+            self.on_revocation(list(self.cas), now)
+        return revoked
 
     def revoke(
         self, serial: str, *, reason: str, actor: str, now: dt.datetime
@@ -402,7 +429,7 @@ class Authority:
                 f"unknown revocation reason {reason!r}; one of {', '.join(REVOCATION_REASONS)}"
             )
         try:
-            return self.store.revoke_certificate(
+            record = self.store.revoke_certificate(
                 serial,
                 reason=reason,
                 now=now,
@@ -414,6 +441,9 @@ class Authority:
             raise NotFound(str(exc)) from None
         except store_errors.Conflict as exc:
             raise Conflict(str(exc)) from None
+        if self.on_revocation is not None:
+            self.on_revocation([record.ca], now)
+        return record
 
     # -- internals ----------------------------------------------------------------------
 
@@ -447,20 +477,94 @@ class Authority:
                     now,
                 )
 
-    def _maybe_pending(
-        self,
-        label: Label,
-        who: Principal,
-        request: CertificationRequest,
-        action: str,
-        now: dt.datetime,
-    ) -> None:
-        retry_after = self.approval.retry_after(label, who, request)
-        if retry_after is not None:
-            self._audit(
-                who.actor, action, "pending", who.device_id, None, "waiting for approval", now
+    def _approval_gate(
+        self, label: Label, who: Principal, csr_der: bytes, operation: str, now: dt.datetime
+    ) -> Issued | int | None:
+        """Manual approval (RFC 7030 4.2.3): the device retries the same CSR until decided.
+
+        Returns None when the label needs no approval, the id of an approved
+        request to issue against, or the certificate already issued for this
+        request (a retry whose answer was lost gets the same certificate).
+        """
+        if not label.approval:
+            return None
+        digest = hashlib.sha256(csr_der).hexdigest()
+        pending = self.store.find_pending(label.name, who.device_id, digest)
+        if pending is None:
+            self.store.add_pending(
+                label=label.name,
+                device_id=who.device_id,
+                csr_sha256=digest,
+                operation=operation,
+                requested_by=who.actor,
+                now=now,
+                audit=AuditEvent(
+                    at=now,
+                    actor=who.actor,
+                    action=operation,
+                    outcome="pending",
+                    device_id=who.device_id,
+                ),
             )
-            raise Pending("request is waiting for approval", retry_after=retry_after)
+            raise Pending("request is waiting for approval", retry_after=label.retry_after)
+        if pending.status is PendingStatus.PENDING:
+            raise Pending("request is waiting for approval", retry_after=label.retry_after)
+        if pending.status is PendingStatus.DENIED:
+            self._refuse(
+                who.actor,
+                operation,
+                who.device_id,
+                None,
+                f"request {pending.id} was denied"
+                + (f": {pending.reason}" if pending.reason else ""),
+                now,
+            )
+        if pending.status is PendingStatus.ISSUED and pending.serial is not None:
+            record = self.store.get_certificate(pending.serial)
+            if record is not None and record.status is CertStatus.VALID:
+                cert = x509.load_der_x509_certificate(record.der)
+                return Issued(certificate=cert, record=record, chain=self.cas[record.ca].chain)
+            self._refuse(
+                who.actor,
+                operation,
+                who.device_id,
+                pending.serial,
+                "the certificate issued for this request is revoked",
+                now,
+            )
+        return pending.id
+
+    # -- approval (operators) ------------------------------------------------------
+
+    def decide(
+        self,
+        request_id: int,
+        *,
+        approve: bool,
+        actor: str,
+        now: dt.datetime,
+        reason: str | None = None,
+    ) -> PendingRequest:
+        status = PendingStatus.APPROVED if approve else PendingStatus.DENIED
+        try:
+            return self.store.decide_pending(
+                request_id,
+                status,
+                by=actor,
+                reason=reason,
+                now=now,
+                audit=AuditEvent(
+                    at=now,
+                    actor=actor,
+                    action="approve" if approve else "deny",
+                    outcome="ok",
+                    detail=f"pending request {request_id}" + (f": {reason}" if reason else ""),
+                ),
+            )
+        except store_errors.NotFound as exc:
+            raise NotFound(str(exc)) from None
+        except store_errors.Conflict as exc:
+            raise Conflict(str(exc)) from None
 
     def _check_device_active(
         self, actor: str, device_id: str, serial: str | None, now: dt.datetime
@@ -485,8 +589,11 @@ class Authority:
         now: dt.datetime,
         replaces: str | None,
         est_label: str | None,
+        pending_id: int | None = None,
+        not_after: dt.datetime | None = None,
     ) -> Issued:
         ca = self.cas[label.ca]
+        crl_url = self.crl_urls.get(ca.name)
         cert = issue_leaf(
             profile=label.profile,
             public_key=request.csr.public_key(),
@@ -495,6 +602,8 @@ class Authority:
             issuer=ca.cert,
             issuer_key=ca.key,
             now=now,
+            not_after=not_after,
+            crl_urls=[crl_url] if crl_url else (),
         )
         serial = serial_hex(cert.serial_number)
         record = CertificateRecord(
@@ -524,18 +633,14 @@ class Authority:
             detail=f"ca={ca.name} profile={label.profile.name}",
         )
         try:
-            self.store.record_issued(record, audit=audit, consume_secret=who.secret_id)
-        except store_errors.Conflict:
-            self._audit(
-                who.actor,
-                via,
-                "refused",
-                who.device_id,
-                None,
-                "enrollment secret already used",
-                now,
+            self.store.record_issued(
+                record, audit=audit, consume_secret=who.secret_id, pending_id=pending_id
             )
-            raise Unauthenticated("enrollment secret already used") from None
+        except store_errors.Conflict as exc:
+            self._audit(who.actor, via, "refused", who.device_id, None, str(exc), now)
+            if "secret" in str(exc):
+                raise Unauthenticated(str(exc)) from None
+            raise Conflict(str(exc)) from None
         return Issued(certificate=cert, record=record, chain=ca.chain)
 
     def _audit(

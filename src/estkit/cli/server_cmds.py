@@ -86,7 +86,9 @@ def cmd_server_init(args: argparse.Namespace) -> int:
         print(f"config: exists ({config_path}), unchanged")
     else:
         public_host = args.hostname[0] if args.hostname else "localhost"
-        text = DEFAULT_CONFIG.format(port=args.port, public_host=public_host)
+        text = DEFAULT_CONFIG.format(
+            port=args.port, public_host=public_host, crl_port=args.crl_port or args.port + 1
+        )
         write_atomic(config_path, text.encode(), mode=0o600)
         print(f"config: created {config_path}")
     config = _load(args)
@@ -291,6 +293,9 @@ def register(sub: Any) -> None:
     p.add_argument("--key-type", choices=KEY_TYPES, default="ec-p256")
     p.add_argument("--organization", default="estkit", help="O= of the CA names")
     p.add_argument("--port", type=int, default=8443, help="port written to the new config")
+    p.add_argument(
+        "--crl-port", type=int, help="plain-HTTP port for CRLs in the new config (default: port+1)"
+    )
     p.set_defaults(handler=cmd_server_init)
     p = server.add_parser("info", help="print the EST URL, trust anchor and an example")
     _data_dir_arg(p)

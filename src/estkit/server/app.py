@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import ssl
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ from fastapi import FastAPI
 
 from estkit.pki.certs import certs_to_pem
 from estkit.server.config import ServerConfig, load_config
+from estkit.server.crl_http import start_crl_listener, start_crl_refresher
 from estkit.server.errors import HANDLERS
 from estkit.server.est import EstRoutes
-from estkit.server.wiring import build_authority, open_store
+from estkit.server.wiring import build_authority, crl_publisher, open_store
 
 DATA_DIR_ENV = "ESTKIT_DATA_DIR"
 # OpenSSL's X509_V_FLAG_NO_CHECK_TIME: the handshake accepts an expired client
@@ -81,7 +83,12 @@ def serve(config: ServerConfig, *, host: str, port: int, workers: int) -> None:
     from estkit.server.tls import TlsExtensionProtocol
 
     # Fail before binding if the config, keys or schema are wrong.
-    create_app(config).state.authority.store.close()
+    authority = create_app(config).state.authority
+    publisher = crl_publisher(config, authority)
+    publisher.refresh_due(now=utcnow())
+    if config.crl.http_port:
+        start_crl_listener(config.crl.directory, config.crl.http_host, config.crl.http_port)
+    start_crl_refresher(publisher, utcnow, stop=threading.Event())
     os.environ[DATA_DIR_ENV] = str(config.data_dir)
     uvicorn.run(
         "estkit.server.app:app_from_env",

@@ -59,6 +59,17 @@ class LabelConfig:
     base64_line_length: int
     permitted_san_types: frozenset[str]
     csrattrs: tuple[x509.ObjectIdentifier, ...]
+    approval: bool = False
+    retry_after: int = 60
+
+
+@dataclass(frozen=True, slots=True)
+class CrlConfig:
+    directory: Path
+    url: str  # base URL; a CA's CRL is at <url>/<ca>.crl
+    http_host: str
+    http_port: int  # 0: no built-in plain-HTTP listener
+    validity: dt.timedelta
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +88,8 @@ class ServerConfig:
     labels: Mapping[str, LabelConfig]
     default_label: str
     secret_validity: dt.timedelta
+    crl: CrlConfig
+    api: Mapping[str, Any]  # [api] table; parsed by the API's own modules
 
     @property
     def est_url(self) -> str:
@@ -186,12 +199,27 @@ def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
             csrattrs = tuple(x509.ObjectIdentifier(o) for o in oids)
         except (ValueError, TypeError):
             raise ConfigError(f"{f}.csrattrs: dotted OIDs expected") from None
-        labels[name] = LabelConfig(name, ca, profile, line, frozenset(sans), csrattrs)
+        approval = _get(table, "approval", bool, f"{f}.approval", False)
+        retry_after = _get(table, "approval_retry_after", int, f"{f}.approval_retry_after", 60)
+        if not 1 <= retry_after <= 86400:
+            raise ConfigError(f"{f}.approval_retry_after: 1-86400 seconds")
+        labels[name] = LabelConfig(
+            name, ca, profile, line, frozenset(sans), csrattrs, approval, retry_after
+        )
     est = _section(data, "est")
     default_label = _get(est, "default_label", str, "est.default_label", "devices")
     if default_label not in labels:
         raise ConfigError(f"est.default_label: unknown label {default_label!r}")
     enrollment = _section(data, "enrollment")
+    crl = _section(data, "crl")
+    crl_port = _get(crl, "http_port", int, "crl.http_port", 0)
+    if not 0 <= crl_port < 65536:
+        raise ConfigError("crl.http_port: must be 0-65535")
+    crl_url = _get(crl, "url", str, "crl.url", "")
+    if crl_url and not crl_url.startswith(("http://", "https://")):
+        raise ConfigError(
+            "crl.url: must be an http:// URL (or empty for no CRL distribution point)"
+        )
     return ServerConfig(
         data_dir=base,
         host=_get(server, "host", str, "server.host", "127.0.0.1"),
@@ -211,6 +239,14 @@ def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
         secret_validity=parse_duration(
             enrollment.get("secret_validity", "7d"), "enrollment.secret_validity"
         ),
+        crl=CrlConfig(
+            directory=path_of(_get(crl, "directory", str, "crl.directory", "crl")),
+            url=crl_url.rstrip("/"),
+            http_host=_get(crl, "http_host", str, "crl.http_host", "127.0.0.1"),
+            http_port=crl_port,
+            validity=parse_duration(crl.get("validity", "7d"), "crl.validity"),
+        ),
+        api=_section(data, "api"),
     )
 
 
@@ -282,8 +318,35 @@ base64_line_length = 0
 permitted_san_types = ["dns", "uri"]
 # OIDs announced by /csrattrs (here: ecdsa-with-SHA256). Empty: 204.
 csrattrs = ["1.2.840.10045.4.3.2"]
+# Manual approval: requests answer 202 + Retry-After until an operator approves
+# (`estkit pending approve ID`, or the API); the device retries the same CSR.
+approval = false
+approval_retry_after = 60
 
 [enrollment]
 # How long a one-time enrollment secret from `estkit device add` stays usable.
 secret_validity = "7d"
+
+[crl]
+# One CRL per CA, rewritten after every revocation and before half its validity
+# has passed, as <directory>/<ca>.crl. Issued certificates carry <url>/<ca>.crl
+# as their CRL distribution point (empty url: none).
+directory = "crl"
+url = "http://{public_host}:{crl_port}/crl"
+validity = "7d"
+# The built-in plain-HTTP listener that serves them (0: off, e.g. when another
+# web server serves the directory).
+http_host = "127.0.0.1"
+http_port = {crl_port}
+
+[api]
+# The REST API (/api/v1, OpenAPI at /api/openapi.json, Swagger UI at /api/docs)
+# takes bearer tokens from `estkit token create`, and JWTs from an OIDC
+# provider such as Entra ID when configured:
+# [api.oidc]
+# issuer = "https://login.microsoftonline.com/<tenant>/v2.0"
+# audience = "api://estkit"
+# jwks_url = "https://login.microsoftonline.com/<tenant>/discovery/v2.0/keys"
+# [api.oidc.clients]
+# "<client id of the factory's service principal>" = ["provision"]
 """

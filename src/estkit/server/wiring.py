@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from estkit.ca.authority import Authority, Label
+from estkit.ca.crl import CrlPublisher
 from estkit.ca.signers import load_cas
 from estkit.server.config import ServerConfig
 from estkit.store import SqlStore
@@ -15,7 +16,11 @@ def open_store(config: ServerConfig) -> SqlStore:
 
 
 def build_authority(config: ServerConfig, store: SqlStore) -> Authority:
+    """The authority, with CRLs republished after every revocation it makes."""
     cas = load_cas({n: (c.signer, c.cert, c.key) for n, c in config.cas.items()})
+    crl = CrlPublisher(
+        cas=cas, store=store, directory=config.crl.directory, validity=config.crl.validity
+    )
     labels = {
         name: Label(
             name=name,
@@ -24,6 +29,8 @@ def build_authority(config: ServerConfig, store: SqlStore) -> Authority:
             permitted_san_types=lc.permitted_san_types,
             base64_line_length=lc.base64_line_length,
             csrattrs=lc.csrattrs,
+            approval=lc.approval,
+            retry_after=lc.retry_after,
         )
         for name, lc in config.labels.items()
     }
@@ -33,4 +40,15 @@ def build_authority(config: ServerConfig, store: SqlStore) -> Authority:
         bootstrap_profile=config.profiles["bootstrap"],
         store=store,
         secret_validity=config.secret_validity,
+        crl_urls={n: f"{config.crl.url}/{n}.crl" for n in cas} if config.crl.url else None,
+        on_revocation=lambda names, now: crl.publish_all(now=now, names=names),
+    )
+
+
+def crl_publisher(config: ServerConfig, authority: Authority) -> CrlPublisher:
+    return CrlPublisher(
+        cas=authority.cas,
+        store=authority.store,
+        directory=config.crl.directory,
+        validity=config.crl.validity,
     )

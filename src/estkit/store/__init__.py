@@ -2,22 +2,30 @@
 
 from estkit.store.errors import StoreError
 from estkit.store.models import (
+    ApiToken,
     AuditEvent,
     CertificateRecord,
     CertStatus,
     Device,
     DeviceStatus,
     EnrollmentSecret,
+    Page,
+    PendingRequest,
+    PendingStatus,
 )
 from estkit.store.sql import SqlStore
 
 __all__ = [
+    "ApiToken",
     "AuditEvent",
     "CertStatus",
     "CertificateRecord",
     "Device",
     "DeviceStatus",
     "EnrollmentSecret",
+    "Page",
+    "PendingRequest",
+    "PendingStatus",
     "SqlStore",
     "StoreError",
 ]

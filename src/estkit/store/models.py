@@ -5,6 +5,9 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 
 class DeviceStatus(StrEnum):
@@ -66,3 +69,51 @@ class AuditEvent:
     serial: str | None = None
     detail: str = ""
     id: int | None = None
+
+
+class PendingStatus(StrEnum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+    ISSUED = "issued"
+
+
+@dataclass(frozen=True, slots=True)
+class PendingRequest:
+    """An enrollment waiting for an operator; the device retries with the same CSR."""
+
+    id: int
+    label: str
+    device_id: str
+    csr_sha256: str
+    operation: str  # "simpleenroll" or "simplereenroll"
+    requested_by: str
+    status: PendingStatus
+    created_at: dt.datetime
+    decided_at: dt.datetime | None = None
+    decided_by: str | None = None
+    reason: str | None = None
+    serial: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """An API client; the token itself is never stored, only its SHA-256."""
+
+    id: int
+    name: str
+    token_hash: str
+    scopes: frozenset[str]
+    created_at: dt.datetime
+    created_by: str
+    expires_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+    last_used_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a listing; ``next`` is the cursor of the following page, if any."""
+
+    items: tuple[T, ...]
+    next: str | None

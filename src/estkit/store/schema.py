@@ -83,4 +83,50 @@ audit_events = sa.Table(
     sa.Column("device_id", sa.String(128), nullable=True, index=True),
     sa.Column("serial", sa.String(42), nullable=True),
     sa.Column("detail", sa.Text(), nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False, server_default=""),
+    sa.Column("entry_hash", sa.String(64), nullable=False, server_default=""),
+)
+
+# -- revision 0002: API tokens, pending requests, audit hash chain -------------------
+
+api_tokens = sa.Table(
+    "api_tokens",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(128), nullable=False, unique=True),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("scopes", sa.String(256), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("created_by", sa.String(256), nullable=False),
+    sa.Column("expires_at", UtcDateTime(), nullable=True),
+    sa.Column("revoked_at", UtcDateTime(), nullable=True),
+    sa.Column("last_used_at", UtcDateTime(), nullable=True),
+)
+
+pending_requests = sa.Table(
+    "pending_requests",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("label", sa.String(64), nullable=False),
+    sa.Column("device_id", sa.String(128), nullable=False, index=True),
+    sa.Column("csr_sha256", sa.String(64), nullable=False, index=True),
+    sa.Column("operation", sa.String(32), nullable=False),
+    sa.Column("requested_by", sa.String(256), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("decided_at", UtcDateTime(), nullable=True),
+    sa.Column("decided_by", sa.String(256), nullable=True),
+    sa.Column("reason", sa.Text(), nullable=True),
+    sa.Column("serial", sa.String(42), nullable=True),
+)
+
+# One row (id = 1): the newest audit entry's id and hash. Every write
+# transaction updates it first, which serialises writers on SQLite and on
+# PostgreSQL alike, so the hash chain never forks.
+audit_head = sa.Table(
+    "audit_head",
+    metadata,
+    sa.Column("id", sa.Integer(), primary_key=True),
+    sa.Column("last_id", sa.Integer(), nullable=False),
+    sa.Column("last_hash", sa.String(64), nullable=False),
 )

@@ -11,6 +11,7 @@ import datetime as dt
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +19,22 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from estkit.store import schema
+from estkit.store.audit_chain import GENESIS, entry_hash
 from estkit.store.errors import Conflict, NotFound, SchemaError
 from estkit.store.models import (
+    ApiToken,
     AuditEvent,
     CertificateRecord,
     CertStatus,
     Device,
     DeviceStatus,
     EnrollmentSecret,
+    Page,
+    PendingRequest,
+    PendingStatus,
 )
 
-HEAD_REVISION = "0001"
+HEAD_REVISION = "0002"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -84,7 +90,12 @@ class SqlStore:
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
+        """A write transaction. Its first statement takes the audit head's write lock, so
+        writers queue up (SQLite: no stale snapshot; PostgreSQL: a row lock) and the audit
+        hash chain stays linear."""
         with self._engine.begin() as conn:
+            h = schema.audit_head
+            conn.execute(h.update().where(h.c.id == 1).values(last_id=h.c.last_id))
             yield conn
 
     # -- devices -----------------------------------------------------------
@@ -96,10 +107,19 @@ class SqlStore:
             ).first()
         return _device(row) if row else None
 
-    def list_devices(self) -> list[Device]:
+    def list_devices(
+        self, *, status: DeviceStatus | None = None, after: str | None = None, limit: int = 100
+    ) -> Page[Device]:
+        d = schema.devices.c
+        query = sa.select(schema.devices).order_by(d.device_id).limit(limit + 1)
+        if status is not None:
+            query = query.where(d.status == status.value)
+        if after is not None:
+            query = query.where(d.device_id > after)
         with self._engine.connect() as conn:
-            rows = conn.execute(sa.select(schema.devices).order_by(schema.devices.c.device_id))
-            return [_device(r) for r in rows]
+            rows = conn.execute(query).all()
+        items = tuple(_device(r) for r in rows[:limit])
+        return Page(items, items[-1].device_id if len(rows) > limit else None)
 
     def _ensure_device(self, conn: Connection, device_id: str, now: dt.datetime) -> None:
         """Register ``device_id`` as active unless it exists (inside the caller's transaction)."""
@@ -167,6 +187,7 @@ class SqlStore:
         *,
         audit: AuditEvent,
         consume_secret: int | None = None,
+        pending_id: int | None = None,
     ) -> None:
         """Commit an issued certificate and its audit event, in one transaction.
 
@@ -185,6 +206,15 @@ class SqlStore:
                     raise Conflict("enrollment secret already used")
             self._ensure_device(conn, record.device_id, record.issued_at)
             conn.execute(schema.certificates.insert().values(**_cert_row(record)))
+            if pending_id is not None:
+                p = schema.pending_requests
+                res = conn.execute(
+                    p.update()
+                    .where(p.c.id == pending_id, p.c.status == PendingStatus.APPROVED.value)
+                    .values(status=PendingStatus.ISSUED.value, serial=record.serial)
+                )
+                if res.rowcount != 1:
+                    raise Conflict("pending request is no longer approved")
             _insert_audit(conn, audit)
 
     def get_certificate(self, serial: str) -> CertificateRecord | None:
@@ -209,6 +239,42 @@ class SqlStore:
             n = conn.execute(sa.select(sa.func.count()).select_from(schema.certificates)).scalar()
         return int(n or 0)
 
+    def list_certificates(
+        self,
+        *,
+        device_id: str | None = None,
+        status: CertStatus | None = None,
+        expires_before: dt.datetime | None = None,
+        ca: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> Page[CertificateRecord]:
+        c = schema.certificates.c
+        query = sa.select(schema.certificates).order_by(c.serial).limit(limit + 1)
+        if device_id is not None:
+            query = query.where(c.device_id == device_id)
+        if status is not None:
+            query = query.where(c.status == status.value)
+        if expires_before is not None:
+            query = query.where(c.not_after < expires_before)
+        if ca is not None:
+            query = query.where(c.ca == ca)
+        if after is not None:
+            query = query.where(c.serial > after)
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+        items = tuple(_cert(r) for r in rows[:limit])
+        return Page(items, items[-1].serial if len(rows) > limit else None)
+
+    def revoked_certificates(self, ca: str) -> list[tuple[str, dt.datetime, str]]:
+        """(serial, revoked at, reason) of every revoked certificate of ``ca``, for its CRL."""
+        c = schema.certificates.c
+        query = sa.select(c.serial, c.revoked_at, c.revocation_reason).where(
+            c.ca == ca, c.status == CertStatus.REVOKED.value
+        )
+        with self._engine.connect() as conn:
+            return [(r.serial, r.revoked_at, r.revocation_reason) for r in conn.execute(query)]
+
     def revoke_certificate(
         self, serial: str, *, reason: str, now: dt.datetime, audit: AuditEvent
     ) -> CertificateRecord:
@@ -230,6 +296,170 @@ class SqlStore:
             _insert_audit(conn, audit)
             row = conn.execute(sa.select(schema.certificates).where(c.serial == serial)).one()
         return _cert(row)
+
+    # -- pending requests --------------------------------------------------------
+
+    def find_pending(self, label: str, device_id: str, csr_sha256: str) -> PendingRequest | None:
+        """The newest request for this CSR from this device on this label."""
+        p = schema.pending_requests.c
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                sa.select(schema.pending_requests)
+                .where(p.label == label, p.device_id == device_id, p.csr_sha256 == csr_sha256)
+                .order_by(p.id.desc())
+                .limit(1)
+            ).first()
+        return _pending(row) if row else None
+
+    def get_pending(self, request_id: int) -> PendingRequest | None:
+        p = schema.pending_requests.c
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(schema.pending_requests).where(p.id == request_id)).first()
+        return _pending(row) if row else None
+
+    def add_pending(
+        self,
+        *,
+        label: str,
+        device_id: str,
+        csr_sha256: str,
+        operation: str,
+        requested_by: str,
+        now: dt.datetime,
+        audit: AuditEvent,
+    ) -> PendingRequest:
+        with self._tx() as conn:
+            res = conn.execute(
+                schema.pending_requests.insert().values(
+                    label=label,
+                    device_id=device_id,
+                    csr_sha256=csr_sha256,
+                    operation=operation,
+                    requested_by=requested_by,
+                    status=PendingStatus.PENDING.value,
+                    created_at=now,
+                )
+            )
+            key = res.inserted_primary_key
+            assert key is not None
+            _insert_audit(conn, replace(audit, detail=f"pending request {key[0]}"))
+        return PendingRequest(
+            id=int(key[0]),
+            label=label,
+            device_id=device_id,
+            csr_sha256=csr_sha256,
+            operation=operation,
+            requested_by=requested_by,
+            status=PendingStatus.PENDING,
+            created_at=now,
+        )
+
+    def decide_pending(
+        self,
+        request_id: int,
+        status: PendingStatus,
+        *,
+        by: str,
+        reason: str | None,
+        now: dt.datetime,
+        audit: AuditEvent,
+    ) -> PendingRequest:
+        """Approve or deny, compare-and-set on ``pending``: ``NotFound`` / ``Conflict``."""
+        p = schema.pending_requests.c
+        with self._tx() as conn:
+            res = conn.execute(
+                schema.pending_requests.update()
+                .where(p.id == request_id, p.status == PendingStatus.PENDING.value)
+                .values(status=status.value, decided_at=now, decided_by=by, reason=reason)
+            )
+            row = conn.execute(sa.select(schema.pending_requests).where(p.id == request_id)).first()
+            if row is None:
+                raise NotFound(f"no pending request {request_id}")
+            if res.rowcount != 1:
+                raise Conflict(f"request {request_id} is already {row.status}")
+            _insert_audit(conn, audit)
+        return _pending(row)
+
+    def list_pending(
+        self, *, status: PendingStatus | None = None, after: int | None = None, limit: int = 100
+    ) -> Page[PendingRequest]:
+        p = schema.pending_requests.c
+        query = sa.select(schema.pending_requests).order_by(p.id).limit(limit + 1)
+        if status is not None:
+            query = query.where(p.status == status.value)
+        if after is not None:
+            query = query.where(p.id > after)
+        with self._engine.connect() as conn:
+            rows = conn.execute(query).all()
+        items = tuple(_pending(r) for r in rows[:limit])
+        return Page(items, str(items[-1].id) if len(rows) > limit else None)
+
+    # -- API tokens ------------------------------------------------------------------
+
+    def add_token(
+        self,
+        *,
+        name: str,
+        token_hash: str,
+        scopes: frozenset[str],
+        created_by: str,
+        now: dt.datetime,
+        expires_at: dt.datetime | None,
+        audit: AuditEvent,
+    ) -> None:
+        t = schema.api_tokens.c
+        with self._tx() as conn:
+            if conn.execute(sa.select(t.id).where(t.name == name)).first():
+                raise Conflict(f"a token named {name!r} exists")
+            conn.execute(
+                schema.api_tokens.insert().values(
+                    name=name,
+                    token_hash=token_hash,
+                    scopes=" ".join(sorted(scopes)),
+                    created_at=now,
+                    created_by=created_by,
+                    expires_at=expires_at,
+                )
+            )
+            _insert_audit(conn, audit)
+
+    def find_token(self, token_hash: str) -> ApiToken | None:
+        t = schema.api_tokens.c
+        with self._engine.connect() as conn:
+            row = conn.execute(
+                sa.select(schema.api_tokens).where(t.token_hash == token_hash)
+            ).first()
+        return _token(row) if row else None
+
+    def list_tokens(self) -> list[ApiToken]:
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(schema.api_tokens).order_by(schema.api_tokens.c.name))
+            return [_token(r) for r in rows]
+
+    def revoke_token(self, name: str, *, now: dt.datetime, audit: AuditEvent) -> None:
+        t = schema.api_tokens.c
+        with self._tx() as conn:
+            res = conn.execute(
+                schema.api_tokens.update()
+                .where(t.name == name, t.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+            if res.rowcount != 1:
+                exists = conn.execute(sa.select(t.id).where(t.name == name)).first()
+                raise (
+                    NotFound(f"no token {name!r}")
+                    if exists is None
+                    else Conflict(f"token {name!r} is already revoked")
+                )
+            _insert_audit(conn, audit)
+
+    def token_used(self, token_id: int, *, now: dt.datetime, audit: AuditEvent) -> None:
+        t = schema.api_tokens.c
+        with self._tx() as conn:
+            conn.execute(
+                schema.api_tokens.update().where(t.id == token_id).values(last_used_at=now)
+            )
+            _insert_audit(conn, audit)
 
     # -- enrollment secrets ----------------------------------------------------
 
@@ -276,38 +506,114 @@ class SqlStore:
         with self._tx() as conn:
             _insert_audit(conn, event)
 
-    def audit_events(self, *, device_id: str | None = None) -> list[AuditEvent]:
+    def list_audit(
+        self,
+        *,
+        since: dt.datetime | None = None,
+        actor: str | None = None,
+        device_id: str | None = None,
+        after: int | None = None,
+        limit: int = 100,
+    ) -> Page[AuditEvent]:
         a = schema.audit_events.c
-        query = sa.select(schema.audit_events).order_by(a.id)
+        query = sa.select(schema.audit_events).order_by(a.id).limit(limit + 1)
+        if since is not None:
+            query = query.where(a.at >= since)
+        if actor is not None:
+            query = query.where(a.actor == actor)
         if device_id is not None:
             query = query.where(a.device_id == device_id)
+        if after is not None:
+            query = query.where(a.id > after)
         with self._engine.connect() as conn:
-            return [
-                AuditEvent(
-                    at=r.at,
-                    actor=r.actor,
-                    action=r.action,
-                    outcome=r.outcome,
-                    device_id=r.device_id,
-                    serial=r.serial,
-                    detail=r.detail,
-                    id=r.id,
-                )
-                for r in conn.execute(query)
-            ]
+            rows = conn.execute(query).all()
+        items = tuple(_audit(r) for r in rows[:limit])
+        return Page(items, str(items[-1].id) if len(rows) > limit else None)
+
+    def verify_audit_chain(self) -> tuple[int, int | None, str]:
+        """Recompute the chain: (entries checked, first broken id or None, why)."""
+        a = schema.audit_events.c
+        prev, expected_id, checked = GENESIS, 1, 0
+        with self._engine.connect() as conn:
+            head = conn.execute(sa.select(schema.audit_head)).one()
+            for row in conn.execute(sa.select(schema.audit_events).order_by(a.id)):
+                if row.id != expected_id:
+                    return checked, expected_id, f"entry {expected_id} is missing"
+                if row.prev_hash != prev:
+                    return checked, row.id, "its previous-hash does not match the entry before it"
+                if entry_hash(prev, _audit(row), row.id) != row.entry_hash:
+                    return checked, row.id, "its content does not match its hash"
+                prev, expected_id, checked = row.entry_hash, expected_id + 1, checked + 1
+        if head.last_id != checked or head.last_hash != prev:
+            return checked, checked + 1, "entries after the last one present were removed"
+        return checked, None, ""
 
 
 def _insert_audit(conn: Connection, event: AuditEvent) -> None:
+    """Append one entry to the hash chain (the caller's ``_tx`` holds the head lock)."""
+    h = schema.audit_head
+    head = conn.execute(sa.select(h.c.last_id, h.c.last_hash).where(h.c.id == 1)).one()
+    event = replace(event, at=event.at.astimezone(dt.UTC), detail=event.detail[:2000])
+    entry_id = head.last_id + 1
+    digest = entry_hash(head.last_hash, event, entry_id)
     conn.execute(
         schema.audit_events.insert().values(
+            id=entry_id,
             at=event.at,
             actor=event.actor,
             action=event.action,
             outcome=event.outcome,
             device_id=event.device_id,
             serial=event.serial,
-            detail=event.detail[:2000],
+            detail=event.detail,
+            prev_hash=head.last_hash,
+            entry_hash=digest,
         )
+    )
+    conn.execute(h.update().where(h.c.id == 1).values(last_id=entry_id, last_hash=digest))
+
+
+def _audit(row: Any) -> AuditEvent:
+    return AuditEvent(
+        at=row.at,
+        actor=row.actor,
+        action=row.action,
+        outcome=row.outcome,
+        device_id=row.device_id,
+        serial=row.serial,
+        detail=row.detail,
+        id=row.id,
+    )
+
+
+def _pending(row: Any) -> PendingRequest:
+    return PendingRequest(
+        id=row.id,
+        label=row.label,
+        device_id=row.device_id,
+        csr_sha256=row.csr_sha256,
+        operation=row.operation,
+        requested_by=row.requested_by,
+        status=PendingStatus(row.status),
+        created_at=row.created_at,
+        decided_at=row.decided_at,
+        decided_by=row.decided_by,
+        reason=row.reason,
+        serial=row.serial,
+    )
+
+
+def _token(row: Any) -> ApiToken:
+    return ApiToken(
+        id=row.id,
+        name=row.name,
+        token_hash=row.token_hash,
+        scopes=frozenset(row.scopes.split()),
+        created_at=row.created_at,
+        created_by=row.created_by,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
+        last_used_at=row.last_used_at,
     )
 
 
