@@ -36,3 +36,17 @@ def verify_secret(secret: str, stored: bytes) -> bool:
 def dummy_hash() -> bytes:
     """A hash to check against when a device has no secret, so both cost the same."""
     return hash_secret(new_secret())
+
+
+API_TOKEN_PREFIX = "estk_"  # noqa: S105 - a prefix, not a secret
+
+
+def new_api_token() -> str:
+    """A bearer token for the REST API: 256 random bits behind a recognisable prefix."""
+    return API_TOKEN_PREFIX + _secrets.token_urlsafe(32)
+
+
+def token_digest(token: str) -> str:
+    """What the store keeps of an API token. A fast hash suffices: the token has 256 bits
+    of entropy, so a stolen digest cannot be brute-forced back into it."""
+    return hashlib.sha256(token.encode()).hexdigest()

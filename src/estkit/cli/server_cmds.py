@@ -281,6 +281,130 @@ def cmd_cert_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- tokens, audit, pending approval, IoT Hub -----------------------------------------
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from estkit.ca.errors import CaError
+    from estkit.ca.tokens import TokenService
+    from estkit.server.config import ConfigError, parse_duration
+
+    authority = _authority(args)
+    now = _now()
+    try:
+        expires = now + parse_duration(args.expires, "--expires") if args.expires else None
+        token = TokenService(authority.store).create(
+            args.name, frozenset(args.scope), actor=_operator(), now=now, expires_at=expires
+        )
+    except (CaError, ConfigError) as exc:
+        raise CliError(str(exc)) from None
+    # Alone on stdout, shown once; only its digest is stored.
+    print(token)
+    return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    authority = _authority(args)
+    for t in authority.store.list_tokens():
+        state = "revoked" if t.revoked_at else "active"
+        expires = t.expires_at.isoformat() if t.expires_at else "never"
+        used = t.last_used_at.isoformat() if t.last_used_at else "never"
+        print(f"{t.name}\t{','.join(sorted(t.scopes))}\t{state}\texpires {expires}\tused {used}")
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from estkit.ca.errors import CaError
+    from estkit.ca.tokens import TokenService
+
+    authority = _authority(args)
+    try:
+        TokenService(authority.store).revoke(args.name, actor=_operator(), now=_now())
+    except CaError as exc:
+        raise CliError(str(exc)) from None
+    print(f"token {args.name}: revoked")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    authority = _authority(args)
+    checked, broken, why = authority.store.verify_audit_chain()
+    if broken is not None:
+        raise CliError(
+            f"audit log broken at entry {broken}: {why} ({checked} entries intact before it)"
+        )
+    print(f"audit log: {checked} entries, hash chain intact")
+    return 0
+
+
+def cmd_pending_list(args: argparse.Namespace) -> int:
+    from estkit.store import PendingStatus
+
+    authority = _authority(args)
+    status = None if args.all else PendingStatus.PENDING
+    after = None
+    while True:
+        page = authority.store.list_pending(status=status, after=after, limit=500)
+        for p in page.items:
+            print(
+                f"{p.id}\t{p.status.value}\t{p.label}\t{p.device_id}\t{p.operation}\t"
+                f"{p.created_at.isoformat()}\t{p.requested_by}"
+            )
+        if page.next is None:
+            return 0
+        after = int(page.next)
+
+
+def _decide(args: argparse.Namespace, approve: bool) -> int:
+    from estkit.ca.errors import CaError
+
+    authority = _authority(args)
+    try:
+        request = authority.decide(
+            args.id, approve=approve, actor=_operator(), now=_now(), reason=args.reason
+        )
+    except CaError as exc:
+        raise CliError(str(exc)) from None
+    verb = "approved" if approve else "denied"
+    print(
+        f"request {request.id} of {request.device_id}: {verb}; its next retry gets the answer"
+    )
+    return 0
+
+
+def cmd_ca_iothub_verify(args: argparse.Namespace) -> int:
+    """Azure IoT Hub's proof of possession: a certificate for CN=<code> signed by the CA."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    from estkit.ca.files import write_atomic
+    from estkit.pki.certs import certs_to_pem
+    from estkit.pki.keys import generate_key
+    from estkit.pki.profiles import Kind, Profile, issue_leaf
+
+    code = args.code.strip()
+    if not code or len(code) > 64 or not code.isprintable():
+        raise CliError("--code: the verification code IoT Hub shows (1-64 printable characters)")
+    authority = _authority(args)
+    if args.ca not in authority.cas:
+        raise CliError(f"unknown CA {args.ca!r}; configured: {', '.join(authority.cas)}")
+    ca = authority.cas[args.ca]
+    # The key proves nothing and is thrown away: IoT Hub checks only the CA's signature.
+    key = generate_key("ec-p256")
+    cert = issue_leaf(
+        profile=Profile("iothub-verification", Kind.OPERATIONAL, dt.timedelta(days=30)),
+        public_key=key.public_key(),
+        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, code)]),
+        sans=None,
+        issuer=ca.cert,
+        issuer_key=ca.key,
+        now=_now(),
+    )
+    write_atomic(args.out, certs_to_pem([cert]))
+    print(f"verification certificate for CN={code}, signed by {args.ca}: {args.out}")
+    return 0
+
+
 def register(sub: Any) -> None:
     from estkit.pki.revocation import REASONS
 
@@ -341,6 +465,59 @@ def register(sub: Any) -> None:
         _data_dir_arg(p)
         p.add_argument("device_id")
         p.set_defaults(handler=lambda a, s=status: _set_status(a, s))
+
+    p = ca.add_parser(
+        "iothub-verify", help="Azure IoT Hub proof-of-possession certificate for a code"
+    )
+    _data_dir_arg(p)
+    p.add_argument("--code", required=True, help="the verification code IoT Hub shows")
+    p.add_argument("--out", type=Path, required=True, help="PEM file to upload to IoT Hub")
+    p.add_argument("--ca", default="devices", help="CA being verified (default devices)")
+    p.set_defaults(handler=cmd_ca_iothub_verify)
+
+    token = sub.add_parser("token", help="API clients and their bearer tokens").add_subparsers(
+        dest="token_command", required=True, metavar="ACTION"
+    )
+    p = token.add_parser("create", help="create a token; printed once, alone on stdout")
+    _data_dir_arg(p)
+    p.add_argument("--name", required=True, help="the API client's name (unique)")
+    p.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        choices=("provision", "read", "admin"),
+        help="provision (factory), read, admin; repeatable",
+    )
+    p.add_argument("--expires", help="lifetime, e.g. 90d (default: no expiry)")
+    p.set_defaults(handler=cmd_token_create)
+    p = token.add_parser("list", help="tokens with scopes, state, expiry, last use")
+    _data_dir_arg(p)
+    p.set_defaults(handler=cmd_token_list)
+    p = token.add_parser("revoke", help="revoke a token by name")
+    _data_dir_arg(p)
+    p.add_argument("name")
+    p.set_defaults(handler=cmd_token_revoke)
+
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(
+        dest="audit_command", required=True, metavar="ACTION"
+    )
+    p = audit.add_parser("verify", help="check the hash chain; name the first broken entry")
+    _data_dir_arg(p)
+    p.set_defaults(handler=cmd_audit_verify)
+
+    pending = sub.add_parser("pending", help="enrollments waiting for approval").add_subparsers(
+        dest="pending_command", required=True, metavar="ACTION"
+    )
+    p = pending.add_parser("list", help="requests waiting (--all: decided ones too)")
+    _data_dir_arg(p)
+    p.add_argument("--all", action="store_true")
+    p.set_defaults(handler=cmd_pending_list)
+    for action, approve in (("approve", True), ("deny", False)):
+        p = pending.add_parser(action, help=f"{action} a waiting request")
+        _data_dir_arg(p)
+        p.add_argument("id", type=int)
+        p.add_argument("--reason", help="recorded in the audit log (and told the device if denied)")
+        p.set_defaults(handler=lambda a, ok=approve: _decide(a, ok))
 
     cert = sub.add_parser("cert", help="manage issued certificates").add_subparsers(
         dest="cert_command", required=True, metavar="ACTION"

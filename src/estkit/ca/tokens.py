@@ -1,0 +1,102 @@
+"""API clients: scoped bearer tokens, created by operators, stored as digests, revocable."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import re
+
+from estkit.ca.errors import BadRequest, Conflict, NotFound, Unauthenticated
+from estkit.ca.secrets import API_TOKEN_PREFIX, new_api_token, token_digest
+from estkit.store import AuditEvent, SqlStore
+from estkit.store import errors as store_errors
+
+# provision: the factory station's call; read: look, never touch; admin: everything.
+SCOPES = ("provision", "read", "admin")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+
+
+class TokenService:
+    def __init__(self, store: SqlStore) -> None:
+        self._store = store
+
+    def create(
+        self,
+        name: str,
+        scopes: frozenset[str],
+        *,
+        actor: str,
+        now: dt.datetime,
+        expires_at: dt.datetime | None = None,
+    ) -> str:
+        """A new token, returned once and never stored in the clear."""
+        if not _NAME.match(name):
+            raise BadRequest("token name: 1-128 letters, digits, '.', '_', '@', '-'")
+        unknown = scopes - set(SCOPES)
+        if not scopes or unknown:
+            raise BadRequest(f"scopes must be some of {', '.join(SCOPES)}")
+        if expires_at is not None and expires_at <= now:
+            raise BadRequest("expiry must be in the future")
+        token = new_api_token()
+        try:
+            self._store.add_token(
+                name=name,
+                token_hash=token_digest(token),
+                scopes=scopes,
+                created_by=actor,
+                now=now,
+                expires_at=expires_at,
+                audit=AuditEvent(
+                    at=now,
+                    actor=actor,
+                    action="token-create",
+                    outcome="ok",
+                    detail=f"token {name} scopes={','.join(sorted(scopes))}",
+                ),
+            )
+        except store_errors.Conflict as exc:
+            raise Conflict(str(exc)) from None
+        return token
+
+    def revoke(self, name: str, *, actor: str, now: dt.datetime) -> None:
+        try:
+            self._store.revoke_token(
+                name,
+                now=now,
+                audit=AuditEvent(
+                    at=now, actor=actor, action="token-revoke", outcome="ok", detail=f"token {name}"
+                ),
+            )
+        except store_errors.NotFound as exc:
+            raise NotFound(str(exc)) from None
+        except store_errors.Conflict as exc:
+            raise Conflict(str(exc)) from None
+
+    def authenticate(self, token: str, *, now: dt.datetime, use: str) -> tuple[str, frozenset[str]]:
+        """(actor, scopes) of a valid token; ``Unauthenticated`` otherwise. Every use is audited."""
+        if not token.startswith(API_TOKEN_PREFIX):
+            raise Unauthenticated("not an estkit API token")
+        digest = token_digest(token)
+        record = self._store.find_token(digest)
+        if record is None or not hmac.compare_digest(record.token_hash, digest):
+            raise Unauthenticated("unknown API token")
+        actor = f"token:{record.name}"
+        refusal = None
+        if record.revoked_at is not None:
+            refusal = "API token is revoked"
+        elif record.expires_at is not None and record.expires_at <= now:
+            refusal = "API token has expired"
+        self._store.token_used(
+            record.id,
+            now=now,
+            audit=AuditEvent(
+                at=now,
+                actor=actor,
+                action="token-use",
+                outcome="refused" if refusal else "ok",
+                detail=refusal or use,
+            ),
+        )
+        if refusal:
+            raise Unauthenticated(refusal)
+        return actor, record.scopes
