@@ -392,6 +392,25 @@ class Authority:
         )
         return secret
 
+    def register_device(
+        self, device_id: str, *, actor: str, now: dt.datetime, with_secret: bool
+    ) -> str | None:
+        """Register a device; with ``with_secret`` also (or, if it exists, only) a new secret."""
+        if with_secret:
+            return self.add_device(device_id, actor=actor, now=now)
+        check_device_id(device_id)
+        try:
+            self.store.add_device(
+                device_id,
+                now=now,
+                audit=AuditEvent(
+                    at=now, actor=actor, action="device-add", outcome="ok", device_id=device_id
+                ),
+            )
+        except store_errors.Conflict as exc:
+            raise Conflict(str(exc)) from None
+        return None
+
     def set_device_status(
         self, device_id: str, status: DeviceStatus, *, actor: str, now: dt.datetime
     ) -> list[str]:

@@ -72,6 +72,17 @@ class TokenService:
         except store_errors.Conflict as exc:
             raise Conflict(str(exc)) from None
 
+    def audit_use(self, *, actor: str, detail: str, now: dt.datetime) -> None:
+        """Record an API call by a caller authenticated elsewhere (an OIDC client)."""
+        self._store.audit(
+            AuditEvent(at=now, actor=actor, action="token-use", outcome="ok", detail=detail)
+        )
+
+    def audit_refusal(self, *, actor: str, detail: str, now: dt.datetime) -> None:
+        self._store.audit(
+            AuditEvent(at=now, actor=actor, action="token-use", outcome="refused", detail=detail)
+        )
+
     def authenticate(self, token: str, *, now: dt.datetime, use: str) -> tuple[str, frozenset[str]]:
         """(actor, scopes) of a valid token; ``Unauthenticated`` otherwise. Every use is audited."""
         if not token.startswith(API_TOKEN_PREFIX):

@@ -10,19 +10,37 @@ import datetime as dt
 import os
 import ssl
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import fastapi_offline
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.staticfiles import StaticFiles
 
+from estkit import __version__
+from estkit.ca.tokens import TokenService
 from estkit.pki.certs import certs_to_pem
-from estkit.server.config import ServerConfig, load_config
-from estkit.server.crl_http import start_crl_listener, start_crl_refresher
-from estkit.server.errors import HANDLERS
+from estkit.server.api import api_router
+from estkit.server.config import ConfigError, ServerConfig, load_config
+from estkit.server.crl_http import (
+    CRL_MEDIA_TYPE,
+    crl_file,
+    start_crl_listener,
+    start_crl_refresher,
+)
+from estkit.server.errors import HANDLERS, text_response
 from estkit.server.est import EstRoutes
+from estkit.server.oidc import OidcVerifier, parse_oidc_config
 from estkit.server.wiring import build_authority, crl_publisher, open_store
 
 DATA_DIR_ENV = "ESTKIT_DATA_DIR"
+# Swagger UI's files, served locally: the API page works without internet access.
+SWAGGER_STATIC = Path(fastapi_offline.__file__).parent / "static"
 # OpenSSL's X509_V_FLAG_NO_CHECK_TIME: the handshake accepts an expired client
 # certificate so that the application can refuse it with a 403 and a reason
 # (and audit it) instead of a bare TLS alert. Signatures are still checked.
@@ -31,6 +49,14 @@ _X509_V_FLAG_NO_CHECK_TIME = 0x200000
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _oidc(config: ServerConfig) -> OidcVerifier | None:
+    try:
+        oidc_config = parse_oidc_config(config.api.get("oidc"), config.data_dir)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return OidcVerifier(oidc_config) if oidc_config is not None else None
 
 
 def create_app(config: ServerConfig) -> FastAPI:
@@ -44,14 +70,51 @@ def create_app(config: ServerConfig) -> FastAPI:
     )
     app = FastAPI(
         title="estkit",
+        summary="Provisioning and operations API of the estkit CA (EST is under /.well-known/est)",
+        version=__version__,
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
-        routes=est.routes(),
+        openapi_url="/api/openapi.json",
+        routes=[*est.routes(), Route("/crl/{name}", _crl_route(config), methods=["GET"])],
         exception_handlers=HANDLERS,  # type: ignore[arg-type]
     )
+    app.include_router(
+        api_router(
+            authority=authority,
+            config=config,
+            tokens=TokenService(store),
+            oidc=_oidc(config),
+            clock=utcnow,
+        )
+    )
+    app.mount("/api/static", StaticFiles(directory=SWAGGER_STATIC), name="api-static")
+    app.add_route("/api/docs", _swagger_page, methods=["GET"], include_in_schema=False)
     app.state.authority = authority
     return app
+
+
+async def _swagger_page(_request: Request) -> Response:
+    return get_swagger_ui_html(
+        openapi_url="/api/openapi.json",
+        title="estkit API",
+        swagger_js_url="/api/static/swagger-ui-bundle.js",
+        swagger_css_url="/api/static/swagger-ui.css",
+        swagger_favicon_url="/api/static/favicon.png",
+    )
+
+
+def _crl_route(config: ServerConfig) -> Callable[[Request], Awaitable[Response]]:
+    async def crl(request: Request) -> Response:
+        path = crl_file(config.crl.directory, request.url.path)
+        try:
+            body = path.read_bytes() if path is not None else None
+        except OSError:
+            body = None
+        if body is None:
+            return text_response(404, "no such CRL")
+        return Response(body, media_type=CRL_MEDIA_TYPE)
+
+    return crl
 
 
 def app_from_env() -> FastAPI:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from estkit.ca import errors as ca
 
@@ -35,22 +35,35 @@ def text_response(status: int, reason: str, headers: dict[str, str] | None = Non
     return PlainTextResponse(one_line(reason), status_code=status, headers=headers)
 
 
-async def ca_error(_request: Request, exc: Exception) -> Response:
+def error_response(
+    request: Request, status: int, reason: str, headers: dict[str, str] | None = None
+) -> Response:
+    """EST and the rest: text/plain, one line. The JSON API: ``{"detail": reason}``."""
+    if request.url.path.startswith("/api/"):
+        if status == 401:
+            headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="estkit"'}
+        return JSONResponse(
+            {"detail": one_line(reason).strip()}, status_code=status, headers=headers
+        )
+    return text_response(status, reason, headers)
+
+
+async def ca_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ca.CaError)
     if isinstance(exc, ca.Pending):
         return text_response(202, str(exc), {"Retry-After": str(int(exc.retry_after))})
     status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
-    return text_response(status, str(exc), CHALLENGE if status == 401 else None)
+    return error_response(request, status, str(exc), CHALLENGE if status == 401 else None)
 
 
-async def request_error(_request: Request, exc: Exception) -> Response:
+async def request_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestError)
-    return text_response(exc.status, str(exc), CHALLENGE if exc.status == 401 else None)
+    return error_response(request, exc.status, str(exc), CHALLENGE if exc.status == 401 else None)
 
 
-async def http_error(_request: Request, exc: Exception) -> Response:
+async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    return text_response(exc.status_code, exc.detail or "error", dict(exc.headers or {}))
+    return error_response(request, exc.status_code, exc.detail or "error", dict(exc.headers or {}))
 
 
 HANDLERS = {ca.CaError: ca_error, RequestError: request_error, HTTPException: http_error}

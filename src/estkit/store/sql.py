@@ -121,7 +121,14 @@ class SqlStore:
         items = tuple(_device(r) for r in rows[:limit])
         return Page(items, items[-1].device_id if len(rows) > limit else None)
 
-    def _ensure_device(self, conn: Connection, device_id: str, now: dt.datetime) -> None:
+    def add_device(self, device_id: str, *, now: dt.datetime, audit: AuditEvent) -> None:
+        """Register a device; ``Conflict`` when it exists."""
+        with self._tx() as conn:
+            if not self._ensure_device(conn, device_id, now):
+                raise Conflict(f"device {device_id!r} already exists")
+            _insert_audit(conn, audit)
+
+    def _ensure_device(self, conn: Connection, device_id: str, now: dt.datetime) -> bool:
         """Register ``device_id`` as active unless it exists (inside the caller's transaction)."""
         exists = conn.execute(
             sa.select(schema.devices.c.device_id).where(schema.devices.c.device_id == device_id)
@@ -135,6 +142,7 @@ class SqlStore:
                     updated_at=now,
                 )
             )
+        return not exists
 
     def set_device_status(
         self,

@@ -1,0 +1,566 @@
+"""The provisioning and operations REST API, under /api/v1 (OpenAPI at /api/openapi.json).
+
+Thin adapters: each route authenticates (estkit bearer token or an OIDC JWT),
+checks the scope it needs, and calls the authority or reads the store. Every
+decision is audited where it is made (token use here, the rest in ``ca/``).
+Routes are plain ``def``: FastAPI runs them in its thread pool, so database
+and signing work never blocks the event loop.
+"""
+
+
+import datetime as dt
+from collections.abc import Callable
+from typing import Annotated, Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+
+from estkit.ca.authority import Authority, Issued
+from estkit.ca.errors import BadRequest, Forbidden, NotFound, Unauthenticated
+from estkit.ca.tokens import TokenService
+from estkit.pki.certs import certs_to_pem, fingerprint, parse_serial, serial_hex
+from estkit.pki.revocation import REASONS
+from estkit.server.config import ConfigError, ServerConfig, parse_duration
+from estkit.server.oidc import InvalidToken, OidcVerifier
+from estkit.store import (
+    AuditEvent,
+    CertificateRecord,
+    CertStatus,
+    Device,
+    DeviceStatus,
+    PendingRequest,
+    PendingStatus,
+)
+
+RevocationReason = Literal[
+    "unspecified",
+    "keyCompromise",
+    "cACompromise",
+    "affiliationChanged",
+    "superseded",
+    "cessationOfOperation",
+    "certificateHold",
+    "privilegeWithdrawn",
+    "aACompromise",
+]
+assert set(RevocationReason.__args__) == set(REASONS)  # type: ignore[attr-defined]
+
+DeviceId = Annotated[str, Field(min_length=1, max_length=64, examples=["dev-0001"])]
+Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
+Cursor = Annotated[str | None, Query(max_length=128, description="`next` of the previous page")]
+
+
+# -- models -------------------------------------------------------------------------
+
+
+class LabelOut(BaseModel):
+    name: str
+    est_url: str
+    profile: str
+    approval: bool
+
+
+class CaOut(BaseModel):
+    name: str
+    subject: str
+    fingerprint_sha256: str
+    not_after: dt.datetime
+    chain: str = Field(description="PEM: this CA first, the root last")
+    labels: list[LabelOut] = Field(description="EST labels issuing from this CA")
+
+
+class ProvisionIn(BaseModel):
+    device_id: DeviceId
+    csr: str = Field(max_length=32768, description="PEM PKCS#10 CSR, CN = device_id")
+    validity: str | None = Field(
+        default=None, max_length=16, description="may shorten the profile's, e.g. 365d"
+    )
+    sans: list[Annotated[str, Field(min_length=1, max_length=253)]] | None = Field(
+        default=None, max_length=20, description="DNS names (default: the CSR's SANs)"
+    )
+
+
+class ProvisionOut(BaseModel):
+    serial: str
+    device_id: str
+    ca: str
+    certificate: str
+    chain: str = Field(description="PEM: the issuing CA first, the root last")
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+
+class CertificateOut(BaseModel):
+    serial: str
+    device_id: str
+    ca: str
+    label: str | None
+    profile: str
+    subject: str
+    sans: list[str]
+    not_before: dt.datetime
+    not_after: dt.datetime
+    status: CertStatus
+    revoked_at: dt.datetime | None
+    revocation_reason: str | None
+    requested_via: str
+    requested_by: str
+    issued_at: dt.datetime
+    replaces: str | None
+
+
+class CertificateDetail(CertificateOut):
+    pem: str
+
+
+class CertificatePage(BaseModel):
+    items: list[CertificateOut]
+    next: str | None
+
+
+class DeviceOut(BaseModel):
+    device_id: str
+    status: DeviceStatus
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class DeviceDetail(DeviceOut):
+    certificates: list[CertificateOut]
+
+
+class DevicePage(BaseModel):
+    items: list[DeviceOut]
+    next: str | None
+
+
+class DeviceIn(BaseModel):
+    device_id: DeviceId
+    enrollment_secret: bool = Field(
+        default=False, description="also return a one-time EST enrollment secret (HTTP Basic)"
+    )
+
+
+class DeviceCreated(BaseModel):
+    device: DeviceOut
+    enrollment_secret: str | None = Field(description="shown once; stored only as a hash")
+
+
+class StatusChange(BaseModel):
+    device: DeviceOut
+    revoked: list[str]
+
+
+class RevokeIn(BaseModel):
+    reason: RevocationReason = "unspecified"
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: dt.datetime
+    actor: str
+    action: str
+    outcome: str
+    device_id: str | None
+    serial: str | None
+    detail: str
+
+
+class AuditPage(BaseModel):
+    items: list[AuditOut]
+    next: str | None
+
+
+class PendingOut(BaseModel):
+    id: int
+    label: str
+    device_id: str
+    operation: str
+    requested_by: str
+    status: PendingStatus
+    created_at: dt.datetime
+    decided_at: dt.datetime | None
+    decided_by: str | None
+    reason: str | None
+    serial: str | None
+
+
+class PendingPage(BaseModel):
+    items: list[PendingOut]
+    next: str | None
+
+
+class DecisionIn(BaseModel):
+    reason: str | None = Field(default=None, max_length=500)
+
+
+def _cert_out(r: CertificateRecord) -> CertificateOut:
+    return CertificateOut(
+        serial=r.serial,
+        device_id=r.device_id,
+        ca=r.ca,
+        label=r.label,
+        profile=r.profile,
+        subject=r.subject,
+        sans=list(r.sans),
+        not_before=r.not_before,
+        not_after=r.not_after,
+        status=r.status,
+        revoked_at=r.revoked_at,
+        revocation_reason=r.revocation_reason,
+        requested_via=r.requested_via,
+        requested_by=r.requested_by,
+        issued_at=r.issued_at,
+        replaces=r.replaces,
+    )
+
+
+def _device_out(d: Device) -> DeviceOut:
+    return DeviceOut(
+        device_id=d.device_id, status=d.status, created_at=d.created_at, updated_at=d.updated_at
+    )
+
+
+def _audit_out(e: AuditEvent) -> AuditOut:
+    assert e.id is not None
+    return AuditOut(
+        id=e.id,
+        at=e.at,
+        actor=e.actor,
+        action=e.action,
+        outcome=e.outcome,
+        device_id=e.device_id,
+        serial=e.serial,
+        detail=e.detail,
+    )
+
+
+def _pending_out(p: PendingRequest) -> PendingOut:
+    return PendingOut(
+        id=p.id,
+        label=p.label,
+        device_id=p.device_id,
+        operation=p.operation,
+        requested_by=p.requested_by,
+        status=p.status,
+        created_at=p.created_at,
+        decided_at=p.decided_at,
+        decided_by=p.decided_by,
+        reason=p.reason,
+        serial=p.serial,
+    )
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+def _serial(text: str) -> str:
+    try:
+        return serial_hex(parse_serial(text))
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def _int_cursor(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    if not cursor.isdigit() or len(cursor) > 18:
+        raise BadRequest("cursor: use the `next` value of the previous page")
+    return int(cursor)
+
+
+# -- authentication -------------------------------------------------------------------
+
+
+class ApiCaller(BaseModel):
+    actor: str
+    scopes: frozenset[str]
+
+
+_bearer = HTTPBearer(auto_error=False, description="estkit API token or OIDC access token")
+
+
+def make_auth(
+    tokens: TokenService, oidc: OidcVerifier | None, clock: Callable[[], dt.datetime]
+) -> Callable[[str], Callable[..., ApiCaller]]:
+    """``Depends(auth("read"))``: who is calling, with the scope the route needs, or 401/403."""
+
+    def authenticate(
+        request: Request, credentials: HTTPAuthorizationCredentials | None
+    ) -> ApiCaller:
+        if credentials is None:
+            raise Unauthenticated("bearer token required")
+        token = credentials.credentials
+        use = f"{request.method} {request.url.path}"
+        if token.startswith("estk_") or oidc is None:
+            actor, scopes = tokens.authenticate(token, now=clock(), use=use)
+        else:
+            try:
+                actor, scopes = oidc.verify(token)
+            except InvalidToken as exc:
+                tokens.audit_refusal(actor="oidc", detail=f"{exc} ({use})", now=clock())
+                raise Unauthenticated(str(exc)) from None
+            tokens.audit_use(actor=actor, detail=use, now=clock())
+        return ApiCaller(actor=actor, scopes=scopes)
+
+    def auth(scope: str) -> Callable[..., ApiCaller]:
+        def dependency(
+            request: Request,
+            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        ) -> ApiCaller:
+            caller = authenticate(request, credentials)
+            if scope not in caller.scopes and "admin" not in caller.scopes:
+                tokens.audit_refusal(
+                    actor=caller.actor,
+                    detail=f"scope {scope} needed for {request.url.path}",
+                    now=clock(),
+                )
+                raise Forbidden(f"this API client lacks the {scope!r} scope")
+            return caller
+
+        return dependency
+
+    return auth
+
+
+# -- routes -----------------------------------------------------------------------------
+
+
+def api_router(
+    *,
+    authority: Authority,
+    config: ServerConfig,
+    tokens: TokenService,
+    oidc: OidcVerifier | None,
+    clock: Callable[[], dt.datetime],
+) -> APIRouter:
+    auth = make_auth(tokens, oidc, clock)
+    Reader = Annotated[ApiCaller, Depends(auth("read"))]
+    Provisioner = Annotated[ApiCaller, Depends(auth("provision"))]
+    Admin = Annotated[ApiCaller, Depends(auth("admin"))]
+    store = authority.store
+    router = APIRouter(prefix="/api/v1")
+
+    @router.get("/cas", tags=["CAs"], summary="CAs and EST labels with chains and fingerprints")
+    def list_cas(_: Reader) -> list[CaOut]:
+        out = []
+        for name, ca in authority.cas.items():
+            labels = [
+                LabelOut(
+                    name=label.name,
+                    est_url=f"{config.est_url}/{label.name}",
+                    profile=label.profile.name,
+                    approval=label.approval,
+                )
+                for label in authority.labels.values()
+                if label.ca == name
+            ]
+            out.append(
+                CaOut(
+                    name=name,
+                    subject=ca.cert.subject.rfc4514_string(),
+                    fingerprint_sha256=fingerprint(ca.cert),
+                    not_after=ca.cert.not_valid_after_utc,
+                    chain=certs_to_pem(ca.chain).decode(),
+                    labels=labels,
+                )
+            )
+        return out
+
+    @router.post(
+        "/cas/{label}/certificates",
+        status_code=201,
+        tags=["CAs"],
+        summary="Factory: sign a device's CSR (label `bootstrap` for bootstrap certificates)",
+        responses={400: {}, 401: {}, 403: {}, 404: {}},
+    )
+    def provision(label: str, body: ProvisionIn, caller: Provisioner) -> ProvisionOut:
+        try:
+            csr = x509.load_pem_x509_csr(body.csr.encode())
+        except ValueError:
+            raise BadRequest("csr: not a PEM PKCS#10 certification request") from None
+        try:
+            validity = parse_duration(body.validity, "validity") if body.validity else None
+        except ConfigError as exc:
+            raise BadRequest(str(exc)) from None
+        if label != "bootstrap":
+            authority.label(label)
+        issued: Issued = authority.provision(
+            label,
+            csr.public_bytes(Encoding.DER),
+            device_id=body.device_id,
+            actor=caller.actor,
+            now=clock(),
+            via="api-provision",
+            validity=validity,
+            dns_names=body.sans,
+        )
+        return ProvisionOut(
+            serial=issued.record.serial,
+            device_id=issued.record.device_id,
+            ca=issued.record.ca,
+            certificate=certs_to_pem([issued.certificate]).decode(),
+            chain=certs_to_pem(issued.chain).decode(),
+            not_before=issued.record.not_before,
+            not_after=issued.record.not_after,
+        )
+
+    @router.get("/devices", tags=["devices"], summary="Devices, by id")
+    def list_devices(
+        _: Reader,
+        status: DeviceStatus | None = None,
+        limit: Limit = 100,
+        cursor: Cursor = None,
+    ) -> DevicePage:
+        page = store.list_devices(status=status, after=cursor, limit=limit)
+        return DevicePage(items=[_device_out(d) for d in page.items], next=page.next)
+
+    @router.post(
+        "/devices",
+        status_code=201,
+        tags=["devices"],
+        summary="Register a device",
+        responses={400: {}, 409: {}},
+    )
+    def add_device(body: DeviceIn, caller: Provisioner) -> DeviceCreated:
+        secret = authority.register_device(
+            body.device_id, actor=caller.actor, now=clock(), with_secret=body.enrollment_secret
+        )
+        device = store.get_device(body.device_id)
+        assert device is not None
+        return DeviceCreated(device=_device_out(device), enrollment_secret=secret)
+
+    @router.get("/devices/{device_id}", tags=["devices"], responses={404: {}})
+    def get_device(device_id: str, _: Reader) -> DeviceDetail:
+        device = store.get_device(device_id)
+        if device is None:
+            raise NotFound(f"no device {device_id!r}")
+        certs = [_cert_out(c) for c in store.certificates_of(device_id)]
+        return DeviceDetail(**_device_out(device).model_dump(), certificates=certs)
+
+    def _status_route(status: DeviceStatus) -> Callable[[str, ApiCaller], StatusChange]:
+        def change(device_id: str, caller: Admin) -> StatusChange:
+            revoked = authority.set_device_status(
+                device_id, status, actor=caller.actor, now=clock()
+            )
+            device = store.get_device(device_id)
+            assert device is not None
+            return StatusChange(device=_device_out(device), revoked=revoked)
+
+        return change
+
+    for action, status, text in (
+        ("disable", DeviceStatus.DISABLED, "Refuse the device until enabled again"),
+        ("enable", DeviceStatus.ACTIVE, "Accept a disabled device again"),
+        ("decommission", DeviceStatus.DECOMMISSIONED, "Revoke all its certificates; refuse it"),
+    ):
+        router.add_api_route(
+            f"/devices/{{device_id}}/{action}",
+            _status_route(status),
+            methods=["POST"],
+            tags=["devices"],
+            summary=text,
+            responses={404: {}, 409: {}},
+        )
+
+    @router.get("/certificates", tags=["certificates"], summary="Issued certificates")
+    def list_certificates(
+        _: Reader,
+        device_id: Annotated[str | None, Query(max_length=64)] = None,
+        status: CertStatus | None = None,
+        expires_before: dt.datetime | None = None,
+        ca: Annotated[str | None, Query(max_length=64)] = None,
+        limit: Limit = 100,
+        cursor: Cursor = None,
+    ) -> CertificatePage:
+        after = _serial(cursor) if cursor else None
+        page = store.list_certificates(
+            device_id=device_id,
+            status=status,
+            expires_before=_utc(expires_before),
+            ca=ca,
+            after=after,
+            limit=limit,
+        )
+        return CertificatePage(items=[_cert_out(c) for c in page.items], next=page.next)
+
+    @router.get("/certificates/{serial}", tags=["certificates"], responses={400: {}, 404: {}})
+    def get_certificate(serial: str, _: Reader) -> CertificateDetail:
+        record = store.get_certificate(_serial(serial))
+        if record is None:
+            raise NotFound(f"no certificate {serial}")
+        pem = x509.load_der_x509_certificate(record.der).public_bytes(Encoding.PEM).decode()
+        return CertificateDetail(**_cert_out(record).model_dump(), pem=pem)
+
+    @router.post(
+        "/certificates/{serial}/revoke",
+        tags=["certificates"],
+        responses={400: {}, 404: {}, 409: {}},
+    )
+    def revoke_certificate(
+        serial: str, caller: Admin, body: RevokeIn | None = None
+    ) -> CertificateOut:
+        reason = (body or RevokeIn()).reason
+        record = authority.revoke(_serial(serial), reason=reason, actor=caller.actor, now=clock())
+        return _cert_out(record)
+
+    @router.get("/audit", tags=["audit"], summary="The audit log, oldest first")
+    def list_audit(
+        _: Reader,
+        since: dt.datetime | None = None,
+        actor: Annotated[str | None, Query(max_length=256)] = None,
+        device_id: Annotated[str | None, Query(max_length=64)] = None,
+        limit: Limit = 100,
+        cursor: Cursor = None,
+    ) -> AuditPage:
+        page = store.list_audit(
+            since=_utc(since),
+            actor=actor,
+            device_id=device_id,
+            after=_int_cursor(cursor),
+            limit=limit,
+        )
+        return AuditPage(items=[_audit_out(e) for e in page.items], next=page.next)
+
+    @router.get("/pending", tags=["approval"], summary="Enrollments waiting for approval")
+    def list_pending(
+        _: Reader,
+        status: PendingStatus | None = PendingStatus.PENDING,
+        limit: Limit = 100,
+        cursor: Cursor = None,
+    ) -> PendingPage:
+        page = store.list_pending(status=status, after=_int_cursor(cursor), limit=limit)
+        return PendingPage(items=[_pending_out(p) for p in page.items], next=page.next)
+
+    def _decision_route(approve: bool) -> Callable[..., PendingOut]:
+        def decide(request_id: int, caller: Admin, body: DecisionIn | None = None) -> PendingOut:
+            if not 1 <= request_id < 2**62:
+                raise NotFound(f"no pending request {request_id}")
+            request = authority.decide(
+                request_id,
+                approve=approve,
+                actor=caller.actor,
+                now=clock(),
+                reason=body.reason if body else None,
+            )
+            return _pending_out(request)
+
+        return decide
+
+    for action, approve in (("approve", True), ("deny", False)):
+        router.add_api_route(
+            f"/pending/{{request_id}}/{action}",
+            _decision_route(approve),
+            methods=["POST"],
+            tags=["approval"],
+            summary=f"{action.capitalize()} a waiting request",
+            responses={404: {}, 409: {}},
+        )
+
+    return router
