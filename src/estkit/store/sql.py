@@ -184,6 +184,10 @@ class SqlStore:
                         revocation_reason=revoke_reason,
                     )
                 )
+                if revoked:
+                    audit = replace(
+                        audit, detail=f"revoked ({revoke_reason}): {', '.join(revoked)}"
+                    )
             _insert_audit(conn, audit)
         return revoked
 
@@ -301,8 +305,8 @@ class SqlStore:
                     if row is None
                     else Conflict(f"certificate {serial} is already revoked")
                 )
-            _insert_audit(conn, audit)
             row = conn.execute(sa.select(schema.certificates).where(c.serial == serial)).one()
+            _insert_audit(conn, replace(audit, device_id=row.device_id))
         return _cert(row)
 
     # -- pending requests --------------------------------------------------------
