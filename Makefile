@@ -7,9 +7,9 @@ BIN       := $(VENV)/bin
 DATA_DIR  ?= var/estkit
 PORT      ?= 8443
 # Debian packages the tests use as independent peers and tools.
-TEST_DEBS := strongswan-pki libstrongswan-extra-plugins curl openssl
+TEST_DEBS := strongswan-pki libstrongswan-extra-plugins curl openssl mosquitto
 
-.PHONY: run test lint typecheck unit deps-test clean
+.PHONY: run test lint typecheck deps-test demo bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,12 +28,18 @@ run: $(VENV)/.installed-server
 	$(BIN)/estkit server info --data-dir $(DATA_DIR)
 	$(BIN)/estkit server run --data-dir $(DATA_DIR)
 
+# A device at the "factory", the agent renewing short-lived certificates, telemetry
+# reaching the IoT Hub stand-in (Mosquitto), then a decommission: a readable timeline.
+demo: $(VENV)/.installed-test
+	@scripts/install-test-debs.sh mosquitto
+	$(BIN)/python scripts/demo.py
+
 deps-test:
 	@scripts/install-test-debs.sh $(TEST_DEBS)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy src

@@ -18,7 +18,7 @@ from estkit.cli.errors import CliError
 
 # Server-side command groups import server dependencies lazily inside their
 # handlers, so a device-only install (no estkit[server]) can still run the client.
-_GROUPS = ("estkit.cli.factory_cmds", "estkit.cli.server_cmds")
+_GROUPS = ("estkit.cli.factory_cmds", "estkit.cli.server_cmds", "estkit.cli.agent_cmds")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -366,9 +366,7 @@ def _decide(args: argparse.Namespace, approve: bool) -> int:
     except CaError as exc:
         raise CliError(str(exc)) from None
     verb = "approved" if approve else "denied"
-    print(
-        f"request {request.id} of {request.device_id}: {verb}; its next retry gets the answer"
-    )
+    print(f"request {request.id} of {request.device_id}: {verb}; its next retry gets the answer")
     return 0
 
 

@@ -7,7 +7,6 @@ Routes are plain ``def``: FastAPI runs them in its thread pool, so database
 and signing work never blocks the event loop.
 """
 
-
 import datetime as dt
 from collections.abc import Callable
 from typing import Annotated, Literal
@@ -17,13 +16,17 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from estkit.ca.authority import Authority, Issued
-from estkit.ca.errors import BadRequest, Forbidden, NotFound, Unauthenticated
+from estkit.ca.errors import BadRequest, CaError, Forbidden, NotFound, Unauthenticated
+from estkit.ca.secrets import API_TOKEN_PREFIX
 from estkit.ca.tokens import TokenService
 from estkit.pki.certs import certs_to_pem, fingerprint, parse_serial, serial_hex
 from estkit.pki.revocation import REASONS
 from estkit.server.config import ConfigError, ServerConfig, parse_duration
+from estkit.server.errors import error_response
 from estkit.server.oidc import InvalidToken, OidcVerifier
 from estkit.store import (
     AuditEvent,
@@ -47,6 +50,9 @@ RevocationReason = Literal[
     "aACompromise",
 ]
 assert set(RevocationReason.__args__) == set(REASONS)  # type: ignore[attr-defined]
+
+API_PREFIX = "/api/v1"
+_CALLER = "api_caller"
 
 DeviceId = Annotated[str, Field(min_length=1, max_length=64, examples=["dev-0001"])]
 Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
@@ -286,35 +292,72 @@ class ApiCaller(BaseModel):
 _bearer = HTTPBearer(auto_error=False, description="estkit API token or OIDC access token")
 
 
-def make_auth(
-    tokens: TokenService, oidc: OidcVerifier | None, clock: Callable[[], dt.datetime]
-) -> Callable[[str], Callable[..., ApiCaller]]:
-    """``Depends(auth("read"))``: who is calling, with the scope the route needs, or 401/403."""
+class ApiAuthentication:
+    """Who calls /api/v1: authenticated before anything else looks at the request.
 
-    def authenticate(
-        request: Request, credentials: HTTPAuthorizationCredentials | None
-    ) -> ApiCaller:
-        if credentials is None:
+    An ASGI middleware, so a caller without a valid token gets 401 whatever its
+    body holds (FastAPI would otherwise validate the body first). The caller is
+    left in ``scope["state"]``; each route then checks the scope it needs.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        tokens: TokenService,
+        oidc: OidcVerifier | None,
+        clock: Callable[[], dt.datetime],
+    ) -> None:
+        self.app = app
+        self._tokens = tokens
+        self._oidc = oidc
+        self._clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(API_PREFIX + "/"):
+            request = Request(scope)
+            try:
+                caller = await run_in_threadpool(self._authenticate, request)
+            except CaError as exc:
+                response = error_response(request, 401, str(exc))
+                await response(scope, receive, send)
+                return
+            scope.setdefault("state", {})[_CALLER] = caller
+        await self.app(scope, receive, send)
+
+    def _authenticate(self, request: Request) -> ApiCaller:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("bearer token required")
-        token = credentials.credentials
         use = f"{request.method} {request.url.path}"
-        if token.startswith("estk_") or oidc is None:
-            actor, scopes = tokens.authenticate(token, now=clock(), use=use)
+        now = self._clock()
+        if token.startswith(API_TOKEN_PREFIX) or self._oidc is None:
+            actor, scopes = self._tokens.authenticate(token, now=now, use=use)
         else:
             try:
-                actor, scopes = oidc.verify(token)
+                actor, scopes = self._oidc.verify(token)
             except InvalidToken as exc:
-                tokens.audit_refusal(actor="oidc", detail=f"{exc} ({use})", now=clock())
+                self._tokens.audit_refusal(actor="oidc", detail=f"{exc} ({use})", now=now)
                 raise Unauthenticated(str(exc)) from None
-            tokens.audit_use(actor=actor, detail=use, now=clock())
+            self._tokens.audit_use(actor=actor, detail=use, now=now)
         return ApiCaller(actor=actor, scopes=scopes)
+
+
+def make_auth(
+    tokens: TokenService, clock: Callable[[], dt.datetime]
+) -> Callable[[str], Callable[..., ApiCaller]]:
+    """``Depends(auth("read"))``: the authenticated caller, if it has the scope, else 403."""
 
     def auth(scope: str) -> Callable[..., ApiCaller]:
         def dependency(
             request: Request,
-            credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+            # Only documents the scheme in OpenAPI; ApiAuthentication did the work.
+            _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
         ) -> ApiCaller:
-            caller = authenticate(request, credentials)
+            caller: ApiCaller | None = getattr(request.state, _CALLER, None)
+            if caller is None:  # only if the middleware is missing: fail closed
+                raise Unauthenticated("bearer token required")
             if scope not in caller.scopes and "admin" not in caller.scopes:
                 tokens.audit_refusal(
                     actor=caller.actor,
@@ -337,15 +380,14 @@ def api_router(
     authority: Authority,
     config: ServerConfig,
     tokens: TokenService,
-    oidc: OidcVerifier | None,
     clock: Callable[[], dt.datetime],
 ) -> APIRouter:
-    auth = make_auth(tokens, oidc, clock)
+    auth = make_auth(tokens, clock)
     Reader = Annotated[ApiCaller, Depends(auth("read"))]
     Provisioner = Annotated[ApiCaller, Depends(auth("provision"))]
     Admin = Annotated[ApiCaller, Depends(auth("admin"))]
     store = authority.store
-    router = APIRouter(prefix="/api/v1")
+    router = APIRouter(prefix=API_PREFIX)
 
     @router.get("/cas", tags=["CAs"], summary="CAs and EST labels with chains and fingerprints")
     def list_cas(_: Reader) -> list[CaOut]:

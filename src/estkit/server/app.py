@@ -25,7 +25,7 @@ from starlette.staticfiles import StaticFiles
 from estkit import __version__
 from estkit.ca.tokens import TokenService
 from estkit.pki.certs import certs_to_pem
-from estkit.server.api import api_router
+from estkit.server.api import ApiAuthentication, api_router
 from estkit.server.config import ConfigError, ServerConfig, load_config
 from estkit.server.crl_http import (
     CRL_MEDIA_TYPE,
@@ -78,15 +78,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         routes=[*est.routes(), Route("/crl/{name}", _crl_route(config), methods=["GET"])],
         exception_handlers=HANDLERS,  # type: ignore[arg-type]
     )
-    app.include_router(
-        api_router(
-            authority=authority,
-            config=config,
-            tokens=TokenService(store),
-            oidc=_oidc(config),
-            clock=utcnow,
-        )
-    )
+    tokens = TokenService(store)
+    app.include_router(api_router(authority=authority, config=config, tokens=tokens, clock=utcnow))
+    app.add_middleware(ApiAuthentication, tokens=tokens, oidc=_oidc(config), clock=utcnow)
     app.mount("/api/static", StaticFiles(directory=SWAGGER_STATIC), name="api-static")
     app.add_route("/api/docs", _swagger_page, methods=["GET"], include_in_schema=False)
     app.state.authority = authority

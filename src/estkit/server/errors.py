@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -66,4 +67,21 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error_response(request, exc.status_code, exc.detail or "error", dict(exc.headers or {}))
 
 
-HANDLERS = {ca.CaError: ca_error, RequestError: request_error, HTTPException: http_error}
+async def validation_error(request: Request, exc: Exception) -> Response:
+    """Invalid API input: 422 with the first problem as one line (``where: what``)."""
+    assert isinstance(exc, RequestValidationError)
+    problems = exc.errors()
+    first = problems[0] if problems else {}
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    reason = f"{where}: {first.get('msg', 'invalid input')}"
+    if len(problems) > 1:
+        reason += f" (and {len(problems) - 1} more)"
+    return error_response(request, 422, reason)
+
+
+HANDLERS = {
+    ca.CaError: ca_error,
+    RequestError: request_error,
+    HTTPException: http_error,
+    RequestValidationError: validation_error,
+}
