@@ -143,7 +143,15 @@ class Authority:
     def authenticate_certificate(self, cert: x509.Certificate, *, now: dt.datetime) -> Principal:
         """Accept a client certificate of one of this authority's CAs, valid and unrevoked."""
         serial = serial_hex(cert.serial_number)
-        issuer = next((ca for ca in self._client_cas if is_issued_by(cert, ca.cert)), None)
+        # Compare names first: only the CA whose name matches needs a signature check.
+        issuer = next(
+            (
+                ca
+                for ca in self._client_cas
+                if cert.issuer == ca.cert.subject and is_issued_by(cert, ca.cert)
+            ),
+            None,
+        )
         if issuer is None:
             self._refuse(
                 f"cert:{serial}",
@@ -168,7 +176,8 @@ class Authority:
                 "client certificate is expired or not yet valid",
                 now,
             )
-        record = self.store.get_certificate(serial)
+        # One query for the certificate's record and its device's status.
+        record, device_status = self.store.certificate_with_device(serial)
         if record is None or record.der != cert.public_bytes(Encoding.DER):
             self._refuse(
                 actor,
@@ -180,7 +189,9 @@ class Authority:
             )
         assert record is not None and device_id is not None
         # The device's state first: "decommissioned" tells an operator more than "revoked".
-        self._check_device_active(actor, device_id, serial, now)
+        if device_status is not DeviceStatus.ACTIVE or record.device_id != device_id:
+            state = device_status.value if device_status else "not registered"
+            self._refuse(actor, "authenticate", device_id, serial, f"device is {state}", now)
         if record.status is not CertStatus.VALID:
             self._refuse(
                 actor, "authenticate", device_id, serial, "client certificate is revoked", now

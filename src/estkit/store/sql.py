@@ -236,6 +236,23 @@ class SqlStore:
             ).first()
         return _cert(row) if row else None
 
+    def certificate_with_device(
+        self, serial: str
+    ) -> tuple[CertificateRecord | None, DeviceStatus | None]:
+        """A certificate's record and its device's status, in one query (the mTLS hot path)."""
+        c, d = schema.certificates, schema.devices
+        query = (
+            sa.select(c, d.c.status.label("device_status"))
+            .select_from(c.outerjoin(d, d.c.device_id == c.c.device_id))
+            .where(c.c.serial == serial)
+        )
+        with self._engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None, None
+        status = DeviceStatus(row.device_status) if row.device_status else None
+        return _cert(row), status
+
     def certificates_of(self, device_id: str) -> list[CertificateRecord]:
         c = schema.certificates.c
         with self._engine.connect() as conn:
