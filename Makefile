@@ -34,6 +34,11 @@ demo: $(VENV)/.installed-test
 	@scripts/install-test-debs.sh mosquitto
 	$(BIN)/python scripts/demo.py
 
+# Enrollment benchmark: a server, a multi-process load generator, a table, and
+# bench/results/<time>.json (about 6 minutes; BENCH_ARGS="--scale 0" skips the 1M-row run).
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 deps-test:
 	@scripts/install-test-debs.sh $(TEST_DEBS)
 

@@ -3,13 +3,15 @@
 The TLS handshake is complete when the HTTP protocol's ``connection_made``
 runs, so the peer certificate is read there, once per connection, and
 attached to every request's scope as ``scope["extensions"]["tls"]`` in the
-shape the ASGI TLS extension specifies. Delete this module when uvicorn
-ships the extension.
+shape the ASGI TLS extension specifies. Delete the extension part when
+uvicorn ships it (and the TCP_NODELAY part when uvicorn #3149 is fixed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import ssl
 from typing import Any
 
@@ -23,6 +25,12 @@ class TlsExtensionProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        # With several workers uvicorn's shared socket path skips TCP_NODELAY
+        # (uvicorn #3149): every response would wait ~40 ms for Nagle/delayed ACK.
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
         if ssl_object is None:
             return

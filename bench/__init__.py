@@ -1,0 +1,1 @@
+"""estkit benchmarks: ``make bench`` (``python -m bench.run``); see bench/README.md."""

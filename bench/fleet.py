@@ -1,0 +1,469 @@
+"""The server under test and its data: data directory, device pool, a million stored rows.
+
+The server runs as ``estkit server run`` in its own process group, exactly as
+an operator starts it. The device pool is made before any clock starts, in
+this process through the authority's own API (one ``estkit device
+bootstrap`` process per device would take minutes for a few hundred
+devices); the bulk rows for the scale run are written straight into SQLite.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import random
+import signal
+import sqlite3
+import ssl
+import statistics
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http.client import HTTPSConnection
+from pathlib import Path
+
+from bench.loadgen import Device
+from bench.procstat import tree
+
+ESTKIT = [sys.executable, "-m", "estkit.cli.main"]
+START_TIMEOUT = 60.0
+# The enrollment label every pool device uses (the server's default label).
+LABEL = "devices"
+
+
+def estkit(*args: str | Path, timeout: float = 120) -> str:
+    """Run the ``estkit`` command; its stdout, or a RuntimeError with its stderr."""
+    proc = subprocess.run(
+        [*ESTKIT, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"estkit {' '.join(map(str, args))}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def init_server(data_dir: Path, *, port: int, crl_port: int) -> None:
+    estkit(
+        "server", "init", "--data-dir", data_dir, "--port", str(port), "--crl-port", str(crl_port)
+    )
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+# -- the device pool ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    bootstrap: tuple[Device, ...]  # factory certificates (simpleenroll)
+    operational: tuple[Device, ...]  # one enrolled certificate per device (simplereenroll)
+
+
+def make_pool(data_dir: Path, out: Path, count: int) -> Pool:
+    """``count`` devices, each with a bootstrap and an operational certificate on disk."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    from cryptography.x509.oid import NameOID
+
+    from estkit.pki.certs import certs_to_pem
+    from estkit.pki.csr import build_csr
+    from estkit.pki.keys import generate_key, key_to_pem
+    from estkit.server.config import load_config
+    from estkit.server.wiring import build_authority, open_store
+
+    config = load_config(data_dir)
+    store = open_store(config)
+    authority = build_authority(config, store)
+    bootstrap, operational = [], []
+    try:
+        for i in range(count):
+            device_id = f"bench-{i:05d}"
+            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
+            for kind, label, into in (
+                ("bootstrap", "bootstrap", bootstrap),
+                ("operational", LABEL, operational),
+            ):
+                key = generate_key("ec-p256")
+                csr = build_csr(key, subject=subject).public_bytes(Encoding.DER)
+                issued = authority.provision(
+                    label,
+                    csr,
+                    device_id=device_id,
+                    actor="bench",
+                    now=_utcnow(),
+                    via="cli-bootstrap" if kind == "bootstrap" else "bench",
+                )
+                directory = out / device_id / kind
+                directory.mkdir(parents=True, exist_ok=True)
+                key_file, cert_file = directory / "key.pem", directory / "cert.pem"
+                key_file.write_bytes(key_to_pem(key))
+                key_file.chmod(0o600)
+                # What a device sends: its certificate, then the issuing CA (not the root).
+                cert_file.write_bytes(certs_to_pem([issued.certificate, *issued.chain[:-1]]))
+                into.append(Device(device_id, str(cert_file), str(key_file)))
+    finally:
+        store.close()
+    return Pool(tuple(bootstrap), tuple(operational))
+
+
+# -- the server process ---------------------------------------------------------------
+
+
+class Server:
+    """``estkit server run`` on a loopback port; ``pid`` is the root of its process tree."""
+
+    def __init__(
+        self, data_dir: Path, *, port: int, workers: int, log: Path, python: str = sys.executable
+    ) -> None:
+        self.data_dir = data_dir
+        self.python = python
+        self.port = port
+        self.workers = workers
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def root_pem(self) -> Path:
+        return self.data_dir / "ca" / "root.pem"
+
+    def tls_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.root_pem))
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    self.python,
+                    "-m",
+                    "estkit.cli.main",
+                    "server",
+                    "run",
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    str(self.workers),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}; see {self.log}")
+            if self._healthy() and len(self.worker_pids()) >= self.workers:
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not answer /health within {START_TIMEOUT:.0f} s")
+
+    def _healthy(self) -> bool:
+        conn = HTTPSConnection("127.0.0.1", self.port, context=self.tls_context(), timeout=2)
+        try:
+            conn.request("GET", "/health", headers={"Host": f"localhost:{self.port}"})
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    def worker_pids(self) -> list[int]:
+        """The processes that serve requests: uvicorn's workers, or the one process."""
+        if self.workers == 1:
+            return [self.pid]
+        # uvicorn's supervisor forks its workers through multiprocessing (spawn):
+        # the workers are the grandchildren or children running Python with our port bound.
+        pids = [p for p in tree(self.pid) if p != self.pid]
+        return [p for p in pids if _is_uvicorn_worker(p)]
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+        except ProcessLookupError:
+            pass
+        self.proc = None
+
+    def __enter__(self) -> Server:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _is_uvicorn_worker(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    # multiprocessing's spawn children run "python -c from multiprocessing.spawn import …";
+    # its resource tracker runs "… resource_tracker …".
+    return b"multiprocessing.spawn" in cmdline and b"resource_tracker" not in cmdline
+
+
+# -- a million rows -------------------------------------------------------------------
+
+_INSERT_CERT = (
+    "INSERT INTO certificates (serial, device_id, ca, label, profile, subject, sans, "
+    "not_before, not_after, status, requested_via, requested_by, issued_at, der, revoked_at, "
+    "revocation_reason, replaces) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# Stand-in for the certificate DER in bulk rows: nothing reads it in the queries timed
+# here, and 1,000,000 real certificates would cost minutes of signing.
+PLACEHOLDER_DER = b"\x30\x00"
+
+
+def _sqlite_time(value: dt.datetime) -> str:
+    """How SQLAlchemy stores a UTC DateTime in SQLite: ``2026-01-02 03:04:05.000000``."""
+    return value.isoformat(" ", "microseconds")
+
+
+@dataclass(frozen=True, slots=True)
+class FillReport:
+    rows: int
+    devices: int
+    seconds: float
+    db_bytes: int
+
+
+def fill_store(db_file: Path, rows: int, *, now: dt.datetime, seed: int = 5) -> FillReport:
+    """Add ``rows`` certificates of a few thousand devices straight into the SQLite file.
+
+    Each device has a renewal history: a 30-day operational certificate every
+    ~24 days (80 % of its lifetime, jittered) going back in time, so ``not_after``
+    spreads over years with about one certificate per device expiring in any
+    week; about 3 % of certificates are revoked, and the ~1 % decommissioned
+    devices have all theirs revoked. Serials are random 127-bit like real ones.
+    The server must not be running.
+    """
+    rng = random.Random(seed)
+    now = now.astimezone(dt.UTC).replace(tzinfo=None)  # naive UTC, as SQLite holds it
+    per_device = 250
+    n_devices = max(1, rows // per_device)
+    start = time.monotonic()
+    db = sqlite3.connect(db_file, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=DELETE")
+        db.execute("PRAGMA synchronous=OFF")
+        db.execute("PRAGMA cache_size=-262144")
+        indexes = db.execute(
+            "SELECT name, sql FROM sqlite_master WHERE type='index' AND tbl_name='certificates' "
+            "AND sql IS NOT NULL"
+        ).fetchall()
+        db.execute("BEGIN")
+        for name, _ in indexes:
+            db.execute(f'DROP INDEX "{name}"')
+        device_rows = []
+        for d in range(n_devices):
+            draw = rng.random()
+            status = "decommissioned" if draw < 0.01 else "disabled" if draw < 0.03 else "active"
+            device_rows.append((f"fleet-{d:06d}", status))
+        created = now - dt.timedelta(days=per_device * 24 + 30)
+        db.executemany(
+            "INSERT INTO devices (device_id, status, created_at, updated_at) VALUES (?, ?, ?, ?)",
+            [(d, s, _sqlite_time(created), _sqlite_time(now)) for d, s in device_rows],
+        )
+        written = 0
+        for batch in _cert_rows(rng, device_rows, rows, now):
+            db.executemany(_INSERT_CERT, batch)
+            written += len(batch)
+        for _, sql in indexes:
+            db.execute(sql)
+        db.execute("COMMIT")
+        db.execute("PRAGMA journal_mode=WAL")
+    finally:
+        db.close()
+    return FillReport(
+        rows=written,
+        devices=n_devices,
+        seconds=time.monotonic() - start,
+        db_bytes=db_file.stat().st_size,
+    )
+
+
+def _cert_rows(
+    rng: random.Random, devices: list[tuple[str, str]], rows: int, now: dt.datetime
+) -> Iterator[list[tuple[object, ...]]]:
+    from estkit.pki.certs import serial_hex
+    from estkit.pki.profiles import random_serial
+
+    lifetime = dt.timedelta(days=30)
+    batch: list[tuple[object, ...]] = []
+    per_device, extra = divmod(rows, len(devices))
+    for index, (device_id, device_status) in enumerate(devices):
+        count = per_device + (1 if index < extra else 0)
+        # The newest certificate was issued up to 24 days ago; older ones every ~24 days before.
+        issued = now - dt.timedelta(seconds=rng.uniform(0, 24 * 86400))
+        previous: str | None = None
+        history = []
+        for _ in range(count):
+            history.append(issued)
+            issued -= dt.timedelta(seconds=rng.gauss(24 * 86400, 86400))
+        for issued_at in reversed(history):
+            serial = serial_hex(random_serial())
+            revoked = device_status == "decommissioned" or rng.random() < 0.03
+            revoked_at = issued_at + dt.timedelta(days=rng.uniform(0, 30)) if revoked else None
+            batch.append(
+                (
+                    serial,
+                    device_id,
+                    "devices",
+                    LABEL,
+                    "operational",
+                    f"CN={device_id}",
+                    "[]",
+                    _sqlite_time(issued_at - dt.timedelta(minutes=5)),
+                    _sqlite_time(issued_at + lifetime),
+                    "revoked" if revoked else "valid",
+                    "est-simplereenroll" if previous else "est-simpleenroll",
+                    f"cert:{previous}" if previous else f"cert:bootstrap-{device_id}",
+                    _sqlite_time(issued_at),
+                    PLACEHOLDER_DER,
+                    _sqlite_time(revoked_at) if revoked_at else None,
+                    "superseded" if revoked else None,
+                    previous,
+                )
+            )
+            previous = serial
+            if len(batch) >= 50_000:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+# -- operator queries -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class QueryTiming:
+    name: str
+    via: str  # "store" or "rest"
+    median_ms: float
+    max_ms: float
+    rows: int
+
+
+def _timed(name: str, via: str, fn: Callable[[], int], repeat: int) -> QueryTiming:
+    times, rows = [], 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        rows = fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return QueryTiming(name, via, statistics.median(times), max(times), rows)
+
+
+def store_queries(database_url: str, device_id: str, *, repeat: int = 5) -> list[QueryTiming]:
+    """The operator's questions through ``SqlStore`` (a fresh store: cold SQLAlchemy caches
+    are warmed by the first of ``repeat`` runs, the median shows the steady state)."""
+    from estkit.store import SqlStore
+
+    store = SqlStore.open(database_url)
+    soon = _utcnow() + dt.timedelta(days=7)
+
+    def by_device() -> int:
+        return len(store.list_certificates(device_id=device_id).items)
+
+    def expiring() -> int:
+        return len(store.list_certificates(expires_before=soon).items)
+
+    def paging(pages: int = 10) -> int:
+        after, seen = None, 0
+        for _ in range(pages):
+            page = store.list_certificates(expires_before=soon, after=after)
+            seen += len(page.items)
+            after = page.next
+            if after is None:
+                break
+        return seen
+
+    def count() -> int:
+        return store.count_certificates()
+
+    try:
+        return [
+            _timed("a device's certificates", "store", by_device, repeat),
+            _timed("expiring in 7 days, first page", "store", expiring, repeat),
+            _timed("expiring in 7 days, 10 pages", "store", paging, repeat),
+            _timed("count all", "store", count, repeat),
+        ]
+    finally:
+        store.close()
+
+
+def rest_queries(
+    server: Server, token: str, device_id: str, *, repeat: int = 5
+) -> list[QueryTiming]:
+    """The same through ``/api/v1/certificates`` on one keep-alive connection (no handshake)."""
+    conn = HTTPSConnection("127.0.0.1", server.port, context=server.tls_context(), timeout=60)
+    headers = {"Host": f"localhost:{server.port}", "Authorization": f"Bearer {token}"}
+    soon = (_utcnow() + dt.timedelta(days=7)).isoformat()
+
+    def get(query: dict[str, str]) -> dict[str, object]:
+        conn.request(
+            "GET", "/api/v1/certificates?" + urllib.parse.urlencode(query), headers=headers
+        )
+        response = conn.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"REST query {query}: {response.status} {body[:200]!r}")
+        result: dict[str, object] = json.loads(body)
+        return result
+
+    def items(page: dict[str, object]) -> int:
+        value = page["items"]
+        assert isinstance(value, list)
+        return len(value)
+
+    def by_device() -> int:
+        return items(get({"device_id": device_id}))
+
+    def expiring() -> int:
+        return items(get({"expires_before": soon}))
+
+    def paging(pages: int = 10) -> int:
+        cursor: object = None
+        seen = 0
+        for _ in range(pages):
+            query = {"expires_before": soon}
+            if cursor:
+                query["cursor"] = str(cursor)
+            page = get(query)
+            seen += items(page)
+            cursor = page.get("next")
+            if not cursor:
+                break
+        return seen
+
+    try:
+        return [
+            _timed("a device's certificates", "rest", by_device, repeat),
+            _timed("expiring in 7 days, first page", "rest", expiring, repeat),
+            _timed("expiring in 7 days, 10 pages", "rest", paging, repeat),
+        ]
+    finally:
+        conn.close()

@@ -1,0 +1,460 @@
+"""``make bench``: start an estkit server, load it, print a table, write bench/results/<time>.json.
+
+Scenarios: ``cacerts`` (plain TLS), ``simpleenroll`` (bootstrap certificate,
+mTLS) and ``simplereenroll`` (operational certificate, mTLS) at each
+concurrency, with each number of server workers; then the same enrollment
+run with ``--scale`` certificates already stored and the operator queries at
+that size; a soak run that watches the server's RSS across many handshakes;
+the device agent's idle cost. Every run is bounded by a request count and by
+time. See bench/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench import fleet, loadgen
+from bench.procstat import RssSampler, Snapshot
+
+RESULTS = Path(__file__).parent / "results"
+OPERATIONS = ("cacerts", "simpleenroll", "simplereenroll")
+MB = 1024 * 1024
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def wait_for_quiet(threshold: float, max_wait: float) -> tuple[float, bool]:
+    """Poll the 1-minute load average until it is under ``threshold`` (at most ``max_wait`` s)."""
+    deadline = time.monotonic() + max_wait
+    load = _loadavg()
+    while load >= threshold and time.monotonic() < deadline:
+        print(f"  waiting for a quiet machine: 1-min load {load:.2f} >= {threshold}", flush=True)
+        time.sleep(min(15.0, max(0.0, deadline - time.monotonic())))
+        load = _loadavg()
+    return load, load < threshold
+
+
+# -- one measured scenario -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    scenario: str
+    operation: str
+    workers: int
+    concurrency: int
+    store_rows: int
+    requests: int  # successful
+    errors: int
+    error_kinds: dict[str, int]
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    server_cpu_ms: float  # per successful request
+    server_cpu_util: float  # server CPU seconds per wall second (1.0 = one core)
+    client_cpu_ms: float  # per successful request
+    client_cpu_util: float
+    rss_before_mb: float
+    rss_peak_mb: float
+    rss_after_mb: float
+    other_cpu_util: float  # CPU used by neither server nor load generator (others' jobs)
+    load_before: float
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure(
+    server: fleet.Server,
+    plan: loadgen.Plan,
+    *,
+    scenario: str,
+    store_rows: int,
+    rss_trace: list[tuple[float, int]] | None = None,
+) -> Row:
+    load = _loadavg()
+    marks: dict[str, Snapshot] = {}
+    with RssSampler(server.pid) as sampler:
+        result = loadgen.run(
+            plan, on_start=lambda: marks.setdefault("start", Snapshot.of(server.pid))
+        )
+        end = Snapshot.of(server.pid)
+    time.sleep(0.5)  # let the server settle before "after"
+    after = Snapshot.of(server.pid)
+    start = marks["start"]
+    if rss_trace is not None:
+        rss_trace.extend(sampler.samples)
+    ok = max(result.ok, 1)
+    wall = max(result.wall, 1e-9)
+    server_cpu = end.cpu - start.cpu
+    for kind, sample in result.error_samples.items():
+        print(f"    error {kind}: {sample}", flush=True)
+    return Row(
+        scenario=scenario,
+        operation=plan.operation,
+        workers=server.workers,
+        concurrency=plan.concurrency,
+        store_rows=store_rows,
+        requests=result.ok,
+        errors=result.error_count,
+        error_kinds=dict(result.errors),
+        seconds=round(result.wall, 3),
+        rps=round(result.ok / wall, 1),
+        p50_ms=round(_percentile(result.latencies, 0.50) * 1000, 1),
+        p99_ms=round(_percentile(result.latencies, 0.99) * 1000, 1),
+        server_cpu_ms=round(server_cpu * 1000 / ok, 3),
+        server_cpu_util=round(server_cpu / wall, 2),
+        client_cpu_ms=round(result.client_cpu * 1000 / ok, 3),
+        client_cpu_util=round(result.client_cpu / wall, 2),
+        rss_before_mb=round(start.rss / MB, 1),
+        rss_peak_mb=round(max(sampler.peak, start.rss, end.rss) / MB, 1),
+        rss_after_mb=round(after.rss / MB, 1),
+        other_cpu_util=round(
+            max(0.0, (end.machine - start.machine) - server_cpu - result.client_cpu) / wall, 2
+        ),
+        load_before=load,
+    )
+
+
+HEADER = (
+    f"{'scenario':<16}{'op':<15}{'w':>2}{'c':>4}{'stored':>9}{'ok':>7}{'err':>5}{'req/s':>8}"
+    f"{'p50ms':>8}{'p99ms':>8}{'srvCPUms':>9}{'srvCPU':>7}{'cliCPUms':>9}{'cliCPU':>7}"
+    f"{'RSS MB before/peak/after':>26}{'other':>6}"
+)
+
+
+def format_row(r: Row) -> str:
+    rss = f"{r.rss_before_mb:.0f}/{r.rss_peak_mb:.0f}/{r.rss_after_mb:.0f}"
+    return (
+        f"{r.scenario:<16}{r.operation:<15}{r.workers:>2}{r.concurrency:>4}{r.store_rows:>9}"
+        f"{r.requests:>7}{r.errors:>5}{r.rps:>8.1f}{r.p50_ms:>8.1f}{r.p99_ms:>8.1f}"
+        f"{r.server_cpu_ms:>9.2f}{r.server_cpu_util:>7.2f}{r.client_cpu_ms:>9.2f}"
+        f"{r.client_cpu_util:>7.2f}{rss:>26}{r.other_cpu_util:>6.2f}"
+    )
+
+
+# -- the whole benchmark ---------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    versions = {}
+    for dist in (
+        "estkit",
+        "cryptography",
+        "uvicorn",
+        "httptools",
+        "fastapi",
+        "starlette",
+        "sqlalchemy",
+    ):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu,
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "openssl_python_ssl": ssl.OPENSSL_VERSION,
+        "openssl_cryptography": backend.openssl_version_text(),
+        "sqlite": __import__("sqlite3").sqlite_version,
+        "memory_mb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MB,
+        "packages": versions,
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--operations", nargs="+", default=list(OPERATIONS), choices=OPERATIONS)
+    p.add_argument("--concurrency", nargs="+", type=int, default=[8, 32])
+    p.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--requests", type=int, default=3000, help="per scenario (default 3000)")
+    p.add_argument("--seconds", type=float, default=20.0, help="per scenario (default 20)")
+    p.add_argument("--devices", type=int, default=256, help="simulated devices (default 256)")
+    p.add_argument(
+        "--processes", type=int, default=0, help="load-generator processes (default: nproc, ≤ c)"
+    )
+    p.add_argument(
+        "--scale",
+        type=int,
+        default=1_000_000,
+        help="certificates stored for the scale run; 0 skips it (default 1,000,000)",
+    )
+    p.add_argument(
+        "--soak", type=int, default=20_000, help="handshakes in the RSS soak run; 0 skips it"
+    )
+    p.add_argument("--soak-seconds", type=float, default=150.0, help="time bound of the soak")
+    p.add_argument(
+        "--soak-operation",
+        default="health",
+        choices=sorted(loadgen.PATHS),
+        help="health: mTLS handshake + /health/certificate (default)",
+    )
+    p.add_argument("--no-agent", action="store_true", help="skip the device agent measurement")
+    p.add_argument("--tls-max", default="1.3", choices=["1.2", "1.3"])
+    p.add_argument("--no-verify-server", action="store_true", help="client skips server checks")
+    p.add_argument("--quiet-load", type=float, default=0.5, help="1-min load to wait for")
+    p.add_argument(
+        "--quiet-wait", type=float, default=60.0, help="wait at most this long for it (s)"
+    )
+    p.add_argument(
+        "--server-python",
+        default=sys.executable,
+        help="interpreter that runs the server (another environment to compare)",
+    )
+    p.add_argument("--keep", action="store_true", help="keep the server data directory")
+    p.add_argument("--output", type=Path, default=None, help="JSON path (default bench/results/)")
+    args = p.parse_args(argv)
+    if min(args.concurrency) < 1 or min(args.workers) < 1:
+        p.error("concurrency and workers must be at least 1")
+    return args
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, work: Path) -> None:
+        self.args = args
+        self.work = work
+        self.data_dir = work / "server"
+        self.port = _free_port()
+        self.rows: list[Row] = []
+        self.report: dict[str, Any] = {}
+        self.pool: fleet.Pool | None = None
+
+    def server(self, workers: int) -> fleet.Server:
+        return fleet.Server(
+            self.data_dir,
+            port=self.port,
+            workers=workers,
+            log=self.work / "server.log",
+            python=self.args.server_python,
+        )
+
+    def plan(self, operation: str, concurrency: int, requests: int, seconds: float) -> loadgen.Plan:
+        assert self.pool is not None
+        devices = self.pool.bootstrap if operation == "simpleenroll" else self.pool.operational
+        procs = self.args.processes or os.cpu_count() or 1
+        return loadgen.Plan(
+            port=self.port,
+            operation=operation,
+            ca_file=str(self.data_dir / "ca" / "root.pem"),
+            devices=devices,
+            concurrency=concurrency,
+            processes=max(1, min(procs, concurrency)),
+            requests=requests,
+            seconds=seconds,
+            verify_server=not self.args.no_verify_server,
+            tls_max=self.args.tls_max,
+        )
+
+    def record(self, row: Row) -> None:
+        self.rows.append(row)
+        print(format_row(row), flush=True)
+
+    def setup(self) -> None:
+        t0 = time.monotonic()
+        fleet.init_server(self.data_dir, port=self.port, crl_port=_free_port())
+        self.pool = fleet.make_pool(self.data_dir, self.work / "devices", self.args.devices)
+        print(
+            f"setup: server data and {self.args.devices} devices (bootstrap + operational "
+            f"certificates) in {time.monotonic() - t0:.1f} s",
+            flush=True,
+        )
+
+    def matrix(self) -> None:
+        a = self.args
+        print(HEADER, flush=True)
+        for workers in a.workers:
+            with self.server(workers) as server:
+                for operation in a.operations:
+                    for c in a.concurrency:
+                        plan = self.plan(operation, c, a.requests, a.seconds)
+                        self.record(measure(server, plan, scenario="empty store", store_rows=0))
+        print("PostgreSQL: not available yet", flush=True)
+
+    def soak(self) -> None:
+        """RSS across many handshakes on one server: growth after warm-up (the first 10 %)."""
+        a = self.args
+        n = a.soak
+        trace: list[tuple[float, int]] = []
+        workers = max(a.workers)
+        with self.server(workers) as server:
+            plan = self.plan(a.soak_operation, max(a.concurrency), n, seconds=a.soak_seconds)
+            row = measure(server, plan, scenario="soak", store_rows=0, rss_trace=trace)
+            self.record(row)
+        if len(trace) >= 10:
+            warm = trace[len(trace) // 10][1]
+            final = statistics.median(r for _, r in trace[-5:])
+            growth = (final - warm) / warm * 100
+            self.report["soak"] = {
+                "operation": a.soak_operation,
+                "workers": workers,
+                "handshakes": row.requests,
+                "rss_after_warmup_mb": round(warm / MB, 1),
+                "rss_end_mb": round(final / MB, 1),
+                "growth_percent": round(growth, 1),
+                "trace_mb": [
+                    (round(t, 1), round(r / MB, 1)) for t, r in trace[:: max(1, len(trace) // 60)]
+                ],
+            }
+            print(
+                f"soak: RSS {warm / MB:.1f} MB after warm-up -> {final / MB:.1f} MB after "
+                f"{row.requests} handshakes ({growth:+.1f} %)",
+                flush=True,
+            )
+
+    def scale(self) -> None:
+        a = self.args
+        db_file = self.data_dir / "estkit.db"
+        print(f"scale: writing {a.scale:,} certificates into {db_file} ...", flush=True)
+        fill = fleet.fill_store(db_file, a.scale, now=dt.datetime.now(dt.UTC))
+        print(
+            f"scale: {fill.rows:,} certificates of {fill.devices:,} devices written in "
+            f"{fill.seconds:.1f} s (database {fill.db_bytes / MB:.0f} MB; the der column "
+            f"holds a {len(fleet.PLACEHOLDER_DER)}-byte placeholder in bulk rows)",
+            flush=True,
+        )
+        url = f"sqlite:///{db_file}"
+        sample_device = "fleet-000042"
+        queries = fleet.store_queries(url, sample_device)
+        token = fleet.estkit(
+            "token", "create", "--data-dir", self.data_dir, "--name", "bench", "--scope", "read"
+        ).split()[-1]
+        print(HEADER, flush=True)
+        workers = max(a.workers)
+        concurrency = max(a.concurrency)
+        with self.server(workers) as server:
+            plan = self.plan("simpleenroll", concurrency, a.requests, a.seconds)
+            self.record(measure(server, plan, scenario="scale", store_rows=fill.rows))
+            queries += fleet.rest_queries(server, token, sample_device)
+        for q in queries:
+            print(
+                f"  query via {q.via:<5} {q.name:<32} median {q.median_ms:8.1f} ms  "
+                f"max {q.max_ms:8.1f} ms  rows {q.rows}",
+                flush=True,
+            )
+        base = next(
+            (
+                r
+                for r in self.rows
+                if r.scenario == "empty store"
+                and r.operation == "simpleenroll"
+                and r.workers == workers
+                and r.concurrency == concurrency
+            ),
+            None,
+        )
+        scaled = self.rows[-1]
+        self.report["scale"] = {
+            "fill": asdict(fill),
+            "placeholder_der_bytes": len(fleet.PLACEHOLDER_DER),
+            "queries": [asdict(q) for q in queries],
+            "enroll_rps_empty": base.rps if base else None,
+            "enroll_rps_scaled": scaled.rps,
+            "throughput_change_percent": (
+                round((scaled.rps - base.rps) / base.rps * 100, 1) if base else None
+            ),
+        }
+
+    def agent(self) -> None:
+        from bench import device
+
+        with self.server(1) as server:
+            self.report["agent"] = device.measure_agent(server=server, work=self.work / "agent")
+
+    def write(self, path: Path) -> None:
+        self.report["rows"] = [asdict(r) for r in self.rows]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.report, indent=2) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = dt.datetime.now(dt.UTC)
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    output = args.output or RESULTS / f"{stamp}.json"
+    load, quiet = wait_for_quiet(args.quiet_load, args.quiet_wait)
+    if not quiet:
+        print(f"note: machine not quiet (1-min load {load:.2f}); measuring anyway", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="estkit-bench-"))
+    bench = Bench(args, work)
+    bench.report.update(
+        {
+            "started": started.isoformat(),
+            "machine": machine(),
+            "load_at_start": load,
+            "quiet": quiet,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        }
+    )
+    t0 = time.monotonic()
+    try:
+        m = bench.report["machine"]
+        print(
+            f"machine: {m['nproc']} x {m['cpu_model']}, Python {m['python']}, "
+            f"{m['openssl_python_ssl']} (ssl), {m['openssl_cryptography']} (cryptography)",
+            flush=True,
+        )
+        bench.setup()
+        bench.matrix()
+        if args.soak:
+            bench.soak()
+        if args.scale:
+            bench.scale()
+        else:
+            print("scale: skipped (--scale 0)", flush=True)
+        if args.no_agent:
+            print("agent: skipped (--no-agent)", flush=True)
+        else:
+            bench.agent()
+    finally:
+        bench.report["total_seconds"] = round(time.monotonic() - t0, 1)
+        bench.write(output)
+        if args.keep:
+            print(f"server data kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"total {bench.report['total_seconds']:.0f} s; results in {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
