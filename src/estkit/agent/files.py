@@ -1,51 +1,5 @@
-"""Durable small-file writes: temporary file, fsync, rename, fsync the directory."""
+"""The agent's file writes are estkit's: see ``estkit.fileio``."""
 
-from __future__ import annotations
+from estkit.fileio import PRIVATE, PRIVATE_DIR, PUBLIC, fsync_directory, replace_file, write_new
 
-import os
-import secrets
-from pathlib import Path
-
-PRIVATE = 0o600
-PUBLIC = 0o644
-PRIVATE_DIR = 0o700
-
-
-def write_new(path: Path, data: bytes, *, mode: int) -> None:
-    """Create ``path`` (which must not exist) with ``data`` and ``mode``, fsynced.
-
-    The file is created 0600 and only then given ``mode``, so a key is never
-    readable by others, even for a moment.
-    """
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE)
-    with os.fdopen(fd, "wb") as handle:
-        os.fchmod(handle.fileno(), mode)
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def replace_file(path: Path, data: bytes, *, mode: int = PUBLIC) -> None:
-    """Atomically replace ``path`` with ``data``: readers see the old or the new file."""
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        write_new(temp, data, mode=mode)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make renames and new entries in ``directory`` durable."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+__all__ = ["PRIVATE", "PRIVATE_DIR", "PUBLIC", "fsync_directory", "replace_file", "write_new"]

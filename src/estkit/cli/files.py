@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-PRIVATE = 0o600
-PUBLIC = 0o644
+from estkit.fileio import PRIVATE, PUBLIC, fsync_directory, temp_name, write_new
+
+__all__ = ["PRIVATE", "PUBLIC", "OutputFile", "write_files_atomically"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,33 +46,15 @@ def write_files_atomically(directory: Path, files: Sequence[OutputFile]) -> list
     staged: list[tuple[Path, Path]] = []
     try:
         for file in files:
-            temp = directory / f".{file.name}.{secrets.token_hex(6)}.tmp"
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, PRIVATE)
-            staged.append((temp, directory / file.name))
-            with os.fdopen(fd, "wb") as handle:
-                os.fchmod(handle.fileno(), file.mode)
-                handle.write(file.data)
-                handle.flush()
-                os.fsync(handle.fileno())
+            final = directory / file.name
+            temp = temp_name(final)
+            staged.append((temp, final))
+            write_new(temp, file.data, mode=file.mode)
         for temp, final in staged:
             os.replace(temp, final)
     except BaseException:
         for temp, _ in staged:
             temp.unlink(missing_ok=True)
         raise
-    _fsync_directory(directory)
+    fsync_directory(directory)
     return [final for _, final in staged]
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Makes the renames durable; not every platform lets a directory be opened.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
