@@ -11,8 +11,10 @@ TEST_DEBS := strongswan-pki libstrongswan-extra-plugins curl openssl mosquitto
 
 .PHONY: run test lint typecheck deps-test demo bench clean
 
+# Debian/Ubuntu's system Python needs python3-venv for `-m venv` (installed here as root).
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); scripts/install-test-debs.sh python3-venv \
+		&& $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed-server: pyproject.toml | $(BIN)/python
