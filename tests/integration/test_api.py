@@ -866,6 +866,9 @@ def _in_days(days: int) -> str:
         ({"expires_before": _in_days(2)}, {"short"}),
         ({"expires_before": _in_days(2).replace("+00:00", "Z")}, {"short"}),
         ({"expires_before": _in_days(-1)}, set()),
+        ({"expires_after": _in_days(2)}, {"boot", "revoked"}),
+        ({"expires_before": _in_days(2), "expires_after": _in_days(-1)}, {"short"}),
+        ({"expires_before": _in_days(3), "expires_after": _in_days(2)}, set()),
         ({"status": "valid", "ca": "bootstrap"}, {"boot"}),
     ],
     ids=[
@@ -878,6 +881,9 @@ def _in_days(days: int) -> str:
         "ok/expires-before",
         "ok/expires-before-zulu",
         "ok/expires-before-past",
+        "ok/expires-after",
+        "ok/expiring-soon-window",
+        "ok/window-after-its-expiry",
         "ok/status-and-ca",
     ],
 )

@@ -517,6 +517,10 @@ def api_router(
         device_id: Annotated[str | None, Query(max_length=64)] = None,
         status: CertStatus | None = None,
         expires_before: dt.datetime | None = None,
+        expires_after: Annotated[
+            dt.datetime | None,
+            Query(description="with expires_before: 'expiring soon' = not yet expired"),
+        ] = None,
         ca: Annotated[str | None, Query(max_length=64)] = None,
         limit: Limit = 100,
         cursor: Cursor = None,
@@ -526,6 +530,7 @@ def api_router(
             device_id=device_id,
             status=status,
             expires_before=_utc(expires_before),
+            expires_after=_utc(expires_after),
             ca=ca,
             after=after,
             limit=limit,

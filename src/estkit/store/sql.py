@@ -298,6 +298,7 @@ class SqlStore:
         device_id: str | None = None,
         status: CertStatus | None = None,
         expires_before: dt.datetime | None = None,
+        expires_after: dt.datetime | None = None,
         ca: str | None = None,
         after: str | None = None,
         limit: int = 100,
@@ -310,6 +311,8 @@ class SqlStore:
             query = query.where(c.status == status.value)
         if expires_before is not None:
             query = query.where(c.not_after < expires_before)
+        if expires_after is not None:
+            query = query.where(c.not_after >= expires_after)
         if ca is not None:
             query = query.where(c.ca == ca)
         if after is not None:
