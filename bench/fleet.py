@@ -383,18 +383,19 @@ def store_queries(database_url: str, device_id: str, *, repeat: int = 5) -> list
     from estkit.store import SqlStore
 
     store = SqlStore.open(database_url)
-    soon = _utcnow() + dt.timedelta(days=7)
+    now = _utcnow()
+    soon = now + dt.timedelta(days=7)
 
     def by_device() -> int:
         return len(store.list_certificates(device_id=device_id).items)
 
     def expiring() -> int:
-        return len(store.list_certificates(expires_before=soon).items)
+        return len(store.list_certificates(expires_before=soon, expires_after=now).items)
 
     def paging(pages: int = 10) -> int:
         after, seen = None, 0
         for _ in range(pages):
-            page = store.list_certificates(expires_before=soon, after=after)
+            page = store.list_certificates(expires_before=soon, expires_after=now, after=after)
             seen += len(page.items)
             after = page.next
             if after is None:
@@ -421,6 +422,7 @@ def rest_queries(
     """The same through ``/api/v1/certificates`` on one keep-alive connection (no handshake)."""
     conn = HTTPSConnection("127.0.0.1", server.port, context=server.tls_context(), timeout=60)
     headers = {"Host": f"localhost:{server.port}", "Authorization": f"Bearer {token}"}
+    now_iso = _utcnow().isoformat()
     soon = (_utcnow() + dt.timedelta(days=7)).isoformat()
 
     def get(query: dict[str, str]) -> dict[str, object]:
@@ -443,13 +445,13 @@ def rest_queries(
         return items(get({"device_id": device_id}))
 
     def expiring() -> int:
-        return items(get({"expires_before": soon}))
+        return items(get({"expires_before": soon, "expires_after": now_iso}))
 
     def paging(pages: int = 10) -> int:
         cursor: object = None
         seen = 0
         for _ in range(pages):
-            query = {"expires_before": soon}
+            query = {"expires_before": soon, "expires_after": now_iso}
             if cursor:
                 query["cursor"] = str(cursor)
             page = get(query)
