@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from estkit.ca import secrets
 from estkit.ca.errors import BadRequest, Conflict, Forbidden, NotFound, Pending, Unauthenticated
+from estkit.pki import names
 from estkit.pki.certs import is_valid_at, serial_hex
 from estkit.pki.csr import CertificationRequest, parse_csr
 from estkit.pki.errors import DecodeError, PolicyError
@@ -44,8 +45,6 @@ SAN_TYPES = {
     "ip": x509.IPAddress,
 }
 _SAN_TYPE_NAMES: dict[type, str] = {cls: name for name, cls in SAN_TYPES.items()}
-
-MAX_DEVICE_ID = 64  # ub-common-name (RFC 5280): device ids become CNs
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,8 +352,6 @@ class Authority:
         sans = request.sans
         if dns_names is not None:
             sans = x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]) or None
-            if sans is not None and not len(sans):
-                sans = None
         self._check_sans(label, replace(request, sans=sans), who, via, now)
         return self._issue(
             label=label,
@@ -700,8 +697,8 @@ class Authority:
 
 
 def check_device_id(device_id: str) -> None:
-    """Device ids become certificate CNs and MQTT client ids: printable, bounded, no slashes."""
-    if not device_id or len(device_id) > MAX_DEVICE_ID:
-        raise BadRequest(f"device id must be 1-{MAX_DEVICE_ID} characters")
-    if not device_id.isprintable() or any(c in device_id for c in "/#+ \\"):
-        raise BadRequest("device id may not contain spaces, '/', '\\', '#' or '+'")
+    """``pki.names.check_device_id`` as a ``BadRequest``."""
+    try:
+        names.check_device_id(device_id)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None

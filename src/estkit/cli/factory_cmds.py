@@ -56,7 +56,7 @@ from estkit.client import (
     tls,
 )
 from estkit.client.errors import one_line
-from estkit.pki import certs, keys
+from estkit.pki import certs, keys, names
 from estkit.pki.csr import build_csr
 from estkit.pki.errors import PkiError
 
@@ -65,8 +65,6 @@ USER_AGENT: Final = f"estkit/{__version__}"
 # The API's answer is a certificate and a short chain.
 MAX_BODY: Final = 1 << 20
 TRANSIENT_STATUSES: Final = frozenset({502, 503, 504})
-# As the server checks it (estkit.ca.authority.check_device_id), and usable as a directory name.
-MAX_DEVICE_ID: Final = 64
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VALIDITY = re.compile(r"^(\d+)([smhdwy])$")
 _DNS_NAME = re.compile(r"^(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_-]+)*\.?$")
@@ -354,10 +352,7 @@ class Outcome:
 
 def check_device_id(device_id: str) -> None:
     """As the server checks it, and a plain directory name: ``ValueError`` otherwise."""
-    if not device_id or len(device_id) > MAX_DEVICE_ID:
-        raise ValueError(f"device id must be 1-{MAX_DEVICE_ID} characters")
-    if not device_id.isprintable() or any(c in device_id for c in "/#+ \\"):
-        raise ValueError("device id may not contain spaces, '/', '\\', '#' or '+'")
+    names.check_device_id(device_id)
     if device_id in (".", ".."):
         raise ValueError(f"device id may not be {device_id!r}")
 

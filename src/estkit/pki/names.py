@@ -13,6 +13,17 @@ from __future__ import annotations
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+MAX_DEVICE_ID = 64  # ub-common-name (RFC 5280): device ids become CNs
+
+
+def check_device_id(device_id: str) -> None:
+    """Device ids become certificate CNs, MQTT client ids and topic levels: printable,
+    at most 64 characters, no spaces, '/', '\\', '#' or '+'. ``ValueError`` otherwise."""
+    if not device_id or len(device_id) > MAX_DEVICE_ID:
+        raise ValueError(f"device id must be 1-{MAX_DEVICE_ID} characters")
+    if not device_id.isprintable() or any(c in device_id for c in "/#+ \\"):
+        raise ValueError("device id may not contain spaces, '/', '\\', '#' or '+'")
+
 
 def common_name(name: x509.Name) -> str | None:
     """The single CN of a name, or None when it has none or several."""

@@ -86,7 +86,9 @@ class EstRoutes:
         self._default_label = default_label
         self._max = max_request_bytes
         self._clock = clock
+        # Per-label response bodies, encoded on first use (labels are fixed at start).
         self._cacerts: dict[str, bytes] = {}
+        self._csrattrs: dict[str, bytes] = {}
 
     def routes(self) -> list[BaseRoute]:
         table = [
@@ -120,8 +122,12 @@ class EstRoutes:
         label = self._label(request)
         if not label.csrattrs:
             return Response(status_code=204)
-        der = encode_csrattrs(label.csrattrs)
-        body = wire.encode_base64_body(der, line_length=label.base64_line_length)
+        body = self._csrattrs.get(label.name)
+        if body is None:
+            der = encode_csrattrs(label.csrattrs)
+            body = self._csrattrs[label.name] = wire.encode_base64_body(
+                der, line_length=label.base64_line_length
+            )
         return _base64_response(body, wire.CSRATTRS)
 
     async def simpleenroll(self, request: Request) -> Response:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from estkit.ca.authority import Authority, Label
+from collections.abc import Mapping
+
+from estkit.ca.authority import Authority, IssuingCa, Label
 from estkit.ca.crl import CrlPublisher
 from estkit.ca.signers import load_cas
 from estkit.server.config import ServerConfig
@@ -18,9 +20,7 @@ def open_store(config: ServerConfig) -> SqlStore:
 def build_authority(config: ServerConfig, store: SqlStore) -> Authority:
     """The authority, with CRLs republished after every revocation it makes."""
     cas = load_cas({n: (c.signer, c.cert, c.key) for n, c in config.cas.items()})
-    crl = CrlPublisher(
-        cas=cas, store=store, directory=config.crl.directory, validity=config.crl.validity
-    )
+    crl = _crl_publisher(config, cas, store)
     labels = {
         name: Label(
             name=name,
@@ -46,9 +46,12 @@ def build_authority(config: ServerConfig, store: SqlStore) -> Authority:
 
 
 def crl_publisher(config: ServerConfig, authority: Authority) -> CrlPublisher:
+    return _crl_publisher(config, authority.cas, authority.store)
+
+
+def _crl_publisher(
+    config: ServerConfig, cas: Mapping[str, IssuingCa], store: SqlStore
+) -> CrlPublisher:
     return CrlPublisher(
-        cas=authority.cas,
-        store=authority.store,
-        directory=config.crl.directory,
-        validity=config.crl.validity,
+        cas=cas, store=store, directory=config.crl.directory, validity=config.crl.validity
     )

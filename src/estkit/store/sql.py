@@ -367,12 +367,6 @@ class SqlStore:
             ).first()
         return _pending(row) if row else None
 
-    def get_pending(self, request_id: int) -> PendingRequest | None:
-        p = schema.pending_requests.c
-        with self._engine.connect() as conn:
-            row = conn.execute(sa.select(schema.pending_requests).where(p.id == request_id)).first()
-        return _pending(row) if row else None
-
     def add_pending(
         self,
         *,
