@@ -1,7 +1,8 @@
 """The certificate authority and its EST policy (DESIGN.md "Policy").
 
 Every decision, issuance or refusal, is written to the audit log. A
-certificate is handed back only after its record is committed.
+certificate is handed back only after its record is committed: here, or,
+inside ``deferred_writes``, by the caller awaiting the commit.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -133,6 +136,16 @@ class Authority:
 
     def chain_for(self, label: Label) -> tuple[x509.Certificate, ...]:
         return self.cas[label.ca].chain
+
+    def deferred_writes(self) -> AbstractContextManager[list[Future[Any]]]:
+        """Decide without waiting for the database: for a caller on an event loop.
+
+        Inside this block the writes of a decision (the issued certificate's
+        record, a refusal's audit entry) are queued, and the caller awaits the
+        futures in the list before it answers. Only for decisions whose writes
+        nobody reads back: a client certificate on a label without approval.
+        """
+        return self.store.deferred_writes()
 
     # -- authentication --------------------------------------------------------
 

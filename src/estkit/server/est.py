@@ -8,11 +8,14 @@ label asks for wrapping.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime as dt
 from collections.abc import Callable
-from typing import Protocol
+from concurrent.futures import Future
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 from cryptography import x509
 from starlette.concurrency import run_in_threadpool
@@ -36,6 +39,7 @@ class EstAuthority(Protocol):
 
     def label(self, name: str) -> Label: ...
     def chain_for(self, label: Label) -> tuple[x509.Certificate, ...]: ...
+    def deferred_writes(self) -> AbstractContextManager[list[Future[Any]]]: ...
     def authenticate_certificate(
         self, cert: x509.Certificate, *, now: dt.datetime
     ) -> Principal: ...
@@ -150,7 +154,14 @@ class EstRoutes:
         except DecodeError as exc:
             raise RequestError(400, str(exc)) from None
         now = self._clock()
-        issued = await run_in_threadpool(self._decide, label, csr_der, cert, basic, now, reenroll)
+        if cert is not None and not label.approval:
+            issued = await self._decide_on_loop(label, csr_der, cert, now, reenroll)
+        else:
+            # A secret's scrypt check (~50 ms) and the approval bookkeeping, which
+            # reads back what it writes, run on a worker thread.
+            issued = await run_in_threadpool(
+                self._decide, label, csr_der, cert, basic, now, reenroll
+            )
         der = encode_certs_only([issued.certificate])
         body = wire.encode_base64_body(der, line_length=label.base64_line_length)
         return _base64_response(body, wire.ENROLL_CONTENT_TYPE)
@@ -164,7 +175,8 @@ class EstRoutes:
         now: dt.datetime,
         reenroll: bool,
     ) -> Issued:
-        """Authenticate and issue: blocking work (signature, database), run off the event loop."""
+        """Authenticate and issue (signature, database): on a worker thread, or on the loop
+        inside ``deferred_writes``."""
         authority = self._authority
         if cert is not None:
             who = authority.authenticate_certificate(cert, now=now)
@@ -176,6 +188,30 @@ class EstRoutes:
         if reenroll:
             return authority.reenroll(label, csr_der, who, now=now)
         return authority.enroll(label, csr_der, who, now=now)
+
+    async def _decide_on_loop(
+        self,
+        label: Label,
+        csr_der: bytes,
+        cert: x509.Certificate,
+        now: dt.datetime,
+        reenroll: bool,
+    ) -> Issued:
+        """The mTLS hot path: decide and sign here (≈ 0.5 ms of CPU, no hop to a
+        thread), then await the commit of what the decision wrote."""
+        issued: Issued | None = None
+        refusal: Exception | None = None
+        with self._authority.deferred_writes() as writes:
+            try:
+                issued = self._decide(label, csr_der, cert, None, now, reenroll)
+            except Exception as exc:  # answered after its audit entry is committed
+                refusal = exc
+        for future in writes:
+            await asyncio.wrap_future(future)  # a failed commit fails the request
+        if refusal is not None:
+            raise refusal
+        assert issued is not None
+        return issued
 
     async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")

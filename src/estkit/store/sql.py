@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -34,8 +35,10 @@ from estkit.store.models import (
     PendingRequest,
     PendingStatus,
 )
+from estkit.store.writer import GroupCommitter
 
 HEAD_REVISION = "0002"
+T = TypeVar("T")
 
 
 # Statements built once: SQLAlchemy then skips per-call construction and cache-key
@@ -85,13 +88,15 @@ def _alembic_config(connection: Connection) -> Any:
     return cfg
 
 
+# Set by ``SqlStore.deferred_writes``: the futures of writes queued in this context.
+_DEFERRED: ContextVar[list[Future[Any]] | None] = ContextVar("estkit_deferred", default=None)
+
+
 class SqlStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        # Writers of this process queue here instead of in SQLite's busy handler,
-        # which sleeps in steps of up to 100 ms rather than waking when the lock
-        # frees (the p99 in bench/README.md). Other processes still meet the DB lock.
-        self._write_lock = threading.Lock()
+        # Every write goes through one writer thread per process (store/writer.py).
+        self._writer = GroupCommitter(self._tx)
 
     @classmethod
     def open(cls, url: str) -> SqlStore:
@@ -118,16 +123,45 @@ class SqlStore:
             raise SchemaError(f"database schema is at {rev}, this estkit needs {HEAD_REVISION}")
 
     def close(self) -> None:
+        self._writer.close()
         self._engine.dispose()
 
     @contextmanager
     def _tx(self) -> Iterator[Connection]:
-        """A write transaction. Its first statement takes the audit head's write lock, so
-        writers queue up (SQLite: no stale snapshot; PostgreSQL: a row lock) and the audit
-        hash chain stays linear."""
-        with self._write_lock, self._engine.begin() as conn:
+        """A write transaction (the writer thread's). Its first statement takes the audit
+        head's write lock, so writers of other processes queue up (SQLite: no stale
+        snapshot; PostgreSQL: a row lock) and the audit hash chain stays linear."""
+        with self._engine.begin() as conn:
             conn.execute(_LOCK_HEAD)
             yield conn
+
+    def _write(self, job: Callable[[Connection], T]) -> T:
+        """Run ``job`` in a committed transaction (the writer thread's) and return its result."""
+        return self._writer.submit(job).result()
+
+    def _write_or_defer(self, job: Callable[[Connection], None]) -> None:
+        """``_write``, or inside ``deferred_writes`` only queue it (see there)."""
+        future = self._writer.submit(job)
+        pending = _DEFERRED.get()
+        if pending is None:
+            future.result()
+        else:
+            pending.append(future)
+
+    @contextmanager
+    def deferred_writes(self) -> Iterator[list[Future[Any]]]:
+        """Queue ``record_issued`` and ``audit`` instead of waiting for their commit.
+
+        For callers on an event loop, which must not wait for an fsync: the
+        caller awaits every future in the list before it answers, so nothing is
+        reported done before it is durable.
+        """
+        pending: list[Future[Any]] = []
+        token = _DEFERRED.set(pending)
+        try:
+            yield pending
+        finally:
+            _DEFERRED.reset(token)
 
     # -- devices -----------------------------------------------------------
 
@@ -154,10 +188,13 @@ class SqlStore:
 
     def add_device(self, device_id: str, *, now: dt.datetime, audit: AuditEvent) -> None:
         """Register a device; ``Conflict`` when it exists."""
-        with self._tx() as conn:
+
+        def job(conn: Connection) -> None:
             if not self._ensure_device(conn, device_id, now):
                 raise Conflict(f"device {device_id!r} already exists")
             _insert_audit(conn, audit)
+
+        self._write(job)
 
     def _ensure_device(self, conn: Connection, device_id: str, now: dt.datetime) -> bool:
         """Register ``device_id`` as active unless it exists (inside the caller's transaction)."""
@@ -187,7 +224,8 @@ class SqlStore:
 
         Returns the serials revoked. One transaction.
         """
-        with self._tx() as conn:
+
+        def job(conn: Connection) -> list[str]:
             res = conn.execute(
                 schema.devices.update()
                 .where(schema.devices.c.device_id == device_id)
@@ -214,11 +252,13 @@ class SqlStore:
                         revocation_reason=revoke_reason,
                     )
                 )
-                if revoked:
-                    audit = replace(
-                        audit, detail=f"revoked ({revoke_reason}): {', '.join(revoked)}"
-                    )
-            _insert_audit(conn, audit)
+            event = audit
+            if revoked:
+                event = replace(audit, detail=f"revoked ({revoke_reason}): {', '.join(revoked)}")
+            _insert_audit(conn, event)
+            return revoked
+
+        revoked: list[str] = self._write(job)
         return revoked
 
     # -- certificates --------------------------------------------------------
@@ -236,7 +276,8 @@ class SqlStore:
         ``consume_secret`` marks that enrollment secret used, compare-and-set:
         ``Conflict`` (and nothing recorded) when it was already used.
         """
-        with self._tx() as conn:
+
+        def job(conn: Connection) -> None:
             if consume_secret is not None:
                 t = schema.enrollment_secrets
                 res = conn.execute(
@@ -258,6 +299,8 @@ class SqlStore:
                 if res.rowcount != 1:
                     raise Conflict("pending request is no longer approved")
             _insert_audit(conn, audit)
+
+        self._write_or_defer(job)
 
     def get_certificate(self, serial: str) -> CertificateRecord | None:
         with self._engine.connect() as conn:
@@ -336,7 +379,8 @@ class SqlStore:
     ) -> CertificateRecord:
         """Revoke one certificate; ``NotFound`` if unknown, ``Conflict`` if already revoked."""
         c = schema.certificates.c
-        with self._tx() as conn:
+
+        def job(conn: Connection) -> CertificateRecord:
             res = conn.execute(
                 schema.certificates.update()
                 .where(c.serial == serial, c.status == CertStatus.VALID.value)
@@ -351,7 +395,10 @@ class SqlStore:
                 )
             row = conn.execute(sa.select(schema.certificates).where(c.serial == serial)).one()
             _insert_audit(conn, replace(audit, device_id=row.device_id))
-        return _cert(row)
+            return _cert(row)
+
+        record: CertificateRecord = self._write(job)
+        return record
 
     # -- pending requests --------------------------------------------------------
 
@@ -378,7 +425,7 @@ class SqlStore:
         now: dt.datetime,
         audit: AuditEvent,
     ) -> PendingRequest:
-        with self._tx() as conn:
+        def job(conn: Connection) -> int:
             res = conn.execute(
                 schema.pending_requests.insert().values(
                     label=label,
@@ -393,8 +440,11 @@ class SqlStore:
             key = res.inserted_primary_key
             assert key is not None
             _insert_audit(conn, replace(audit, detail=f"pending request {key[0]}"))
+            return int(key[0])
+
+        request_id: int = self._write(job)
         return PendingRequest(
-            id=int(key[0]),
+            id=request_id,
             label=label,
             device_id=device_id,
             csr_sha256=csr_sha256,
@@ -416,7 +466,8 @@ class SqlStore:
     ) -> PendingRequest:
         """Approve or deny, compare-and-set on ``pending``: ``NotFound`` / ``Conflict``."""
         p = schema.pending_requests.c
-        with self._tx() as conn:
+
+        def job(conn: Connection) -> PendingRequest:
             res = conn.execute(
                 schema.pending_requests.update()
                 .where(p.id == request_id, p.status == PendingStatus.PENDING.value)
@@ -428,7 +479,10 @@ class SqlStore:
             if res.rowcount != 1:
                 raise Conflict(f"request {request_id} is already {row.status}")
             _insert_audit(conn, audit)
-        return _pending(row)
+            return _pending(row)
+
+        decided: PendingRequest = self._write(job)
+        return decided
 
     def list_pending(
         self, *, status: PendingStatus | None = None, after: int | None = None, limit: int = 100
@@ -458,7 +512,8 @@ class SqlStore:
         audit: AuditEvent,
     ) -> None:
         t = schema.api_tokens.c
-        with self._tx() as conn:
+
+        def job(conn: Connection) -> None:
             if conn.execute(sa.select(t.id).where(t.name == name)).first():
                 raise Conflict(f"a token named {name!r} exists")
             conn.execute(
@@ -472,6 +527,8 @@ class SqlStore:
                 )
             )
             _insert_audit(conn, audit)
+
+        self._write(job)
 
     def find_token(self, token_hash: str) -> ApiToken | None:
         t = schema.api_tokens.c
@@ -488,7 +545,8 @@ class SqlStore:
 
     def revoke_token(self, name: str, *, now: dt.datetime, audit: AuditEvent) -> None:
         t = schema.api_tokens.c
-        with self._tx() as conn:
+
+        def job(conn: Connection) -> None:
             res = conn.execute(
                 schema.api_tokens.update()
                 .where(t.name == name, t.revoked_at.is_(None))
@@ -503,13 +561,18 @@ class SqlStore:
                 )
             _insert_audit(conn, audit)
 
+        self._write(job)
+
     def token_used(self, token_id: int, *, now: dt.datetime, audit: AuditEvent) -> None:
         t = schema.api_tokens.c
-        with self._tx() as conn:
+
+        def job(conn: Connection) -> None:
             conn.execute(
                 schema.api_tokens.update().where(t.id == token_id).values(last_used_at=now)
             )
             _insert_audit(conn, audit)
+
+        self._write(job)
 
     # -- enrollment secrets ----------------------------------------------------
 
@@ -522,7 +585,7 @@ class SqlStore:
         expires_at: dt.datetime,
         audit: AuditEvent,
     ) -> int:
-        with self._tx() as conn:
+        def job(conn: Connection) -> int:
             self._ensure_device(conn, device_id, now)
             res = conn.execute(
                 schema.enrollment_secrets.insert().values(
@@ -536,6 +599,9 @@ class SqlStore:
             key = res.inserted_primary_key
             assert key is not None
             return int(key[0])
+
+        secret_id: int = self._write(job)
+        return secret_id
 
     def usable_secrets(self, device_id: str, *, now: dt.datetime) -> list[EnrollmentSecret]:
         t = schema.enrollment_secrets.c
@@ -553,8 +619,10 @@ class SqlStore:
     # -- audit -------------------------------------------------------------------
 
     def audit(self, event: AuditEvent) -> None:
-        with self._tx() as conn:
+        def job(conn: Connection) -> None:
             _insert_audit(conn, event)
+
+        self._write_or_defer(job)
 
     def list_audit(
         self,
