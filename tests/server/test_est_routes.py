@@ -16,8 +16,7 @@ from starlette.applications import Starlette
 
 from estkit.ca.authority import Authority, Label
 from estkit.server.config import load_config
-from estkit.server.errors import HANDLERS
-from estkit.server.est import EstRoutes
+from estkit.server.est import EstApp, EstRoutes
 from estkit.server.wiring import build_authority, open_store
 from estkit.store import PendingStatus
 from estserver import run_estkit
@@ -42,7 +41,7 @@ def authority(data_dir: Path) -> Iterator[Authority]:
 class AsgiClient:
     """Sync calls into the ASGI app through httpx's ASGI transport: no sockets."""
 
-    def __init__(self, app: Starlette) -> None:
+    def __init__(self, app: EstApp) -> None:
         self.app = app
 
     def __enter__(self) -> AsgiClient:
@@ -75,8 +74,7 @@ def client_for(authority: Authority, *, max_bytes: int = 65536) -> AsgiClient:
         max_request_bytes=max_bytes,
         clock=lambda: dt.datetime.now(dt.UTC),
     )
-    app = Starlette(routes=routes.routes(), exception_handlers=HANDLERS)  # type: ignore[arg-type]
-    return AsgiClient(app)
+    return AsgiClient(EstApp(routes, Starlette()))
 
 
 def _manual_label(authority: Authority, name: str, retry_after: int) -> None:
@@ -191,3 +189,28 @@ def test_csrattrs_without_oids_is_204(authority: Authority) -> None:
         response = client.get("/.well-known/est/plain/csrattrs")
     assert response.status_code == 204
     assert response.content == b""
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [
+        ("GET", "/.well-known/est/simpleenroll", 405, "POST"),
+        ("POST", "/.well-known/est/devices/cacerts", 405, "GET"),
+        ("GET", "/.well-known/est//cacerts", 404, None),
+        ("GET", "/.well-known/est/a/b/cacerts", 404, None),
+        ("GET", "/.well-known/est/nosuchop", 404, None),
+        ("GET", "/.well-known/est/nosuchlabel/cacerts", 404, None),
+        ("GET", "/health/nothing", 404, None),
+        ("HEAD", "/health", 200, None),
+    ],
+)
+def test_est_paths_and_methods(
+    authority: Authority, method: str, path: str, status: int, allow: str | None
+) -> None:
+    """The EST front answers its own paths exactly, and leaves every other path alone."""
+    with client_for(authority) as client:
+        response = client.request(method, path)
+    assert response.status_code == status
+    assert response.headers.get("allow") == allow
+    if status != 200 and method != "HEAD":
+        assert response.text.count("\n") <= 1 and response.text.strip()

@@ -23,6 +23,7 @@ from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
 from estkit import __version__
+from estkit.ca.authority import Authority
 from estkit.ca.tokens import TokenService
 from estkit.pki.certs import certs_to_pem
 from estkit.server.api import ApiAuthentication, api_router
@@ -34,7 +35,7 @@ from estkit.server.crl_http import (
     start_crl_refresher,
 )
 from estkit.server.errors import HANDLERS, text_response
-from estkit.server.est import EstRoutes
+from estkit.server.est import EstApp, EstRoutes
 from estkit.server.oidc import OidcVerifier, parse_oidc_config
 from estkit.server.wiring import build_authority, crl_publisher, open_store
 
@@ -59,7 +60,12 @@ def _oidc(config: ServerConfig) -> OidcVerifier | None:
     return OidcVerifier(oidc_config) if oidc_config is not None else None
 
 
-def create_app(config: ServerConfig) -> FastAPI:
+def create_app(config: ServerConfig) -> EstApp:
+    """EST in front (``EstApp``), the API and everything else behind it (FastAPI)."""
+    return _build(config)[0]
+
+
+def _build(config: ServerConfig) -> tuple[EstApp, Authority]:
     store = open_store(config)
     authority = build_authority(config, store)
     est = EstRoutes(
@@ -75,7 +81,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url="/api/openapi.json",
-        routes=[*est.routes(), Route("/crl/{name}", _crl_route(config), methods=["GET"])],
+        routes=[Route("/crl/{name}", _crl_route(config), methods=["GET"])],
         exception_handlers=HANDLERS,  # type: ignore[arg-type]
     )
     tokens = TokenService(store)
@@ -83,8 +89,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.add_middleware(ApiAuthentication, tokens=tokens, oidc=_oidc(config), clock=utcnow)
     app.mount("/api/static", StaticFiles(directory=SWAGGER_STATIC), name="api-static")
     app.add_route("/api/docs", _swagger_page, methods=["GET"], include_in_schema=False)
-    app.state.authority = authority
-    return app
+    return EstApp(est, app), authority
 
 
 async def _swagger_page(_request: Request) -> Response:
@@ -111,7 +116,7 @@ def _crl_route(config: ServerConfig) -> Callable[[Request], Awaitable[Response]]
     return crl
 
 
-def app_from_env() -> FastAPI:
+def app_from_env() -> EstApp:
     return create_app(load_config(Path(os.environ[DATA_DIR_ENV])))
 
 
@@ -143,7 +148,7 @@ def serve(config: ServerConfig, *, host: str, port: int, workers: int) -> None:
     from estkit.server.tls import TlsExtensionProtocol
 
     # Fail before binding if the config, keys or schema are wrong.
-    authority = create_app(config).state.authority
+    _, authority = _build(config)
     publisher = crl_publisher(config, authority)
     publisher.refresh_due(now=utcnow())
     if config.crl.http_port:
@@ -164,5 +169,6 @@ def serve(config: ServerConfig, *, host: str, port: int, workers: int) -> None:
         ssl_context_factory=ssl_context,
         server_header=False,
         log_level="info",
+        access_log=config.access_log,
         lifespan="off",
     )

@@ -80,6 +80,7 @@ class ServerConfig:
     workers: int
     public_url: str
     max_request_bytes: int
+    access_log: bool
     tls_cert: Path
     tls_key: Path
     database_url: str
@@ -229,6 +230,7 @@ def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
             server, "public_url", str, "server.public_url", f"https://localhost:{port}"
         ),
         max_request_bytes=max_bytes,
+        access_log=_get(server, "access_log", bool, "server.access_log", False),
         tls_cert=path_of(_get(tls, "cert", str, "tls.cert", "tls/server.pem")),
         tls_key=path_of(_get(tls, "key", str, "tls.key", "tls/server.key")),
         database_url=db_url,
@@ -264,6 +266,9 @@ workers = 1
 public_url = "https://{public_host}:{port}"
 # Request bodies above this many bytes get 413.
 max_request_bytes = 65536
+# One line per HTTP request on stderr. Off: every decision is in the audit
+# log already (`estkit audit`), and the line costs CPU on every enrollment.
+access_log = false
 
 [tls]
 # The server's certificate chain and key. `server init` issues one under the

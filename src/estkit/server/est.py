@@ -12,7 +12,7 @@ import asyncio
 import base64
 import binascii
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -21,17 +21,19 @@ from cryptography import x509
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from estkit.ca.authority import Issued, Label, Principal
+from estkit.ca.errors import CaError
 from estkit.pki import wire
 from estkit.pki.certs import certs_to_pem
 from estkit.pki.cms import encode_certs_only
 from estkit.pki.csrattrs import encode_csrattrs
 from estkit.pki.errors import DecodeError
-from estkit.server.errors import RequestError
+from estkit.server.errors import RequestError, ca_error, request_error, text_response
 
 PREFIX = "/.well-known/est"
+Handler = Callable[[Request, str | None], Awaitable[Response]]
 
 
 class EstAuthority(Protocol):
@@ -93,27 +95,37 @@ class EstRoutes:
         # Per-label response bodies, encoded on first use (labels are fixed at start).
         self._cacerts: dict[str, bytes] = {}
         self._csrattrs: dict[str, bytes] = {}
+        self._ops: dict[str, tuple[Handler, str]] = {
+            "cacerts": (self.cacerts, "GET"),
+            "simpleenroll": (self.simpleenroll, "POST"),
+            "simplereenroll": (self.simplereenroll, "POST"),
+            "csrattrs": (self.csrattrs, "GET"),
+        }
+        self._health: dict[str, tuple[Handler, str]] = {
+            "/health/certificate": (self.health_certificate, "GET"),
+            "/health": (self.health, "GET"),
+        }
 
-    def routes(self) -> list[BaseRoute]:
-        table = [
-            ("cacerts", self.cacerts, ["GET"]),
-            ("simpleenroll", self.simpleenroll, ["POST"]),
-            ("simplereenroll", self.simplereenroll, ["POST"]),
-            ("csrattrs", self.csrattrs, ["GET"]),
-        ]
-        out: list[BaseRoute] = []
-        for op, handler, methods in table:
-            out.append(Route(f"{PREFIX}/{op}", handler, methods=methods))
-            out.append(Route(f"{PREFIX}/{{label}}/{op}", handler, methods=methods))
-        out.append(Route("/health/certificate", self.health_certificate, methods=["GET"]))
-        out.append(Route("/health", self.health, methods=["GET"]))
-        return out
+    def resolve(self, path: str) -> tuple[Handler, str, str | None] | None:
+        """The handler for ``path``, the method it answers, and the EST label named in it.
 
-    def _label(self, request: Request) -> Label:
-        return self._authority.label(request.path_params.get("label", self._default_label))
+        ``/.well-known/est/<op>`` or ``/.well-known/est/<label>/<op>``, and the two
+        health checks; None for every other path.
+        """
+        if path.startswith(PREFIX + "/"):
+            label, sep, op = path[len(PREFIX) + 1 :].rpartition("/")
+            found = self._ops.get(op)
+            if found is None or (sep and not label) or "/" in label:
+                return None
+            return (*found, label or None)
+        found = self._health.get(path)
+        return (*found, None) if found else None
 
-    async def cacerts(self, request: Request) -> Response:
-        label = self._label(request)
+    def _label(self, name: str | None) -> Label:
+        return self._authority.label(name or self._default_label)
+
+    async def cacerts(self, request: Request, label_name: str | None) -> Response:
+        label = self._label(label_name)
         body = self._cacerts.get(label.name)
         if body is None:
             der = encode_certs_only(self._authority.chain_for(label))
@@ -122,8 +134,8 @@ class EstRoutes:
             )
         return _base64_response(body, wire.CACERTS_CONTENT_TYPE)
 
-    async def csrattrs(self, request: Request) -> Response:
-        label = self._label(request)
+    async def csrattrs(self, request: Request, label_name: str | None) -> Response:
+        label = self._label(label_name)
         if not label.csrattrs:
             return Response(status_code=204)
         body = self._csrattrs.get(label.name)
@@ -134,14 +146,16 @@ class EstRoutes:
             )
         return _base64_response(body, wire.CSRATTRS)
 
-    async def simpleenroll(self, request: Request) -> Response:
-        return await self._enroll(request, reenroll=False)
+    async def simpleenroll(self, request: Request, label_name: str | None) -> Response:
+        return await self._enroll(request, label_name, reenroll=False)
 
-    async def simplereenroll(self, request: Request) -> Response:
-        return await self._enroll(request, reenroll=True)
+    async def simplereenroll(self, request: Request, label_name: str | None) -> Response:
+        return await self._enroll(request, label_name, reenroll=True)
 
-    async def _enroll(self, request: Request, *, reenroll: bool) -> Response:
-        label = self._label(request)
+    async def _enroll(
+        self, request: Request, label_name: str | None, *, reenroll: bool
+    ) -> Response:
+        label = self._label(label_name)
         cert = client_certificate(request)
         basic = None if cert is not None else basic_credentials(request)
         if cert is None and basic is None:
@@ -226,14 +240,46 @@ class EstRoutes:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def health_certificate(self, request: Request) -> Response:
+    async def health_certificate(self, request: Request, _label: str | None) -> Response:
         cert = client_certificate(request)
         if cert is None:
             raise RequestError(401, "no client certificate was presented")
         return Response(certs_to_pem([cert]), media_type="application/x-pem-file")
 
-    async def health(self, _request: Request) -> Response:
+    async def health(self, _request: Request, _label: str | None) -> Response:
         return PlainTextResponse("ok\n")
+
+
+class EstApp:
+    """EST and the health checks, answered ahead of the API's framework.
+
+    Every device request is one of these few paths, so they skip FastAPI's
+    middleware stack and router (bench/README.md measured the difference);
+    every other path goes on to ``api``.
+    """
+
+    def __init__(self, routes: EstRoutes, api: ASGIApp) -> None:
+        self.routes = routes
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        target = self.routes.resolve(scope["path"]) if scope["type"] == "http" else None
+        if target is None:
+            await self.api(scope, receive, send)
+            return
+        handler, method, label = target
+        request = Request(scope, receive)
+        response: Response
+        if scope["method"] != method and not (method == "GET" and scope["method"] == "HEAD"):
+            response = text_response(405, "method not allowed", {"Allow": method})
+        else:
+            try:
+                response = await handler(request, label)
+            except CaError as exc:
+                response = await ca_error(request, exc)
+            except RequestError as exc:
+                response = await request_error(request, exc)
+        await response(scope, receive, send)
 
 
 def _base64_response(body: bytes, content_type: str) -> Response:
