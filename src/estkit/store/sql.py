@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -130,10 +130,21 @@ class SqlStore:
     def _tx(self) -> Iterator[Connection]:
         """A write transaction (the writer thread's). Its first statement takes the audit
         head's write lock, so writers of other processes queue up (SQLite: no stale
-        snapshot; PostgreSQL: a row lock) and the audit hash chain stays linear."""
+        snapshot; PostgreSQL: a row lock) and the audit hash chain stays linear.
+
+        The head is read once and written once per transaction, however many
+        entries the batch appends (``_insert_audit``).
+        """
         with self._engine.begin() as conn:
             conn.execute(_LOCK_HEAD)
-            yield conn
+            head = _ChainHead(*conn.execute(_READ_HEAD).one())
+            conn.info[_CHAIN_HEAD] = head
+            try:
+                yield conn
+                if head.moved:
+                    conn.execute(_WRITE_HEAD, {"new_id": head.last_id, "new_hash": head.last_hash})
+            finally:
+                del conn.info[_CHAIN_HEAD]
 
     def _write(self, job: Callable[[Connection], T]) -> T:
         """Run ``job`` in a committed transaction (the writer thread's) and return its result."""
@@ -667,9 +678,21 @@ class SqlStore:
         return checked, None, ""
 
 
+@dataclass(slots=True)
+class _ChainHead:
+    """The audit chain's end inside one write transaction (``SqlStore._tx``)."""
+
+    last_id: int
+    last_hash: str
+    moved: bool = False
+
+
+_CHAIN_HEAD = "estkit_audit_head"
+
+
 def _insert_audit(conn: Connection, event: AuditEvent) -> None:
-    """Append one entry to the hash chain (the caller's ``_tx`` holds the head lock)."""
-    head = conn.execute(_READ_HEAD).one()
+    """Append one entry to the hash chain (inside ``_tx``, which holds the head lock)."""
+    head: _ChainHead = conn.info[_CHAIN_HEAD]
     event = replace(event, at=event.at.astimezone(dt.UTC), detail=event.detail[:2000])
     entry_id = head.last_id + 1
     digest = entry_hash(head.last_hash, event, entry_id)
@@ -688,7 +711,7 @@ def _insert_audit(conn: Connection, event: AuditEvent) -> None:
             "entry_hash": digest,
         },
     )
-    conn.execute(_WRITE_HEAD, {"new_id": entry_id, "new_hash": digest})
+    head.last_id, head.last_hash, head.moved = entry_id, digest, True
 
 
 def _audit(row: Any) -> AuditEvent:
