@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--devices", type=int, default=128)
     p.add_argument("--py-spy", default=shutil.which("py-spy"))
+    p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     p.add_argument("--perf", default=shutil.which("perf"))
     p.add_argument("--server-python", default=sys.executable)
     args = p.parse_args(argv)
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                     samplers.perf = _quiet(command)
                 if args.py_spy:
                     command = [args.py_spy, "record", "--pid", str(workers[0]), "--gil"]
+                    command += ["--rate", str(args.rate)]
                     command += ["--nonblocking", "--format", "raw", "--output", str(folded)]
                     samplers.spy = _quiet(command)
                 time.sleep(1.0)

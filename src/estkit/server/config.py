@@ -19,6 +19,9 @@ from estkit.ca.authority import SAN_TYPES
 from estkit.pki.profiles import Kind, Profile
 
 CONFIG_NAME = "estkit.toml"
+# The data directory, for processes that must find the config themselves
+# (uvicorn's worker processes are spawned, not forked).
+DATA_DIR_ENV = "ESTKIT_DATA_DIR"
 CA_NAMES = ("root", "devices", "bootstrap")
 
 
