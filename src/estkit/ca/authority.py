@@ -83,7 +83,7 @@ class Principal:
     actor: str
     cert: x509.Certificate | None = None
     cert_ca: str | None = None  # name of the CA that issued ``cert``
-    record: CertificateRecord | None = None
+    cert_serial: str | None = None
     secret_id: int | None = None
 
 
@@ -171,7 +171,7 @@ class Authority:
                 now,
             )
         # One query for the certificate's record and its device's status.
-        record, device_status = self.store.certificate_with_device(serial)
+        record = self.store.presented_certificate(serial)
         if record is None or record.der != cert.public_bytes(Encoding.DER):
             self._refuse(
                 actor,
@@ -192,15 +192,15 @@ class Authority:
                 now,
             )
         # The device's state first: "decommissioned" tells an operator more than "revoked".
-        if device_status is not DeviceStatus.ACTIVE or record.device_id != device_id:
-            state = device_status.value if device_status else "not registered"
+        if record.device_status is not DeviceStatus.ACTIVE or record.device_id != device_id:
+            state = record.device_status.value if record.device_status else "not registered"
             self._refuse(actor, "authenticate", device_id, serial, f"device is {state}", now)
         if record.status is not CertStatus.VALID:
             self._refuse(
                 actor, "authenticate", device_id, serial, "client certificate is revoked", now
             )
         return Principal(
-            device_id=device_id, actor=actor, cert=cert, cert_ca=record.ca, record=record
+            device_id=device_id, actor=actor, cert=cert, cert_ca=record.ca, cert_serial=serial
         )
 
     def authenticate_secret(self, device_id: str, secret: str, *, now: dt.datetime) -> Principal:
@@ -265,7 +265,7 @@ class Authority:
             via="est-simpleenroll",
             est_label=label.name,
             now=now,
-            replaces=who.record.serial if who.record and who.cert_ca == label.ca else None,
+            replaces=who.cert_serial if who.cert_ca == label.ca else None,
         )
 
     def reenroll(self, label: Label, csr_der: bytes, who: Principal, *, now: dt.datetime) -> Issued:
@@ -280,14 +280,14 @@ class Authority:
                 "re-enroll needs an operational certificate of this label's CA",
                 now,
             )
-        assert who.cert is not None and who.record is not None
+        assert who.cert is not None and who.cert_serial is not None
         current_sans = subject_alt_names(who.cert.extensions)
         if not names_equal(request.subject, who.cert.subject):
             self._refuse(
                 who.actor,
                 "reenroll",
                 who.device_id,
-                who.record.serial,
+                who.cert_serial,
                 "CSR subject differs from the certificate being renewed",
                 now,
             )
@@ -296,7 +296,7 @@ class Authority:
                 who.actor,
                 "reenroll",
                 who.device_id,
-                who.record.serial,
+                who.cert_serial,
                 "CSR subjectAltName differs from the certificate being renewed",
                 now,
             )
@@ -314,7 +314,7 @@ class Authority:
             via="est-simplereenroll",
             est_label=label.name,
             now=now,
-            replaces=who.record.serial,
+            replaces=who.cert_serial,
         )
 
     def issue_bootstrap(

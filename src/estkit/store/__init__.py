@@ -12,6 +12,7 @@ from estkit.store.models import (
     Page,
     PendingRequest,
     PendingStatus,
+    PresentedCertificate,
 )
 from estkit.store.sql import SqlStore
 
@@ -26,6 +27,7 @@ __all__ = [
     "Page",
     "PendingRequest",
     "PendingStatus",
+    "PresentedCertificate",
     "SqlStore",
     "StoreError",
 ]

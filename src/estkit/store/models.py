@@ -51,6 +51,18 @@ class CertificateRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class PresentedCertificate:
+    """What authenticating a client certificate needs of its record and its device."""
+
+    serial: str
+    device_id: str
+    ca: str
+    status: CertStatus
+    der: bytes
+    device_status: DeviceStatus | None  # None: the device is not registered
+
+
+@dataclass(frozen=True, slots=True)
 class EnrollmentSecret:
     id: int
     device_id: str

@@ -34,6 +34,7 @@ from estkit.store.models import (
     Page,
     PendingRequest,
     PendingStatus,
+    PresentedCertificate,
 )
 from estkit.store.writer import GroupCommitter
 
@@ -57,8 +58,9 @@ _INSERT_DEVICE = schema.devices.insert()
 _DEVICE_EXISTS = sa.select(schema.devices.c.device_id).where(
     schema.devices.c.device_id == sa.bindparam("dev")
 )
+_C = schema.certificates.c
 _CERT_WITH_DEVICE = (
-    sa.select(schema.certificates, schema.devices.c.status.label("device_status"))
+    sa.select(_C.serial, _C.device_id, _C.ca, _C.status, _C.der, schema.devices.c.status)
     .select_from(
         schema.certificates.outerjoin(
             schema.devices, schema.devices.c.device_id == schema.certificates.c.device_id
@@ -320,16 +322,21 @@ class SqlStore:
             ).first()
         return _cert(row) if row else None
 
-    def certificate_with_device(
-        self, serial: str
-    ) -> tuple[CertificateRecord | None, DeviceStatus | None]:
+    def presented_certificate(self, serial: str) -> PresentedCertificate | None:
         """A certificate's record and its device's status, in one query (the mTLS hot path)."""
         with self._engine.connect() as conn:
             row = conn.execute(_CERT_WITH_DEVICE, {"serial": serial}).first()
         if row is None:
-            return None, None
-        status = DeviceStatus(row.device_status) if row.device_status else None
-        return _cert(row), status
+            return None
+        serial, device_id, ca, status, der, device_status = row
+        return PresentedCertificate(
+            serial=serial,
+            device_id=device_id,
+            ca=ca,
+            status=CertStatus(status),
+            der=bytes(der),
+            device_status=DeviceStatus(device_status) if device_status else None,
+        )
 
     def certificates_of(self, device_id: str) -> list[CertificateRecord]:
         c = schema.certificates.c
