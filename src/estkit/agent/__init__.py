@@ -8,7 +8,8 @@ connection on the current certificate, from the first enrollment until decommiss
 
 Parts: ``config`` (the TOML file), ``state`` (the state directory with its
 atomic swap and repair), ``renewal`` (one renewal, the retry maths),
-``hooks``, ``hub`` (MQTT connection), ``status`` (status.json), ``daemon``.
+``hooks``, ``hub`` (MQTT connection, imported only when ``[hub]`` is on), ``status``
+(status.json), ``memory`` (freed memory back to the system), ``daemon``.
 Errors: see ``estkit.agent.errors``.
 """
 

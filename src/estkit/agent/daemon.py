@@ -22,13 +22,13 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from estkit.agent import status as st
-from estkit.agent.config import AgentConfig
+from estkit.agent.config import AgentConfig, HubSettings
 from estkit.agent.errors import ClockError, RenewalError, RenewalRefused
 from estkit.agent.hooks import hook_environment, run_hooks
-from estkit.agent.hub import HubConnection
+from estkit.agent.memory import release_free_memory
 from estkit.agent.renewal import Renewal, Renewer, load_credentials, retry_delay
 from estkit.agent.state import Pause, StateDirectory, Version
 from estkit.agent.status import StatusFile, iso
@@ -44,7 +44,27 @@ POLL = 5.0
 CLOCK_RECHECK = 30.0
 
 Clock = Callable[[], dt.datetime]
-HubFactory = Callable[..., HubConnection]
+
+
+class Hub(Protocol):
+    """What the daemon needs of the IoT Hub connection (``estkit.agent.hub``)."""
+
+    def start(self, version: Version | None) -> None: ...
+
+    def use(self, version: Version) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+HubFactory = Callable[..., Hub]
+
+
+def mqtt_hub(settings: HubSettings, **options: Any) -> Hub:
+    """The MQTT hub connection. Imported here, not at the top: paho-mqtt costs about
+    1 MB of the agent's resident memory, which a device without ``[hub]`` never needs."""
+    from estkit.agent.hub import HubConnection
+
+    return HubConnection(settings, **options)
 
 
 def _no_pause(step: str) -> None:
@@ -70,7 +90,7 @@ class Agent:
         clock: Clock,
         rng: random.Random | None = None,
         pause: Pause = _no_pause,
-        hub_factory: HubFactory = HubConnection,
+        hub_factory: HubFactory = mqtt_hub,
     ) -> None:
         self.config = config
         self.state = StateDirectory(config.state_dir, pause=pause)
@@ -82,7 +102,7 @@ class Agent:
         self._wake = threading.Event()
         self._used: queue.SimpleQueue[Version] = queue.SimpleQueue()
         self._confirmed: int | None = None
-        self._hub: HubConnection | None = None
+        self._hub: Hub | None = None
 
     def request_stop(self) -> None:
         """Ask ``run`` to return soon (from a signal handler or another thread)."""
@@ -130,6 +150,9 @@ class Agent:
         if report.rolled_forward and current is not None:
             self._hooks(current)
         self._hub = self._start_hub(current)
+        # Start-up frees about 1 MB of heap that glibc would otherwise keep for good. (After
+        # a renewal there is little to return: what it adds stays in use, e.g. OpenSSL's caches.)
+        release_free_memory()
         try:
             return self._loop(renewer, current, urgent=refused_before)
         finally:
@@ -250,7 +273,7 @@ class Agent:
             pid=None,
         )
 
-    def _start_hub(self, current: Version | None) -> HubConnection | None:
+    def _start_hub(self, current: Version | None) -> Hub | None:
         hub_settings = self.config.hub
         if hub_settings is None or not hub_settings.enabled or current is None:
             return None
@@ -286,7 +309,7 @@ class Agent:
     # -- shared with renew_once --------------------------------------------------------
 
     def _after_swap(
-        self, renewal: Renewal, renewer: Renewer, hub: HubConnection | None, *, daemon: bool
+        self, renewal: Renewal, renewer: Renewer, hub: Hub | None, *, daemon: bool
     ) -> None:
         version = renewal.version
         log.info(
