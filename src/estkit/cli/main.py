@@ -8,35 +8,44 @@ stderr and a non-zero exit here, in one place (``-v`` shows the traceback).
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Sequence
 
 from estkit import __version__
-from estkit.cli import client_cmds
 from estkit.cli.errors import CliError
 
-# Server-side command groups import server dependencies lazily inside their
-# handlers, so a device-only install (no estkit[server]) can still run the client.
-_GROUPS = ("estkit.cli.factory_cmds", "estkit.cli.server_cmds", "estkit.cli.agent_cmds")
+# Each command group's module and the command words it registers. A command
+# loads only its own group: the agent daemon runs for months and should not
+# hold the server's or the factory's code in memory. Help and unknown words
+# load them all. Server-side groups import server dependencies inside their
+# handlers, so a device-only install (no estkit[server]) still runs the rest.
+_GROUPS = {
+    "estkit.cli.client_cmds": ("cacerts", "enroll", "reenroll", "csrattrs", "health"),
+    "estkit.cli.factory_cmds": ("factory",),
+    "estkit.cli.server_cmds": ("server", "ca", "device", "cert", "token", "audit", "pending"),
+    "estkit.cli.agent_cmds": ("agent",),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for ``command``'s group, or for every group when it names none."""
     parser = argparse.ArgumentParser(prog="estkit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"estkit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show details and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    client_cmds.register(sub)
-    import importlib
-
-    for name in _GROUPS:
+    modules = [m for m, words in _GROUPS.items() if command in words] or list(_GROUPS)
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(command)
+    args = parser.parse_args(words)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
