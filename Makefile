@@ -38,7 +38,15 @@ demo: $(VENV)/.installed-test
 
 # Enrollment benchmark: a server, a multi-process load generator, a table, and
 # bench/results/<time>.json (about 6 minutes; BENCH_ARGS="--scale 0" skips the 1M-row run).
-bench: $(VENV)/.installed-test
+# The agent runs from bench/.device-venv: estkit with its device dependencies only.
+DEVICE_VENV := bench/.device-venv
+
+$(DEVICE_VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PYTHON) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/python -m pip install --quiet -e .
+	touch $@
+
+bench: $(VENV)/.installed-test $(DEVICE_VENV)/.installed
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 deps-test:
@@ -55,4 +63,4 @@ test: deps-test lint typecheck
 	$(BIN)/pytest -n 2 -W error -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(DEVICE_VENV) build *.egg-info src/*.egg-info

@@ -34,6 +34,8 @@ from bench.procstat import RssSampler, Snapshot
 RESULTS = Path(__file__).parent / "results"
 OPERATIONS = ("cacerts", "simpleenroll", "simplereenroll")
 MB = 1024 * 1024
+# A virtualenv with estkit and its device dependencies only (``make bench`` makes it).
+DEVICE_PYTHON = Path(__file__).resolve().parent / ".device-venv" / "bin" / "python"
 
 
 def _free_port() -> int:
@@ -241,6 +243,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=sys.executable,
         help="interpreter that runs the server (another environment to compare)",
     )
+    p.add_argument(
+        "--agent-python",
+        default=str(DEVICE_PYTHON) if DEVICE_PYTHON.exists() else sys.executable,
+        help="interpreter that runs the agent (default: bench/.device-venv, estkit's device "
+        "dependencies only, made by `make bench`; else this one)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the server data directory")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default bench/results/)")
     args = p.parse_args(argv)
@@ -398,7 +406,9 @@ class Bench:
         from bench import device
 
         with self.server(1) as server:
-            self.report["agent"] = device.measure_agent(server=server, work=self.work / "agent")
+            self.report["agent"] = device.measure_agent(
+                server=server, work=self.work / "agent", python=self.args.agent_python
+            )
 
     def write(self, path: Path) -> None:
         self.report["rows"] = [asdict(r) for r in self.rows]
