@@ -45,8 +45,13 @@ T = TypeVar("T")
 # Statements built once: SQLAlchemy then skips per-call construction and cache-key
 # work, which bench/README.md measured as the largest share of an enrollment.
 _H = schema.audit_head
-_LOCK_HEAD = _H.update().where(_H.c.id == 1).values(last_id=_H.c.last_id)
-_READ_HEAD = sa.select(_H.c.last_id, _H.c.last_hash).where(_H.c.id == 1)
+# Takes the write lock and reads the head in one statement (RETURNING: SQLite >= 3.35).
+_LOCK_AND_READ_HEAD = (
+    _H.update()
+    .where(_H.c.id == 1)
+    .values(last_id=_H.c.last_id)
+    .returning(_H.c.last_id, _H.c.last_hash)
+)
 _WRITE_HEAD = (
     _H.update()
     .where(_H.c.id == 1)
@@ -138,8 +143,7 @@ class SqlStore:
         entries the batch appends (``_insert_audit``).
         """
         with self._engine.begin() as conn:
-            conn.execute(_LOCK_HEAD)
-            head = _ChainHead(*conn.execute(_READ_HEAD).one())
+            head = _ChainHead(*conn.execute(_LOCK_AND_READ_HEAD).one())
             conn.info[_CHAIN_HEAD] = head
             try:
                 yield conn
