@@ -127,3 +127,22 @@ def test_startup_line_names_https(est_server: EstServer) -> None:
 def _full_log(server: EstServer) -> str:
     assert server.log_path is not None
     return server.log_path.read_text()
+
+
+def test_a_large_response_arrives_whole(est_server: EstServer) -> None:
+    """Over a megabyte through the TLS layer: many records, write buffering, back-pressure."""
+    from estkit.server.app import SWAGGER_STATIC
+
+    expected = (SWAGGER_STATIC / "swagger-ui-bundle.js").read_bytes()
+    assert len(expected) > 1_000_000
+    conn = http.client.HTTPSConnection(
+        "localhost", est_server.port, context=_context(est_server), timeout=30
+    )
+    try:
+        for _ in range(2):  # and the connection stays usable after it
+            conn.request("GET", "/api/static/swagger-ui-bundle.js")
+            response = conn.getresponse()
+            assert response.status == 200
+            assert response.read() == expected
+    finally:
+        conn.close()

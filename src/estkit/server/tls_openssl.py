@@ -238,9 +238,9 @@ class TlsServerProtocol(asyncio.Protocol):
                 out = conn.bio_read(_READ_SIZE)
             except SSL.WantReadError:
                 return
-            if not out:
-                return
             raw.write(out)
+            if len(out) < _READ_SIZE:  # a memory BIO hands over all it holds, up to the size
+                return
 
     def _close_raw(self) -> None:
         self._conn = None
