@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import sqlite3
 import ssl
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,3 +113,21 @@ def audit_rows(data_dir: Path, device_id: str) -> list[tuple[str, str, str]]:
 
 def new_key() -> PrivateKey:
     return generate_key("ec-p256")
+
+
+def openssl_verify(anchor: Path, untrusted: Path, cert: Path) -> subprocess.CompletedProcess[str]:
+    """``openssl verify`` of ``cert`` up to ``anchor``, intermediates taken from ``untrusted``."""
+    return subprocess.run(
+        ["openssl", "verify", "-CAfile", anchor, "-untrusted", untrusted, cert],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def assert_openssl_verifies(anchor: Path, directory: Path) -> None:
+    """``cert.pem`` with ``chain.pem`` in ``directory`` verifies up to ``anchor``."""
+    proc = openssl_verify(anchor, directory / "chain.pem", directory / "cert.pem")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith(": OK")

@@ -6,15 +6,11 @@ import datetime as dt
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from estkit.agent.state import StateDirectory, Version
 from estkit.pki.keys import PrivateKey, generate_key, key_to_pem
-from estkit.pki.profiles import Kind, Profile, issue_ca, issue_leaf
-
-
-def cn(name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+from estkit.pki.profiles import Kind, Profile, issue_leaf
+from testpki import cn_name, make_ca_pair
 
 
 @dataclass(frozen=True)
@@ -35,7 +31,7 @@ class DeviceCa:
         cert = issue_leaf(
             profile=Profile("op", Kind.OPERATIONAL, validity),
             public_key=key.public_key(),
-            subject=cn(device_id),
+            subject=cn_name(device_id),
             sans=None,
             issuer=self.issuing,
             issuer_key=self.issuing_key,
@@ -50,25 +46,11 @@ class DeviceCa:
 
 
 def make_device_ca() -> DeviceCa:
-    now = dt.datetime.now(dt.UTC)
-    root_key = generate_key("ec-p256")
-    root = issue_ca(
-        subject=cn("test Root CA"),
-        public_key=root_key.public_key(),
-        issuer=None,
-        issuer_key=root_key,
-        validity=dt.timedelta(days=30),
-        now=now,
-        path_length=1,
+    pair = make_ca_pair(
+        "test Root CA",
+        "test Devices CA",
+        now=dt.datetime.now(dt.UTC),
+        root_validity=dt.timedelta(days=30),
+        issuing_validity=dt.timedelta(days=30),
     )
-    issuing_key = generate_key("ec-p256")
-    issuing = issue_ca(
-        subject=cn("test Devices CA"),
-        public_key=issuing_key.public_key(),
-        issuer=root,
-        issuer_key=root_key,
-        validity=dt.timedelta(days=30),
-        now=now,
-        path_length=0,
-    )
-    return DeviceCa(root=root, issuing=issuing, issuing_key=issuing_key)
+    return DeviceCa(root=pair.root, issuing=pair.issuing, issuing_key=pair.issuing_key)

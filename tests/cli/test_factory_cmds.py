@@ -22,19 +22,15 @@ import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import NameOID
 
 from estkit.cli import factory_cmds
 from estkit.cli.errors import CliError
 from estkit.pki import certs, keys, names, profiles
+from testpki import cn_name, make_ca_pair
 
 API = "https://est.example:8443"
 TOKEN = "tok-3f9a1c"
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
 @dataclass(frozen=True)
@@ -47,7 +43,7 @@ class Ca:
         return profiles.issue_leaf(
             profile=profiles.Profile("bootstrap", profiles.Kind.BOOTSTRAP, dt.timedelta(days=3650)),
             public_key=public_key,
-            subject=_name(cn),
+            subject=cn_name(cn),
             sans=sans,
             issuer=self.issuing,
             issuer_key=self.issuing_key,
@@ -56,26 +52,14 @@ class Ca:
 
 
 def _make_ca(cn: str) -> Ca:
-    root_key, issuing_key = keys.generate_key("ec-p256"), keys.generate_key("ec-p256")
-    root = profiles.issue_ca(
-        subject=_name(cn),
-        public_key=root_key.public_key(),
-        issuer=None,
-        issuer_key=root_key,
-        validity=dt.timedelta(days=7300),
+    pair = make_ca_pair(
+        cn,
+        f"{cn} Bootstrap",
         now=NOW - dt.timedelta(days=1),
-        path_length=1,
+        root_validity=dt.timedelta(days=7300),
+        issuing_validity=dt.timedelta(days=7000),
     )
-    issuing = profiles.issue_ca(
-        subject=_name(f"{cn} Bootstrap"),
-        public_key=issuing_key.public_key(),
-        issuer=root,
-        issuer_key=root_key,
-        validity=dt.timedelta(days=7000),
-        now=NOW - dt.timedelta(days=1),
-        path_length=0,
-    )
-    return Ca(root, issuing, issuing_key)
+    return Ca(pair.root, pair.issuing, pair.issuing_key)
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +239,7 @@ def test_provision_sends_only_the_csr_and_writes_verified_files(
     assert "PRIVATE KEY" not in request.content.decode()
     csr = x509.load_pem_x509_csr(body["csr"].encode())
     assert csr.is_signature_valid
-    assert csr.subject == _name("dev-1")
+    assert csr.subject == cn_name("dev-1")
     assert keys.public_keys_match(csr.public_key(), cert.public_key())
 
     serial = certs.serial_hex(cert.serial_number)

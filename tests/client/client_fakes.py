@@ -9,16 +9,12 @@ from dataclasses import dataclass, field
 import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from cryptography.x509.oid import NameOID
 
 from estkit.pki import cms, keys, profiles, wire
+from testpki import cn_name, make_ca_pair
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 BASE_URL = "https://est.example:8443/.well-known/est/devices"
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
 @dataclass(frozen=True)
@@ -43,7 +39,7 @@ class Pki:
         return profiles.issue_leaf(
             profile=profiles.Profile("device", profiles.Kind.OPERATIONAL, validity),
             public_key=public_key,
-            subject=subject if subject is not None else _name(cn),
+            subject=subject if subject is not None else cn_name(cn),
             sans=sans,
             issuer=self.issuing,
             issuer_key=self.issuing_key,
@@ -52,27 +48,8 @@ class Pki:
 
 
 def make_ca(cn: str = "Test Root") -> Pki:
-    root_key = keys.generate_key("ec-p256")
-    root = profiles.issue_ca(
-        subject=_name(cn),
-        public_key=root_key.public_key(),
-        issuer=None,
-        issuer_key=root_key,
-        validity=dt.timedelta(days=3650),
-        now=NOW - dt.timedelta(days=1),
-        path_length=1,
-    )
-    issuing_key = keys.generate_key("ec-p256")
-    issuing = profiles.issue_ca(
-        subject=_name(f"{cn} Issuing"),
-        public_key=issuing_key.public_key(),
-        issuer=root,
-        issuer_key=root_key,
-        validity=dt.timedelta(days=365),
-        now=NOW - dt.timedelta(days=1),
-        path_length=0,
-    )
-    return Pki(root, root_key, issuing, issuing_key)
+    pair = make_ca_pair(cn, f"{cn} Issuing", now=NOW - dt.timedelta(days=1))
+    return Pki(pair.root, pair.root_key, pair.issuing, pair.issuing_key)
 
 
 def certs_body(certs: list[x509.Certificate], *, line_length: int = 0) -> bytes:

@@ -86,6 +86,25 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+def _basic_enroll(anchor_file: Path, out: Path) -> list[Any]:
+    """``estkit enroll`` of dev-1 with a secret, against the scripted server."""
+    return [
+        "enroll",
+        "--url",
+        BASE_URL,
+        "--trust-anchor",
+        anchor_file,
+        "--device-id",
+        "dev-1",
+        "--user",
+        "u",
+        "--password",
+        "p",
+        "--out",
+        out,
+    ]
+
+
 def test_enroll_writes_key_and_certificates_and_prints_a_summary(
     cli: Any, server: Server, ca: Pki, anchor_file: Path, tmp_path: Path, capsys: Any
 ) -> None:
@@ -147,21 +166,7 @@ def test_enroll_completes_the_chain_from_cacerts_when_the_response_has_only_the_
     server.on(f"{PREFIX}/simpleenroll", _issuer(ca))
     server.on(f"{PREFIX}/cacerts", pkcs7_response([ca.issuing, ca.root]))
     out = tmp_path / "out"
-    cli(
-        "enroll",
-        "--url",
-        BASE_URL,
-        "--trust-anchor",
-        anchor_file,
-        "--device-id",
-        "dev-1",
-        "--user",
-        "u",
-        "--password",
-        "p",
-        "--out",
-        out,
-    )
+    cli(*_basic_enroll(anchor_file, out))
     assert server.paths() == [f"POST {PREFIX}/simpleenroll", f"GET {PREFIX}/cacerts"]
     assert certs.load_pem_certificates((out / "chain.pem").read_bytes()) == [ca.issuing]
 
@@ -195,21 +200,7 @@ def test_enroll_failures_are_one_line_and_write_nothing(
     server.on(f"{PREFIX}/cacerts", pkcs7_response([ca.issuing, ca.root]))
     out = tmp_path / "out"
     with pytest.raises(CliError, match=message) as caught:
-        cli(
-            "enroll",
-            "--url",
-            BASE_URL,
-            "--trust-anchor",
-            anchor_file,
-            "--device-id",
-            "dev-1",
-            "--user",
-            "u",
-            "--password",
-            "p",
-            "--out",
-            out,
-        )
+        cli(*_basic_enroll(anchor_file, out))
     assert caught.value.exit_code == exit_code
     assert "\n" not in str(caught.value)
     assert not out.exists()

@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import os
 import secrets
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from jwt.algorithms import ECAlgorithm
 from estkit.pki.certs import fingerprint, serial_hex
 from estkit.pki.keys import PrivateKey
 from estserver import EstServer, make_server
-from estutil import Identity, csr_der, http, issued_cert, new_key, post_csr
+from estutil import Identity, csr_der, http, issued_cert, new_key, openssl_verify, post_csr
 
 ISSUER = "https://login.example.test/00000000-aaaa-bbbb-cccc-000000000000/v2.0"
 AUDIENCE = "api://estkit"
@@ -243,16 +242,6 @@ def walk_audit(api: Api, **params: str) -> list[dict[str, Any]]:
         if cursor is None:
             return entries
     raise AssertionError("audit: more than 1000 pages")
-
-
-def openssl_verify(root: Path, chain: Path, cert: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["openssl", "verify", "-CAfile", root, "-untrusted", chain, cert],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 # -- the documentation -------------------------------------------------------------------------

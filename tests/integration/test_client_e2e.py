@@ -11,28 +11,11 @@ from cryptography import x509
 
 from estkit.pki.certs import fingerprint
 from estserver import EstServer, run_estkit
-from estutil import Identity
+from estutil import Identity, assert_openssl_verifies
 
 
 def _root_fingerprint(server: EstServer) -> str:
     return fingerprint(x509.load_pem_x509_certificate(server.root_pem.read_bytes()))
-
-
-def _openssl_verify(out: Path, anchor: Path) -> None:
-    proc = subprocess.run(
-        [
-            "openssl",
-            "verify",
-            "-CAfile",
-            str(anchor),
-            "-untrusted",
-            str(out / "chain.pem"),
-            str(out / "cert.pem"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("path", ["", "/devices"], ids=["ok/default-label", "ok/label-in-url"])
@@ -77,7 +60,7 @@ def test_enroll_renew_and_health_with_the_cli(
     assert stat.S_IMODE((op / "key.pem").stat().st_mode) == 0o600
     first = Identity.load(op)
     assert first.cert.subject.rfc4514_string() == f"CN={device_id}"
-    _openssl_verify(op, est_server.root_pem)
+    assert_openssl_verifies(est_server.root_pem, op)
     pfx = subprocess.run(
         ["openssl", "pkcs12", "-in", str(op / "cert.pfx"), "-nokeys", "-passin", "pass:"],
         capture_output=True,
@@ -102,7 +85,7 @@ def test_enroll_renew_and_health_with_the_cli(
     assert second.cert.serial_number != first.cert.serial_number
     assert second.cert.public_key() != first.cert.public_key()  # rekey by default
     assert second.cert.subject == first.cert.subject
-    _openssl_verify(op, est_server.root_pem)
+    assert_openssl_verifies(est_server.root_pem, op)
 
     run_estkit(
         "reenroll",

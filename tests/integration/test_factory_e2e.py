@@ -23,7 +23,7 @@ from cryptography import x509
 from estkit.pki.certs import serial_hex
 from estkit.pki.keys import load_private_key_pem
 from estserver import EstServer, run_estkit
-from estutil import http
+from estutil import assert_openssl_verifies, http
 
 _names = iter(range(1_000_000))
 
@@ -58,26 +58,6 @@ def factory(server: EstServer, token: str, *args: str | Path) -> subprocess.Comp
     )
 
 
-def openssl_verify(anchor: Path, directory: Path) -> None:
-    proc = subprocess.run(
-        [
-            "openssl",
-            "verify",
-            "-CAfile",
-            str(anchor),
-            "-untrusted",
-            str(directory / "chain.pem"),
-            str(directory / "cert.pem"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.strip().endswith(": OK")
-
-
 def check_bootstrap_files(server: EstServer, directory: Path, device_id: str) -> x509.Certificate:
     """key.pem (0600), cert.pem and chain.pem of a bootstrap certificate for ``device_id``."""
     key_path = directory / "key.pem"
@@ -92,7 +72,7 @@ def check_bootstrap_files(server: EstServer, directory: Path, device_id: str) ->
     assert cert.public_key() == key.public_key()
     assert cert.issuer == bootstrap_ca.subject
     assert chain[0] == bootstrap_ca
-    openssl_verify(server.root_pem, directory)
+    assert_openssl_verifies(server.root_pem, directory)
     return cert
 
 
@@ -125,7 +105,7 @@ def est_enroll(server: EstServer, bootstrap: Path, device_id: str, out: Path) ->
         "--out",
         out,
     )
-    openssl_verify(server.root_pem, out)
+    assert_openssl_verifies(server.root_pem, out)
     return x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
 
 

@@ -21,6 +21,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from estutil import openssl_verify
+
 ONE_BASE64_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2}")
 CHALLENGE = 'Basic realm="estkit"'
 _names = itertools.count()
@@ -132,10 +134,10 @@ def openssl_certs(tmp: Path, reply_body: bytes) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(pem)
 
 
-def openssl_verify(trust: Trust, cert: Path) -> str:
-    return run(
-        ["openssl", "verify", "-CAfile", trust.root, "-untrusted", trust.devices_chain, cert]
-    ).decode()
+def verified(trust: Trust, cert: Path) -> str:
+    proc = openssl_verify(trust.root, trust.devices_chain, cert)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout.strip()
 
 
 def same_public_key(cert: Path, key: Path) -> bool:
@@ -269,7 +271,7 @@ def test_bootstrap_mtls_enroll_returns_a_verifiable_client_certificate(
     (cert,) = openssl_certs(tmp_path, reply.body)
     cert_path = tmp_path / "cert.pem"
     cert_path.write_bytes(cert.public_bytes(Encoding.PEM))
-    assert openssl_verify(trust, cert_path).strip() == f"{cert_path}: OK"
+    assert verified(trust, cert_path) == f"{cert_path}: OK"
     text = run(["openssl", "x509", "-in", cert_path, "-noout", "-text"]).decode()
     assert f"Subject: CN = {bootstrap.device_id}\n" in text
     assert "Issuer: O = estkit, CN = estkit Device Issuing CA\n" in text
@@ -386,6 +388,6 @@ def test_basic_enroll_with_curl_needs_a_fresh_enrollment_secret(
     (cert,) = openssl_certs(tmp_path, reply.body)
     cert_path = tmp_path / "cert.pem"
     cert_path.write_bytes(cert.public_bytes(Encoding.PEM))
-    assert openssl_verify(trust, cert_path).strip() == f"{cert_path}: OK"
+    assert verified(trust, cert_path) == f"{cert_path}: OK"
     assert cert.subject.rfc4514_string() == f"CN={device_id}"
     assert same_public_key(cert_path, key)

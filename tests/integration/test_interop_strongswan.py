@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import (
 from estkit.pki.certs import serial_hex
 from estkit.server.config import load_config
 from estkit.store import SqlStore
+from estutil import openssl_verify
 
 PKI = "/usr/bin/pki"
 _REFUSAL = re.compile(r"EST request failed: HTTP (\d{3})")
@@ -117,16 +118,6 @@ def issued_record(server, serial: str):
 
 def serial_of(cert: x509.Certificate) -> str:
     return serial_hex(cert.serial_number)
-
-
-def openssl_verify(trust: Trust, cert: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["openssl", "verify", "-CAfile", trust.root, "-untrusted", trust.devices_chain, cert],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
 
 
 def public_key_der(key_pem: Path) -> bytes:
@@ -236,7 +227,7 @@ def test_pki_basic_enroll_binds_the_secret_to_the_device_id(
     assert cert_public_key_der(cert) == public_key_der(key)
     path = tmp_path / "cert.pem"
     path.write_bytes(out.stdout)
-    verified = openssl_verify(trust, path)
+    verified = openssl_verify(trust.root, trust.devices_chain, path)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert verified.stdout.strip() == f"{path}: OK"
     assert issued_serials(est_server, device_id) == [serial_of(cert)]
@@ -304,7 +295,7 @@ def test_pki_reenroll_renews_the_operational_certificate_with_a_new_key(
     assert cert_public_key_der(new) != public_key_der(old_key)
     path = tmp_path / "renewed.pem"
     path.write_bytes(out.stdout)
-    assert openssl_verify(trust, path).returncode == 0
+    assert openssl_verify(trust.root, trust.devices_chain, path).returncode == 0
     assert issued_serials(est_server, device_id) == [serial_of(old), serial_of(new)]
     record = issued_record(est_server, serial_of(new))
     assert record.requested_via == "est-simplereenroll"  # pki --cert means /simplereenroll

@@ -16,17 +16,13 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from estkit.pki.keys import PrivateKey, generate_key
-from estkit.pki.profiles import Kind, Profile, issue_ca, issue_leaf
+from estkit.pki.profiles import Kind, Profile, issue_leaf
+from testpki import cn_name, make_ca_pair
 
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=dt.UTC)
 OPERATIONAL = Profile(name="operational", kind=Kind.OPERATIONAL, validity=dt.timedelta(days=30))
-
-
-def cn_name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,27 +47,12 @@ class Ca:
 
 
 def make_ca(prefix: str, *, now: dt.datetime = NOW) -> Ca:
-    root_key = generate_key("ec-p384")
-    root = issue_ca(
-        subject=cn_name(f"{prefix} Root CA"),
-        public_key=root_key.public_key(),
-        issuer=None,
-        issuer_key=root_key,
-        validity=dt.timedelta(days=3650),
-        now=now,
-        path_length=1,
+    pair = make_ca_pair(
+        f"{prefix} Root CA", f"{prefix} Issuing CA", now=now, root_key_type="ec-p384"
     )
-    issuing_key = generate_key("ec-p256")
-    issuing = issue_ca(
-        subject=cn_name(f"{prefix} Issuing CA"),
-        public_key=issuing_key.public_key(),
-        issuer=root,
-        issuer_key=root_key,
-        validity=dt.timedelta(days=365),
-        now=now,
-        path_length=0,
+    return Ca(
+        root=pair.root, root_key=pair.root_key, issuing=pair.issuing, issuing_key=pair.issuing_key
     )
-    return Ca(root=root, root_key=root_key, issuing=issuing, issuing_key=issuing_key)
 
 
 @pytest.fixture(scope="session")

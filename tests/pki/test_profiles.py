@@ -8,17 +8,14 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from estkit.pki.certs import certs_to_pem
 from estkit.pki.profiles import BACKDATE, Kind, Profile, issue_ca, issue_leaf, random_serial
+from testpki import cn_name
 
 DAY = dt.timedelta(days=1)
 OPERATIONAL = Profile(name="operational", kind=Kind.OPERATIONAL, validity=30 * DAY)
-
-
-def cn_name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
 def ext(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.Extension:

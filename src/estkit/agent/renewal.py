@@ -42,7 +42,6 @@ from estkit.client import (
     IssuedCertificate,
     TrustAnchor,
     TrustAnchorError,
-    check_issued,
 )
 from estkit.pki import certs, keys, names
 from estkit.pki.csr import build_csr
@@ -375,18 +374,13 @@ class Renewer:
         *,
         subject: x509.Name | None,
     ) -> IssuedCertificate:
-        leaf, cas = returned[0], list(returned[1:])
         anchors = est.trust_anchors()
         if self._trust.needs_bootstrap:
             # Fetched once by fingerprint; later connections use the anchor itself.
             self._trust = TrustAnchor.from_certificates(anchors)
-        if certs.build_path(leaf, cas, anchors) is None:
-            cas.extend(est.cacerts())
-        return check_issued(
-            leaf,
+        return est.verify_issued(
+            returned,
             public_key=key.public_key(),
-            cas=cas,
-            anchors=anchors,
             now=self._clock(),
             common_name=self._config.device_id,
             subject=subject,

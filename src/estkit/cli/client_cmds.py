@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import NoEncryption, pkcs12
 from cryptography.x509.oid import NameOID
 
+from estkit.cli.args import positive_number
 from estkit.cli.errors import CliError
 from estkit.cli.files import PRIVATE, OutputFile, write_files_atomically
 from estkit.client import (
@@ -27,7 +28,6 @@ from estkit.client import (
     EstError,
     IssuedCertificate,
     TrustAnchor,
-    check_issued,
 )
 from estkit.pki import certs, keys, names
 from estkit.pki.csr import build_csr
@@ -131,9 +131,13 @@ def _server_options() -> argparse.ArgumentParser:
         metavar="SHA256",
         help="SHA-256 fingerprint of the CA to trust, checked against /cacerts (RFC 7030 4.1.1)",
     )
-    g.add_argument("--timeout", type=_positive, default=30.0, metavar="S", help="per attempt")
+    g.add_argument("--timeout", type=positive_number, default=30.0, metavar="S", help="per attempt")
     g.add_argument(
-        "--total-timeout", type=_positive, default=120.0, metavar="S", help="across all retries"
+        "--total-timeout",
+        type=positive_number,
+        default=120.0,
+        metavar="S",
+        help="across all retries",
     )
     g.add_argument("--retries", type=int, default=3, metavar="N", help="default: %(default)s")
     return p
@@ -171,16 +175,6 @@ def _output_options() -> argparse.ArgumentParser:
     )
     g.add_argument("--pfx", action="store_true", help="also write cert.pfx (PKCS#12, no password)")
     return p
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
 
 # -- handlers ------------------------------------------------------------------
@@ -226,7 +220,12 @@ def _enroll(args: argparse.Namespace) -> int:
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
     csr = build_csr(key, subject=subject, sans=sans)
     with _client(args, auth=auth) as est:
-        issued = _checked(est, est.simpleenroll(csr), key, common_name=device_id, subject=None)
+        issued = est.verify_issued(
+            est.simpleenroll(csr),
+            public_key=key.public_key(),
+            now=dt.datetime.now(dt.UTC),
+            common_name=device_id,
+        )
     _write_issued(args.out, key, issued, pfx=args.pfx)
     print(_summary("enrolled", issued, args.out))
     return 0
@@ -247,10 +246,10 @@ def _reenroll(args: argparse.Namespace) -> int:
     # The Name and SAN objects of the certificate itself, so their encodings are kept.
     csr = build_csr(key, subject=current.subject, sans=names.subject_alt_names(current.extensions))
     with _client(args, auth=ClientCertificate(args.cert, args.key)) as est:
-        issued = _checked(
-            est,
+        issued = est.verify_issued(
             est.simplereenroll(csr),
-            key,
+            public_key=key.public_key(),
+            now=dt.datetime.now(dt.UTC),
             common_name=names.common_name(current.subject),
             subject=current.subject,
         )
@@ -356,30 +355,6 @@ def _load_key(path: Path) -> keys.PrivateKey:
         raise CliError(f"cannot read {path}: {exc.strerror}") from exc
     except PkiError as exc:
         raise CliError(f"{path}: {exc}") from exc
-
-
-def _checked(
-    est: EstClient,
-    returned: Sequence[x509.Certificate],
-    key: keys.PrivateKey,
-    *,
-    common_name: str | None,
-    subject: x509.Name | None,
-) -> IssuedCertificate:
-    """Check what the server issued, completing its path with /cacerts when needed."""
-    leaf, cas = returned[0], list(returned[1:])
-    anchors = est.trust_anchors()
-    if certs.build_path(leaf, cas, anchors) is None:
-        cas.extend(est.cacerts())
-    return check_issued(
-        leaf,
-        public_key=key.public_key(),
-        cas=cas,
-        anchors=anchors,
-        now=dt.datetime.now(dt.UTC),
-        common_name=common_name,
-        subject=subject,
-    )
 
 
 def _write_issued(out: Path, key: keys.PrivateKey, issued: IssuedCertificate, *, pfx: bool) -> None:

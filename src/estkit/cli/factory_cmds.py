@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from estkit import __version__
+from estkit.cli.args import non_negative_int, positive_number
 from estkit.cli.errors import CliError
 from estkit.cli.files import PRIVATE, OutputFile, write_files_atomically
 from estkit.client import (
@@ -585,8 +586,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "and the chain's own root)",
     )
     g.add_argument("--label", default="bootstrap", help="CA label (default: %(default)s)")
-    g.add_argument("--timeout", type=_positive, default=30.0, metavar="S", help="per attempt")
-    g.add_argument("--retries", type=_retries, default=3, metavar="N", help="default: %(default)s")
+    g.add_argument("--timeout", type=positive_number, default=30.0, metavar="S", help="per attempt")
+    g.add_argument(
+        "--retries", type=non_negative_int, default=3, metavar="N", help="default: %(default)s"
+    )
 
     d = p.add_argument_group("devices")
     which = d.add_mutually_exclusive_group(required=True)
@@ -626,26 +629,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     o.add_argument("--force", action="store_true", help="replace an existing cert.pem")
     p.set_defaults(handler=_provision)
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _retries(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
-    return value
 
 
 def _validity(text: str) -> str:

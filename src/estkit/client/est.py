@@ -18,7 +18,7 @@ import datetime as dt
 import random
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -39,6 +39,7 @@ from estkit.client.errors import (
     EstProtocolError,
     one_line,
 )
+from estkit.client.issued import IssuedCertificate, check_issued
 from estkit.client.trust import TrustAnchor
 from estkit.pki import certs, cms, keys, wire
 from estkit.pki.csrattrs import CsrAttribute, decode_csrattrs
@@ -145,6 +146,31 @@ class EstClient:
         deadline = self._deadline()
         answer = self._send(self._client(deadline), "GET", self._url("cacerts"), deadline=deadline)
         return _chain_order(self._certificates(_expect(answer, 200)))
+
+    def verify_issued(
+        self,
+        returned: Sequence[x509.Certificate],
+        *,
+        public_key: CertificatePublicKeyTypes,
+        now: dt.datetime,
+        common_name: str | None = None,
+        subject: x509.Name | None = None,
+    ) -> IssuedCertificate:
+        """``check_issued`` on what ``simpleenroll``/``simplereenroll`` returned, up to the
+        trust anchors, completing its path with ``/cacerts`` when the server sent none."""
+        leaf, cas = returned[0], list(returned[1:])
+        anchors = self.trust_anchors()
+        if certs.build_path(leaf, cas, anchors) is None:
+            cas.extend(self.cacerts())
+        return check_issued(
+            leaf,
+            public_key=public_key,
+            cas=cas,
+            anchors=anchors,
+            now=now,
+            common_name=common_name,
+            subject=subject,
+        )
 
     def simpleenroll(self, csr: x509.CertificateSigningRequest) -> list[x509.Certificate]:
         """``POST /simpleenroll``: the issued certificate first, then the others sent with it

@@ -1,6 +1,8 @@
 """The SQL store: SQLite by default, PostgreSQL for several server nodes.
 
-One short transaction per decision. One-time secrets are consumed with a
+Each write is a job of one writer thread (``store/writer.py``), which commits
+the jobs queued together in one short transaction; a job that fails reruns
+alone. One-time secrets are consumed with a
 compare-and-set (``UPDATE … WHERE used_at IS NULL`` and a row-count check) in
 the same transaction that records the certificate they paid for.
 """
@@ -64,7 +66,7 @@ _DEVICE_EXISTS = sa.select(schema.devices.c.device_id).where(
     schema.devices.c.device_id == sa.bindparam("dev")
 )
 _C = schema.certificates.c
-_CERT_WITH_DEVICE = (
+_PRESENTED_CERTIFICATE = (
     sa.select(_C.serial, _C.device_id, _C.ca, _C.status, _C.der, schema.devices.c.status)
     .select_from(
         schema.certificates.outerjoin(
@@ -329,7 +331,7 @@ class SqlStore:
     def presented_certificate(self, serial: str) -> PresentedCertificate | None:
         """A certificate's record and its device's status, in one query (the mTLS hot path)."""
         with self._engine.connect() as conn:
-            row = conn.execute(_CERT_WITH_DEVICE, {"serial": serial}).first()
+            row = conn.execute(_PRESENTED_CERTIFICATE, {"serial": serial}).first()
         if row is None:
             return None
         serial, device_id, ca, status, der, device_status = row
