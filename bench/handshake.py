@@ -1,4 +1,4 @@
-"""The TLS handshake floor: server-side CPU of one handshake with the stdlib ``ssl`` module.
+"""The TLS handshake floor: server-side CPU of one handshake, stdlib ``ssl`` and estkit's own.
 
     python -m bench.handshake [--data-dir D]
 
@@ -7,9 +7,9 @@ event loop, so what is timed (``time.thread_time`` around the server's calls
 only) is OpenSSL's work plus the thin ``ssl`` wrapper: the least a Python
 server on this OpenSSL can spend per new connection. Variants: TLS 1.3 and
 1.2, with and without a client certificate, with OpenSSL's default two
-TLS 1.3 session tickets or none. When pyOpenSSL is importable (it is not an
-estkit dependency), the same server handshake on the OpenSSL that the
-``cryptography`` wheel bundles is timed too (the client stays stdlib ``ssl``).
+TLS 1.3 session tickets or none; then the server's own TLS context
+(``estkit.server.tls_openssl``: pyOpenSSL on the OpenSSL that the
+``cryptography`` wheel bundles; the client stays stdlib ``ssl``).
 """
 
 from __future__ import annotations
@@ -78,19 +78,23 @@ def handshake_cpu(
 
 
 def pyopenssl_handshake_cpu(data_dir: Path, device: fleet.Device, count: int) -> float:
-    """Server CPU ms per mTLS TLS 1.3 handshake with pyOpenSSL (cryptography's OpenSSL).
+    """Server CPU ms per mTLS TLS 1.3 handshake with the server's own TLS context
+    (``estkit.server.tls_openssl``: pyOpenSSL on the ``cryptography`` wheel's OpenSSL).
 
-    OpenSSL's default two session tickets are sent: pyOpenSSL has no call for
-    ``SSL_CTX_set_num_tickets`` (and ``OP_NO_TICKET`` only makes them stateful).
+    That context sets ``OP_NO_TICKET`` with the session cache off: OpenSSL then
+    still sends its two (stateful, never resumable) tickets, as pyOpenSSL has no
+    call for ``SSL_CTX_set_num_tickets``.
     """
     from OpenSSL import SSL
 
-    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-    ctx.use_certificate_chain_file(str(data_dir / "tls" / "server.pem"))
-    ctx.use_privatekey_file(str(data_dir / "tls" / "server.key"))
-    ctx.load_verify_locations(str(data_dir / "run" / "client-cas.pem"))
-    ctx.set_verify(SSL.VERIFY_PEER, lambda *_: True)
+    from estkit.server.tls import client_ca_path
+    from estkit.server.tls_openssl import server_context
+
+    ctx = server_context(
+        cert_chain=data_dir / "tls" / "server.pem",
+        key=data_dir / "tls" / "server.key",
+        client_cas=client_ca_path(data_dir),
+    )
     _, client_ctx = contexts(data_dir, device, tls12=False, tickets=2)
     rounds = []
     for _ in range(ROUNDS):
@@ -177,14 +181,11 @@ def main(argv: list[str] | None = None) -> int:
                         + ("" if tls12 else f", {tickets} tickets")
                     )
                     print(f"{name:<44}{s_ms:>10.3f}{c_ms:>10.3f}", flush=True)
-        try:
-            from OpenSSL import SSL
-        except ImportError:
-            print("pyOpenSSL: not installed (pip install pyopenssl to compare OpenSSL versions)")
-            return 0
+        from OpenSSL import SSL
+
         version = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
         s_ms = pyopenssl_handshake_cpu(data_dir, device, args.count)
-        name = f"pyOpenSSL, OpenSSL {version.split()[1]}: TLS 1.3, client cert, 2 tickets"
+        name = f"estkit server (OpenSSL {version.split()[1]}): TLS 1.3, client cert"
         print(f"{name:<44}{s_ms:>10.3f}", flush=True)
     return 0
 

@@ -51,6 +51,7 @@ COMPONENTS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("thread-pool hop (anyio, threading)", r"anyio/|concurrent/futures|threading\.py"),
         ("event loop (asyncio)", r"asyncio/|selectors\.py|socket\.py"),
         ("asyncio SSL protocol", r"asyncio/sslproto\.py|ssl\.py"),
+        ("TLS layer (estkit/server/tls_openssl.py + pyOpenSSL)", r"tls_openssl\.py|OpenSSL/"),
         ("uvicorn + httptools", r"uvicorn/|httptools"),
         ("Starlette/FastAPI", r"starlette/|fastapi/"),
         ("TLS shim (estkit/server/tls.py)", r"estkit/server/tls\.py"),
@@ -69,8 +70,8 @@ COMPONENTS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
 LIBRARIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (name, re.compile(pattern))
     for name, pattern in (
-        ("TLS: OpenSSL of the ssl module", r"^libssl|^libcrypto|^_ssl\."),
-        ("cryptography (its own OpenSSL)", r"^_rust\."),
+        ("system OpenSSL 3.0 (stdlib ssl module)", r"^libssl|^libcrypto|^_ssl\."),
+        ("cryptography wheel's OpenSSL: TLS (pyOpenSSL), CSR check, signing", r"^_rust\."),
         ("SQLite engine", r"^libsqlite3|^_sqlite3\."),
         ("kernel (TCP, scheduling, futex, fsync)", r"^\[kernel|^\[vdso"),
         ("Python interpreter + C extensions", r"."),
@@ -78,7 +79,9 @@ LIBRARIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
 )
 PYTHON = LIBRARIES[-1][0]
 # cryptography's Rust code runs holding the GIL, so py-spy --gil sees it under the Python
-# frames that called it (CSR check, signing): its perf share joins the Python share.
+# frames that called it (CSR check, signing): its perf share joins the Python share. (The
+# TLS handshake's OpenSSL calls through pyOpenSSL's cffi release the GIL, so the ms that
+# py-spy's shares are scaled to overstate the Python components by up to that much.)
 UNDER_GIL = (PYTHON, LIBRARIES[1][0])
 
 

@@ -1,11 +1,14 @@
-"""The server's TLS as peers see it: stdlib ``ssl`` clients and raw sockets."""
+"""The server's own TLS layer (server/tls_openssl.py) as peers see it: stdlib ``ssl``,
+``openssl s_client``, raw sockets."""
 
 from __future__ import annotations
 
 import http.client
 import socket
 import ssl
+import subprocess
 
+import pytest
 from cryptography import x509
 
 from estserver import EstServer
@@ -39,18 +42,20 @@ def test_keep_alive_requests_share_one_connection_and_its_client_certificate(
         conn.close()
 
 
-def test_no_tls13_session_is_offered_for_resumption(est_server: EstServer) -> None:
-    """Devices renew days apart: no TLS 1.3 tickets (each carries the client certificate
-    and costs CPU on every handshake). TLS 1.2 keeps OpenSSL's session-id cache."""
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_no_session_is_offered_for_resumption(
+    est_server: EstServer, version: ssl.TLSVersion
+) -> None:
+    """Devices renew days apart: the server hands out no tickets (they cost CPU per handshake)."""
     ctx = _context(est_server)
-    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.minimum_version = ctx.maximum_version = version
 
     def connect(session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
         raw = socket.create_connection(("127.0.0.1", est_server.port), timeout=10)
         return ctx.wrap_socket(raw, server_hostname="localhost", session=session)
 
     with connect() as tls:
-        assert tls.version() == "TLSv1.3"
+        assert tls.version() == version.name.replace("_", ".")
         tls.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         reply = b""
         while chunk := tls.recv(4096):  # reading also takes in any post-handshake ticket
@@ -62,6 +67,37 @@ def test_no_tls13_session_is_offered_for_resumption(est_server: EstServer) -> No
         again.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         assert again.recv(4096).startswith(b"HTTP/1.1 200")
         assert not again.session_reused
+
+
+def test_certificate_request_names_the_ca_that_may_authenticate_clients(
+    est_server: EstServer,
+) -> None:
+    proc = subprocess.run(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{est_server.port}",
+            "-servername",
+            "localhost",
+            "-CAfile",
+            str(est_server.root_pem),
+            "-tls1_2",
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    out = proc.stdout
+    assert "Verify return code: 0 (ok)" in out
+    names = out.split("Acceptable client certificate CA names", 1)[1].split("---", 1)[0]
+    for ca in ("bootstrap", "devices"):
+        cert = x509.load_pem_x509_certificate(
+            (est_server.data_dir / "ca" / f"{ca}.pem").read_bytes()
+        )
+        cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
+        assert f"CN = {cn!s}\n" in names, names
 
 
 def test_plaintext_and_cut_handshakes_are_dropped_and_the_server_keeps_serving(
@@ -85,9 +121,12 @@ def test_plaintext_and_cut_handshakes_are_dropped_and_the_server_keeps_serving(
 
 
 def test_startup_line_names_https(est_server: EstServer) -> None:
-    assert est_server.log_path is not None
-    log = est_server.log_path.read_text()
-    assert f"Uvicorn running on https://127.0.0.1:{est_server.port}" in log
+    assert f"Uvicorn running on https://127.0.0.1:{est_server.port}" in _full_log(est_server)
+
+
+def _full_log(server: EstServer) -> str:
+    assert server.log_path is not None
+    return server.log_path.read_text()
 
 
 def test_a_large_response_arrives_whole(est_server: EstServer) -> None:

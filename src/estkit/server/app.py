@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import ssl
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import fastapi_offline
 from fastapi import FastAPI
@@ -40,10 +38,6 @@ from estkit.server.oidc import OidcVerifier, parse_oidc_config
 from estkit.server.tls import client_ca_path
 from estkit.server.wiring import build_authority, crl_publisher, open_store
 
-# OpenSSL's X509_V_FLAG_NO_CHECK_TIME: the handshake accepts an expired client
-# certificate so that the application can refuse it with a 403 and a reason
-# (and audit it) instead of a bare TLS alert. Signatures are still checked.
-_X509_V_FLAG_NO_CHECK_TIME = 0x200000
 # Swagger UI's files, served locally: the API page works without internet access.
 SWAGGER_STATIC = Path(fastapi_offline.__file__).parent / "static"
 
@@ -131,21 +125,10 @@ def client_ca_bundle(config: ServerConfig) -> Path:
     return path
 
 
-def ssl_context(uv_config: Any, default_factory: Any) -> ssl.SSLContext:
-    """TLS 1.2 and 1.3; a client certificate is optional here and required per route."""
-    ctx: ssl.SSLContext = default_factory()
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.verify_flags |= _X509_V_FLAG_NO_CHECK_TIME
-    # No TLS 1.3 session tickets: each would carry the client certificate, costs
-    # 0.3-0.9 ms per handshake (bench/README.md), and EST clients do not resume.
-    ctx.num_tickets = 0
-    return ctx
-
-
 def serve(config: ServerConfig, *, host: str, port: int, workers: int) -> None:
     import uvicorn
 
-    from estkit.server.tls import TlsExtensionProtocol
+    from estkit.server.tls import context_for, https_protocol, uvicorn_log_config
 
     # Fail before binding if the config, keys or schema are wrong.
     _, authority = _build(config)
@@ -155,20 +138,18 @@ def serve(config: ServerConfig, *, host: str, port: int, workers: int) -> None:
         start_crl_listener(config.crl.directory, config.crl.http_host, config.crl.http_port)
     start_crl_refresher(publisher, utcnow, stop=threading.Event())
     os.environ[DATA_DIR_ENV] = str(config.data_dir)
+    client_ca_bundle(config)
+    context_for(config.data_dir)  # a bad TLS certificate or key fails here, not per connection
     uvicorn.run(
         "estkit.server.app:app_from_env",
         factory=True,
         host=host,
         port=port,
         workers=workers,
-        http=TlsExtensionProtocol,
-        ssl_certfile=str(config.tls_cert),
-        ssl_keyfile=str(config.tls_key),
-        ssl_cert_reqs=ssl.CERT_OPTIONAL,
-        ssl_ca_certs=str(client_ca_bundle(config)),
-        ssl_context_factory=ssl_context,
+        http=https_protocol,  # type: ignore[arg-type]  # a factory, as uvicorn calls it
         server_header=False,
         log_level="info",
+        log_config=uvicorn_log_config(),
         access_log=config.access_log,
         lifespan="off",
     )

@@ -1,22 +1,33 @@
-"""ASGI TLS extension for uvicorn 0.54 (which does not fill it; its PRs #3132/#3133 are open).
+"""How uvicorn 0.54 speaks TLS here: ``https_protocol`` and the ASGI TLS extension.
 
+The TLS layer is ``tls_openssl.TlsServerProtocol`` (OpenSSL of the
+``cryptography`` wheel); uvicorn's HTTP protocol runs inside it.
+
+uvicorn does not fill the ASGI TLS extension (its PRs #3132/#3133 are open).
 The TLS handshake is complete when the HTTP protocol's ``connection_made``
 runs, so the peer certificate is read there, once per connection, and
 attached to every request's scope as ``scope["extensions"]["tls"]`` in the
-shape the ASGI TLS extension specifies. Delete the extension part when
-uvicorn ships it (and the TCP_NODELAY part when uvicorn #3149 is fixed).
+shape the ASGI TLS extension specifies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import functools
+import logging
+import os
 import socket
 import ssl
 from pathlib import Path
 from typing import Any
 
+from OpenSSL import SSL
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from estkit.server.config import DATA_DIR_ENV, load_config
+from estkit.server.tls_openssl import TlsServerProtocol, server_context
 
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 
@@ -52,6 +63,58 @@ class TlsExtensionProtocol(HttpToolsProtocol):
             self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]
 
 
+def https_protocol(config: Any, server_state: Any, app_state: Any, _loop: Any = None) -> Any:
+    """uvicorn's ``http=`` factory: TLS (``tls_openssl``) around ``TlsExtensionProtocol``.
+
+    uvicorn itself runs without ``ssl``. The TLS context is made once per
+    worker process, from the data directory that ``serve`` put in the
+    environment (workers are spawned, not forked).
+    """
+    global _context
+    if _context is None:
+        _context = context_for(Path(os.environ[DATA_DIR_ENV]))
+    inner = functools.partial(
+        TlsExtensionProtocol,
+        config=config,
+        server_state=server_state,
+        app_state=app_state,
+        _loop=_loop,
+    )
+    return TlsServerProtocol(_context, inner)
+
+
+def context_for(data_dir: Path) -> SSL.Context:
+    config = load_config(data_dir)
+    return server_context(
+        cert_chain=config.tls_cert, key=config.tls_key, client_cas=client_ca_path(data_dir)
+    )
+
+
 def client_ca_path(data_dir: Path) -> Path:
     """Where ``serve`` writes the CAs whose certificates may authenticate clients."""
     return data_dir / "run" / "client-cas.pem"
+
+
+class HttpsInStartupLine(logging.Filter):
+    """uvicorn names the scheme in "Uvicorn running on http://…" after its own ``ssl``
+    setting, which is off here because the TLS layer is ours: say https."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        running = str(record.msg).startswith("Uvicorn running on")
+        if running and isinstance(args, tuple) and args and args[0] == "http":
+            record.args = ("https", *args[1:])
+        return True
+
+
+def uvicorn_log_config() -> dict[str, Any]:
+    """uvicorn's default logging, with ``HttpsInStartupLine`` on its main handler."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config.setdefault("filters", {})["https"] = {"()": HttpsInStartupLine}
+    log_config["handlers"]["default"]["filters"] = ["https"]
+    return log_config
+
+
+_context: SSL.Context | None = None

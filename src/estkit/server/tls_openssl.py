@@ -1,0 +1,267 @@
+"""TLS for the server on the OpenSSL that the ``cryptography`` wheel bundles (via pyOpenSSL).
+
+Python's ``ssl`` module links the system OpenSSL (3.0 on Debian 12), whose
+mutual-TLS handshake costs ≈ 0.9 ms of CPU here; the OpenSSL 4 inside the
+``cryptography`` wheel does the same handshake in ≈ 0.7 ms, and a protocol
+written for one request-response exchange does less per connection than
+asyncio's general SSL transport (bench/README.md has the figures).
+
+``TlsServerProtocol`` sits between the socket and uvicorn's HTTP protocol:
+it runs the handshake over memory BIOs, then hands the HTTP protocol a
+transport (``TlsTransport``) that encrypts what it writes. The peer
+certificate is offered through ``get_extra_info("ssl_object")`` in the shape
+``server/tls.py`` reads from the stdlib ``ssl`` object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from OpenSSL import SSL, crypto
+
+# OpenSSL's X509_V_FLAG_NO_CHECK_TIME: the handshake accepts an expired client
+# certificate so that the application can refuse it with a 403 and a reason
+# (and audit it) instead of a bare TLS alert. Signatures are still checked.
+_X509_V_FLAG_NO_CHECK_TIME = 0x200000
+_HANDSHAKE_TIMEOUT = 30.0
+_READ_SIZE = 65536
+
+
+def server_context(*, cert_chain: Path, key: Path, client_cas: Path) -> SSL.Context:
+    """TLS 1.2-1.3; a client certificate of ``client_cas`` is optional (required per route)."""
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.use_certificate_chain_file(str(cert_chain))
+    ctx.use_privatekey_file(str(key))
+    ctx.check_privatekey()
+    ctx.load_verify_locations(str(client_cas))
+    ctx.load_client_ca(bytes(client_cas))  # the CA names sent in CertificateRequest
+    ctx.set_verify(SSL.VERIFY_PEER, None)
+    ctx.get_cert_store().set_flags(_X509_V_FLAG_NO_CHECK_TIME)  # type: ignore[union-attr]
+    # No resumption: devices renew days apart, and a TLS 1.3 ticket carrying the
+    # client certificate costs CPU on every handshake.
+    ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    return ctx
+
+
+class _PeerInfo:
+    """What ``server/tls.py`` reads from an ``ssl.SSLObject``, from a pyOpenSSL connection."""
+
+    def __init__(self, conn: SSL.Connection) -> None:
+        # Not get_peer_certificate(as_cryptography=True): in pyOpenSSL 26.4 that path
+        # leaks the X509 it converts (the soak in bench/README.md found it).
+        cert = conn.get_peer_certificate()
+        self._der = None if cert is None else crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+        self._cipher = conn.get_cipher_name()
+        self._version = conn.get_protocol_version_name()
+
+    def getpeercert(self, binary_form: bool = False) -> bytes | None:
+        assert binary_form
+        return self._der
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        return (self._cipher, self._version, 0) if self._cipher else None
+
+    def version(self) -> str:
+        return self._version
+
+
+class TlsTransport(asyncio.Transport):
+    """The HTTP protocol's view of one TLS connection: plaintext in, records out."""
+
+    def __init__(self, outer: TlsServerProtocol, raw: asyncio.Transport, peer: _PeerInfo) -> None:
+        super().__init__()
+        self._outer = outer
+        self._raw = raw
+        self._peer = peer
+        self._closing = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self._peer
+        if name == "sslcontext":
+            return self._outer.context
+        return self._raw.get_extra_info(name, default)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or not data:
+            return
+        self._outer.send(bytes(data))
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._outer.shutdown()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._raw.abort()
+
+    def is_closing(self) -> bool:
+        return self._closing or self._raw.is_closing()
+
+    def pause_reading(self) -> None:
+        self._raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._raw.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._raw.is_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._raw.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return self._raw.get_write_buffer_size()
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._outer.inner = protocol  # type: ignore[assignment]
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self._outer.inner is not None
+        return self._outer.inner
+
+
+class TlsServerProtocol(asyncio.Protocol):
+    """Handshake, then relay plaintext between the socket and ``inner`` (uvicorn's protocol)."""
+
+    def __init__(self, context: SSL.Context, inner_factory: Callable[[], asyncio.Protocol]) -> None:
+        self.context = context
+        self._inner_factory = inner_factory
+        self.inner: asyncio.Protocol | None = None
+        self._raw: asyncio.Transport | None = None
+        self._conn: SSL.Connection | None = None
+        self._timeout: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._raw = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._conn = SSL.Connection(self.context, None)
+        self._conn.set_accept_state()
+        self._timeout = asyncio.get_running_loop().call_later(_HANDSHAKE_TIMEOUT, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        conn.bio_write(data)
+        if self.inner is None and not self._handshake(conn):
+            return
+        self._receive(conn)
+
+    def _handshake(self, conn: SSL.Connection) -> bool:
+        assert self._raw is not None
+        try:
+            conn.do_handshake()
+        except SSL.WantReadError:
+            self._flush()
+            return False
+        except SSL.Error:
+            self._flush()  # the alert, so the client learns why
+            self._close_raw()
+            return False
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
+        self._flush()
+        self.inner = self._inner_factory()
+        self.inner.connection_made(TlsTransport(self, self._raw, _PeerInfo(conn)))
+        return True
+
+    def _receive(self, conn: SSL.Connection) -> None:
+        while self.inner is not None and self._conn is not None:
+            try:
+                chunk = conn.recv(_READ_SIZE)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:  # the peer's close_notify
+                self.inner.eof_received()
+                self._close_raw()
+                return
+            except SSL.Error:
+                self._abort()
+                return
+            self.inner.data_received(chunk)
+        self._flush()
+
+    def send(self, data: bytes) -> None:
+        if self._conn is None:
+            return
+        try:
+            self._conn.sendall(data)
+        except SSL.Error:
+            self._abort()
+            return
+        self._flush()
+
+    def shutdown(self) -> None:
+        """Send close_notify and close, without waiting for the peer's (RFC 8446 6.1 allows it)."""
+        if self._conn is not None:
+            with contextlib.suppress(SSL.Error):
+                self._conn.shutdown()
+            self._flush()
+        self._close_raw()
+
+    def _flush(self) -> None:
+        conn, raw = self._conn, self._raw
+        if conn is None or raw is None:
+            return
+        while True:
+            try:
+                out = conn.bio_read(_READ_SIZE)
+            except SSL.WantReadError:
+                return
+            raw.write(out)
+            if len(out) < _READ_SIZE:  # a memory BIO hands over all it holds, up to the size
+                return
+
+    def _close_raw(self) -> None:
+        self._conn = None
+        if self._raw is not None:
+            self._raw.close()
+
+    def _abort(self) -> None:
+        self._conn = None
+        if self._raw is not None:
+            self._raw.abort()
+
+    def eof_received(self) -> bool | None:
+        if self.inner is not None:
+            self.inner.eof_received()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timeout is not None:
+            self._timeout.cancel()
+        # Drop every link of the cycle this layer closes (uvicorn's protocol -> our
+        # transport -> this protocol -> uvicorn's protocol), as asyncio's SSL protocol
+        # does: left to the cyclic GC, each connection's garbage waited for a full
+        # collection and the server's RSS grew 9 % over 40,000 handshakes (1 % without).
+        self._conn = None
+        self._timeout = None
+        self._raw = None
+        inner, self.inner = self.inner, None
+        if inner is not None:
+            inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
