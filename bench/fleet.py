@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import ssl
@@ -54,6 +55,27 @@ def init_server(data_dir: Path, *, port: int, crl_port: int) -> None:
     estkit(
         "server", "init", "--data-dir", data_dir, "--port", str(port), "--crl-port", str(crl_port)
     )
+
+
+def set_crl_port(data_dir: Path, port: int) -> None:
+    """Point ``[crl] http_port`` of a copied data directory at a port of its own."""
+    path = data_dir / "estkit.toml"
+    text = path.read_text()
+    start = text.index("[crl]\n")
+    end = text.find("\n[", start + 1)
+    end = len(text) if end < 0 else end
+    section, n = re.subn(r"(?m)^http_port\s*=.*$", f"http_port = {port}", text[start:end])
+    if n != 1:
+        raise ValueError(f"{path}: no [crl] http_port line")
+    path.write_text(text[:start] + section + text[end:])
+
+
+def count_certificates(db_file: Path) -> int:
+    db = sqlite3.connect(f"file:{db_file}?mode=ro", uri=True)
+    try:
+        return int(db.execute("SELECT count(*) FROM certificates").fetchone()[0])
+    finally:
+        db.close()
 
 
 def _utcnow() -> dt.datetime:
@@ -297,6 +319,13 @@ def fill_store(db_file: Path, rows: int, *, now: dt.datetime, seed: int = 5) -> 
         db.execute("PRAGMA journal_mode=WAL")
     finally:
         db.close()
+    # Written with synchronous=OFF: flush it now, or the kernel's write-back of
+    # ≈ 400 MB competes with the scale run's fsyncs (a real store's rows are old).
+    fd = os.open(db_file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return FillReport(
         rows=written,
         devices=n_devices,

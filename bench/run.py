@@ -23,7 +23,8 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from bench.procstat import RssSampler, Snapshot
 RESULTS = Path(__file__).parent / "results"
 OPERATIONS = ("cacerts", "simpleenroll", "simplereenroll")
 MB = 1024 * 1024
+# The scale comparison's alternating slices per side (see ``measure_interleaved``).
+SCALE_ROUNDS = 6
 # A virtualenv with estkit and its device dependencies only (``make bench`` makes it).
 DEVICE_PYTHON = Path(__file__).resolve().parent / ".device-venv" / "bin" / "python"
 
@@ -94,6 +97,85 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+@dataclass(slots=True)
+class Tally:
+    """One or more load slices on one server, added up into one ``Row``."""
+
+    load_before: float
+    ok: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    wall: float = 0.0
+    client_cpu: float = 0.0
+    server_cpu: float = 0.0
+    machine_busy: float = 0.0
+    rss_before: int | None = None
+    rss_peak: int = 0
+    rss_after: int = 0
+
+    def add(
+        self,
+        server: fleet.Server,
+        plan: loadgen.Plan,
+        rss_trace: list[tuple[float, int]] | None = None,
+    ) -> None:
+        marks: dict[str, Snapshot] = {}
+        with RssSampler(server.pid) as sampler:
+            result = loadgen.run(
+                plan, on_start=lambda: marks.setdefault("start", Snapshot.of(server.pid))
+            )
+            end = Snapshot.of(server.pid)
+        time.sleep(0.5)  # let the server settle before "after"
+        after = Snapshot.of(server.pid)
+        start = marks["start"]
+        if rss_trace is not None:
+            rss_trace.extend(sampler.samples)
+        for kind, sample in result.error_samples.items():
+            print(f"    error {kind}: {sample}", flush=True)
+        self.ok += result.ok
+        self.errors.update(result.errors)
+        self.latencies += result.latencies
+        self.wall += result.wall
+        self.client_cpu += result.client_cpu
+        self.server_cpu += end.cpu - start.cpu
+        self.machine_busy += end.machine - start.machine
+        if self.rss_before is None:
+            self.rss_before = start.rss
+        self.rss_peak = max(self.rss_peak, sampler.peak, start.rss, end.rss)
+        self.rss_after = after.rss
+
+    def row(
+        self, *, scenario: str, server: fleet.Server, plan: loadgen.Plan, store_rows: int
+    ) -> Row:
+        ok = max(self.ok, 1)
+        wall = max(self.wall, 1e-9)
+        return Row(
+            scenario=scenario,
+            operation=plan.operation,
+            workers=server.workers,
+            concurrency=plan.concurrency,
+            store_rows=store_rows,
+            requests=self.ok,
+            errors=sum(self.errors.values()),
+            error_kinds=dict(self.errors),
+            seconds=round(self.wall, 3),
+            rps=round(self.ok / wall, 1),
+            p50_ms=round(_percentile(self.latencies, 0.50) * 1000, 1),
+            p99_ms=round(_percentile(self.latencies, 0.99) * 1000, 1),
+            server_cpu_ms=round(self.server_cpu * 1000 / ok, 3),
+            server_cpu_util=round(self.server_cpu / wall, 2),
+            client_cpu_ms=round(self.client_cpu * 1000 / ok, 3),
+            client_cpu_util=round(self.client_cpu / wall, 2),
+            rss_before_mb=round((self.rss_before or 0) / MB, 1),
+            rss_peak_mb=round(self.rss_peak / MB, 1),
+            rss_after_mb=round(self.rss_after / MB, 1),
+            other_cpu_util=round(
+                max(0.0, self.machine_busy - self.server_cpu - self.client_cpu) / wall, 2
+            ),
+            load_before=self.load_before,
+        )
+
+
 def measure(
     server: fleet.Server,
     plan: loadgen.Plan,
@@ -102,48 +184,46 @@ def measure(
     store_rows: int,
     rss_trace: list[tuple[float, int]] | None = None,
 ) -> Row:
+    tally = Tally(load_before=_loadavg())
+    tally.add(server, plan, rss_trace)
+    return tally.row(scenario=scenario, server=server, plan=plan, store_rows=store_rows)
+
+
+@dataclass(frozen=True, slots=True)
+class Arm:
+    """One side of an interleaved comparison."""
+
+    scenario: str
+    server: fleet.Server
+    plan: loadgen.Plan
+    store_rows: int
+
+
+def measure_interleaved(first: Arm, second: Arm, *, rounds: int) -> tuple[Row, Row]:
+    """Both arms in ``rounds`` alternating slices (A B, B A, A B, ...), each slice a
+    ``rounds``-th of its plan's requests and time.
+
+    Two runs one after the other differ by the machine's drift as much as by what
+    is compared (this VM's speed moves by 20-30 % within minutes); slices taken
+    turn about see the same machine.
+    """
     load = _loadavg()
-    marks: dict[str, Snapshot] = {}
-    with RssSampler(server.pid) as sampler:
-        result = loadgen.run(
-            plan, on_start=lambda: marks.setdefault("start", Snapshot.of(server.pid))
-        )
-        end = Snapshot.of(server.pid)
-    time.sleep(0.5)  # let the server settle before "after"
-    after = Snapshot.of(server.pid)
-    start = marks["start"]
-    if rss_trace is not None:
-        rss_trace.extend(sampler.samples)
-    ok = max(result.ok, 1)
-    wall = max(result.wall, 1e-9)
-    server_cpu = end.cpu - start.cpu
-    for kind, sample in result.error_samples.items():
-        print(f"    error {kind}: {sample}", flush=True)
-    return Row(
-        scenario=scenario,
-        operation=plan.operation,
-        workers=server.workers,
-        concurrency=plan.concurrency,
-        store_rows=store_rows,
-        requests=result.ok,
-        errors=result.error_count,
-        error_kinds=dict(result.errors),
-        seconds=round(result.wall, 3),
-        rps=round(result.ok / wall, 1),
-        p50_ms=round(_percentile(result.latencies, 0.50) * 1000, 1),
-        p99_ms=round(_percentile(result.latencies, 0.99) * 1000, 1),
-        server_cpu_ms=round(server_cpu * 1000 / ok, 3),
-        server_cpu_util=round(server_cpu / wall, 2),
-        client_cpu_ms=round(result.client_cpu * 1000 / ok, 3),
-        client_cpu_util=round(result.client_cpu / wall, 2),
-        rss_before_mb=round(start.rss / MB, 1),
-        rss_peak_mb=round(max(sampler.peak, start.rss, end.rss) / MB, 1),
-        rss_after_mb=round(after.rss / MB, 1),
-        other_cpu_util=round(
-            max(0.0, (end.machine - start.machine) - server_cpu - result.client_cpu) / wall, 2
-        ),
-        load_before=load,
+    tallies = (Tally(load_before=load), Tally(load_before=load))
+    arms = (first, second)
+    for i in range(rounds):
+        for side in (0, 1) if i % 2 == 0 else (1, 0):
+            arm = arms[side]
+            plan = replace(
+                arm.plan,
+                requests=max(1, arm.plan.requests // rounds),
+                seconds=arm.plan.seconds / rounds,
+            )
+            tallies[side].add(arm.server, plan)
+    rows = tuple(
+        t.row(scenario=a.scenario, server=a.server, plan=a.plan, store_rows=a.store_rows)
+        for t, a in zip(tallies, arms, strict=True)
     )
+    return rows[0], rows[1]
 
 
 HEADER = (
@@ -350,8 +430,16 @@ class Bench:
             )
 
     def scale(self) -> None:
+        """Enrollment with ``--scale`` certificates stored, against a copy of the store
+        without them, in interleaved slices; then the operator queries at that size."""
         a = self.args
         db_file = self.data_dir / "estkit.db"
+        # The baseline: this server's data as it is now (its CAs, the pool's devices and
+        # the matrix's enrollments), on its own ports.
+        baseline_dir = self.work / "server-baseline"
+        shutil.copytree(self.data_dir, baseline_dir)
+        fleet.set_crl_port(baseline_dir, _free_port())
+        baseline_rows = fleet.count_certificates(baseline_dir / "estkit.db")
         print(f"scale: writing {a.scale:,} certificates into {db_file} ...", flush=True)
         fill = fleet.fill_store(db_file, a.scale, now=dt.datetime.now(dt.UTC))
         print(
@@ -360,18 +448,38 @@ class Bench:
             f"holds a {len(fleet.PLACEHOLDER_DER)}-byte placeholder in bulk rows)",
             flush=True,
         )
+        stored = fleet.count_certificates(db_file)
         url = f"sqlite:///{db_file}"
         sample_device = "fleet-000042"
         queries = fleet.store_queries(url, sample_device)
         token = fleet.estkit(
             "token", "create", "--data-dir", self.data_dir, "--name", "bench", "--scope", "read"
         ).split()[-1]
+        rounds = SCALE_ROUNDS
+        print(
+            f"scale: simpleenroll on {baseline_rows:,} vs {stored:,} stored certificates, "
+            f"{rounds} interleaved slices each",
+            flush=True,
+        )
         print(HEADER, flush=True)
         workers = max(a.workers)
         concurrency = max(a.concurrency)
-        with self.server(workers) as server:
+        baseline_server = fleet.Server(
+            baseline_dir,
+            port=_free_port(),
+            workers=workers,
+            log=self.work / "server-baseline.log",
+            python=a.server_python,
+        )
+        with self.server(workers) as server, baseline_server as baseline:
             plan = self.plan("simpleenroll", concurrency, a.requests, a.seconds)
-            self.record(measure(server, plan, scenario="scale", store_rows=fill.rows))
+            base, scaled = measure_interleaved(
+                Arm("scale baseline", baseline, replace(plan, port=baseline.port), baseline_rows),
+                Arm("scale", server, plan, stored),
+                rounds=rounds,
+            )
+            self.record(base)
+            self.record(scaled)
             queries += fleet.rest_queries(server, token, sample_device)
         for q in queries:
             print(
@@ -379,27 +487,21 @@ class Bench:
                 f"max {q.max_ms:8.1f} ms  rows {q.rows}",
                 flush=True,
             )
-        base = next(
-            (
-                r
-                for r in self.rows
-                if r.scenario == "empty store"
-                and r.operation == "simpleenroll"
-                and r.workers == workers
-                and r.concurrency == concurrency
-            ),
-            None,
+        change = (scaled.rps - base.rps) / base.rps * 100 if base.rps else float("nan")
+        print(
+            f"scale: throughput {scaled.rps:.1f} vs {base.rps:.1f} req/s ({change:+.1f} %), "
+            f"server CPU {scaled.server_cpu_ms:.2f} vs {base.server_cpu_ms:.2f} ms per enrollment",
+            flush=True,
         )
-        scaled = self.rows[-1]
         self.report["scale"] = {
             "fill": asdict(fill),
             "placeholder_der_bytes": len(fleet.PLACEHOLDER_DER),
             "queries": [asdict(q) for q in queries],
-            "enroll_rps_empty": base.rps if base else None,
+            "interleaved_rounds": rounds,
+            "baseline_rows": baseline_rows,
+            "enroll_rps_baseline": base.rps,
             "enroll_rps_scaled": scaled.rps,
-            "throughput_change_percent": (
-                round((scaled.rps - base.rps) / base.rps * 100, 1) if base else None
-            ),
+            "throughput_change_percent": round(change, 1),
         }
 
     def agent(self) -> None:
