@@ -38,35 +38,40 @@ from estkit.store.models import (
     PendingStatus,
     PresentedCertificate,
 )
+from estkit.store.prepared import Prepared
 from estkit.store.writer import GroupCommitter
 
 HEAD_REVISION = "0002"
 T = TypeVar("T")
 
 
-# Statements built once: SQLAlchemy then skips per-call construction and cache-key
-# work, which bench/README.md measured as the largest share of an enrollment.
+# The statements of an enrollment's transaction and of mTLS authentication: built
+# once, and on SQLite run on the DB-API connection (store/prepared.py).
 _H = schema.audit_head
 # Takes the write lock and reads the head in one statement (RETURNING: SQLite >= 3.35).
-_LOCK_AND_READ_HEAD = (
+_LOCK_AND_READ_HEAD = Prepared(
     _H.update()
     .where(_H.c.id == 1)
     .values(last_id=_H.c.last_id)
     .returning(_H.c.last_id, _H.c.last_hash)
 )
-_WRITE_HEAD = (
+_WRITE_HEAD = Prepared(
     _H.update()
     .where(_H.c.id == 1)
     .values(last_id=sa.bindparam("new_id"), last_hash=sa.bindparam("new_hash"))
 )
-_INSERT_AUDIT = schema.audit_events.insert()
-_INSERT_CERT = schema.certificates.insert()
-_INSERT_DEVICE = schema.devices.insert()
-_DEVICE_EXISTS = sa.select(schema.devices.c.device_id).where(
-    schema.devices.c.device_id == sa.bindparam("dev")
+_INSERT_AUDIT = Prepared(
+    schema.audit_events.insert(), columns=[c.key for c in schema.audit_events.c]
+)
+_INSERT_CERT = Prepared(
+    schema.certificates.insert(), columns=[c.key for c in schema.certificates.c]
+)
+_INSERT_DEVICE = Prepared(schema.devices.insert(), columns=[c.key for c in schema.devices.c])
+_DEVICE_EXISTS = Prepared(
+    sa.select(schema.devices.c.device_id).where(schema.devices.c.device_id == sa.bindparam("dev"))
 )
 _C = schema.certificates.c
-_PRESENTED_CERTIFICATE = (
+_PRESENTED_CERTIFICATE = Prepared(
     sa.select(_C.serial, _C.device_id, _C.ca, _C.status, _C.der, schema.devices.c.status)
     .select_from(
         schema.certificates.outerjoin(
@@ -145,12 +150,16 @@ class SqlStore:
         entries the batch appends (``_insert_audit``).
         """
         with self._engine.begin() as conn:
-            head = _ChainHead(*conn.execute(_LOCK_AND_READ_HEAD).one())
+            # fetchall: a RETURNING statement is finished only once its rows are read.
+            rows = _LOCK_AND_READ_HEAD.execute(conn).fetchall()
+            if len(rows) != 1:
+                raise SchemaError("the audit chain's head row is missing")
+            head = _ChainHead(*rows[0])
             conn.info[_CHAIN_HEAD] = head
             try:
                 yield conn
                 if head.moved:
-                    conn.execute(_WRITE_HEAD, {"new_id": head.last_id, "new_hash": head.last_hash})
+                    _WRITE_HEAD.execute(conn, {"new_id": head.last_id, "new_hash": head.last_hash})
             finally:
                 del conn.info[_CHAIN_HEAD]
 
@@ -217,10 +226,10 @@ class SqlStore:
 
     def _ensure_device(self, conn: Connection, device_id: str, now: dt.datetime) -> bool:
         """Register ``device_id`` as active unless it exists (inside the caller's transaction)."""
-        exists = conn.execute(_DEVICE_EXISTS, {"dev": device_id}).first()
+        exists = _DEVICE_EXISTS.execute(conn, {"dev": device_id}).fetchone() is not None
         if not exists:
-            conn.execute(
-                _INSERT_DEVICE,
+            _INSERT_DEVICE.execute(
+                conn,
                 {
                     "device_id": device_id,
                     "status": DeviceStatus.ACTIVE.value,
@@ -307,7 +316,7 @@ class SqlStore:
                 if res.rowcount != 1:
                     raise Conflict("enrollment secret already used")
             self._ensure_device(conn, record.device_id, record.issued_at)
-            conn.execute(_INSERT_CERT, _cert_row(record))
+            _INSERT_CERT.execute(conn, _cert_row(record))
             if pending_id is not None:
                 p = schema.pending_requests
                 res = conn.execute(
@@ -331,7 +340,7 @@ class SqlStore:
     def presented_certificate(self, serial: str) -> PresentedCertificate | None:
         """A certificate's record and its device's status, in one query (the mTLS hot path)."""
         with self._engine.connect() as conn:
-            row = conn.execute(_PRESENTED_CERTIFICATE, {"serial": serial}).first()
+            row = _PRESENTED_CERTIFICATE.execute(conn, {"serial": serial}).fetchone()
         if row is None:
             return None
         serial, device_id, ca, status, der, device_status = row
@@ -709,8 +718,8 @@ def _insert_audit(conn: Connection, event: AuditEvent) -> None:
     event = replace(event, at=event.at.astimezone(dt.UTC), detail=event.detail[:2000])
     entry_id = head.last_id + 1
     digest = entry_hash(head.last_hash, event, entry_id)
-    conn.execute(
-        _INSERT_AUDIT,
+    _INSERT_AUDIT.execute(
+        conn,
         {
             "id": entry_id,
             "at": event.at,
