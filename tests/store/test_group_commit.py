@@ -7,7 +7,6 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -86,14 +85,6 @@ def test_close_finishes_what_is_queued() -> None:
     threading.Timer(0.05, release.set).start()
     committer.close()
     assert future.done() and db.commits[-1] == ["late"]
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqlStore]:
-    s = SqlStore.open(f"sqlite:///{tmp_path / 'estkit.db'}")
-    s.migrate()
-    yield s
-    s.close()
 
 
 def _record(serial: int, device: str) -> CertificateRecord:

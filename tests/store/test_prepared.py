@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,14 +17,6 @@ from estkit.store.sql import _cert_row
 CEST = dt.timezone(dt.timedelta(hours=2))
 # Not UTC and with microseconds: both must be converted as Core converts them.
 ISSUED = dt.datetime(2026, 11, 27, 13, 4, 5, 123456, tzinfo=CEST)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqlStore]:
-    s = SqlStore.open(f"sqlite:///{tmp_path / 'estkit.db'}")
-    s.migrate()
-    yield s
-    s.close()
 
 
 def _record(serial: str, **changes: object) -> CertificateRecord:
