@@ -147,6 +147,10 @@ def serve(config: ServerConfig, *, host: str, port: int, workers: int) -> None:
         port=port,
         workers=workers,
         http=https_protocol,  # type: ignore[arg-type]  # a factory, as uvicorn calls it
+        # Not "auto": that switches to uvloop wherever it happens to be installed. The TLS
+        # layer runs on it too, but the asyncio loop is the one tested and soaked, and
+        # uvloop measured no clear gain per enrollment (bench/README.md).
+        loop="asyncio",
         server_header=False,
         log_level="info",
         log_config=uvicorn_log_config(),

@@ -20,7 +20,7 @@ import contextlib
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL import SSL, crypto
 
@@ -144,15 +144,15 @@ class TlsServerProtocol(asyncio.Protocol):
         self._timeout: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._raw = transport
+        # A stream transport; not always an asyncio.Transport subclass (uvloop's is not).
+        self._raw = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._conn = SSL.Connection(self.context, None)
         self._conn.set_accept_state()
-        self._timeout = asyncio.get_running_loop().call_later(_HANDSHAKE_TIMEOUT, transport.abort)
+        self._timeout = asyncio.get_running_loop().call_later(_HANDSHAKE_TIMEOUT, self._raw.abort)
 
     def data_received(self, data: bytes) -> None:
         conn = self._conn
