@@ -263,6 +263,7 @@ def machine() -> dict[str, Any]:
         "cryptography",
         "uvicorn",
         "httptools",
+        "pyopenssl",
         "fastapi",
         "starlette",
         "sqlalchemy",
