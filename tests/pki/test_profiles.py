@@ -7,10 +7,11 @@ import datetime as dt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from estkit.pki.certs import certs_to_pem
+from estkit.pki.crl import build_crl
 from estkit.pki.profiles import BACKDATE, Kind, Profile, issue_ca, issue_leaf, random_serial
 from testpki import cn_name
 
@@ -331,3 +332,64 @@ def test_leaf_pem_is_readable_by_openssl(issue, openssl):
     text = openssl("x509", "-noout", "-text", stdin=issue().public_bytes(Encoding.PEM))
     assert "TLS Web Client Authentication" in text
     assert "CA:FALSE" in text
+
+
+def _operator_ca(ca, key_of, now) -> x509.Certificate:
+    """An intermediate made elsewhere: as estkit would make it, but its SKI is the
+    truncated SHA-256 of its key (RFC 7093 method 1), not the SHA-1 of estkit's CAs."""
+    key = key_of("ec-p384")
+    made_here = issue_ca(
+        subject=cn_name("Operator Issuing CA"),
+        public_key=key.public_key(),
+        issuer=ca.root,
+        issuer_key=ca.root_key,
+        validity=365 * DAY,
+        now=now,
+        path_length=0,
+    )
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo))
+    ski = x509.SubjectKeyIdentifier(digest.finalize()[:20])
+    assert ski != ext(made_here, x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(made_here.subject)
+        .issuer_name(made_here.issuer)
+        .public_key(made_here.public_key())
+        .serial_number(made_here.serial_number)
+        .not_valid_before(made_here.not_valid_before_utc)
+        .not_valid_after(made_here.not_valid_after_utc)
+    )
+    for e in made_here.extensions:
+        value = ski if isinstance(e.value, x509.SubjectKeyIdentifier) else e.value
+        builder = builder.add_extension(value, e.critical)
+    return builder.sign(ca.root_key, hashes.SHA256())
+
+
+def test_aki_is_the_issuers_own_ski_whatever_method_made_it(ca, key_of, now, openssl, tmp_path):
+    operator = _operator_ca(ca, key_of, now)
+    leaf = issue_leaf(
+        profile=OPERATIONAL,
+        public_key=key_of("ec-p256").public_key(),
+        subject=cn_name("dev-1"),
+        sans=None,
+        issuer=operator,
+        issuer_key=key_of("ec-p384"),
+        now=now,
+    )
+    crl = build_crl(
+        issuer=operator, issuer_key=key_of("ec-p384"), revoked=[], now=now, validity=DAY, number=1
+    )
+    operator_ski = ext(operator, x509.SubjectKeyIdentifier).value.digest
+    assert ext(leaf, x509.AuthorityKeyIdentifier).value.key_identifier == operator_ski
+    crl_aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    assert crl_aki.key_identifier == operator_ski
+    # OpenSSL picks the issuer by AKI = SKI: a mismatch fails the chain.
+    files = {"root.pem": ca.root, "inter.pem": operator, "leaf.pem": leaf}
+    for file_name, cert in files.items():
+        (tmp_path / file_name).write_bytes(certs_to_pem([cert]))
+    out = openssl(
+        "verify", "-attime", str(int(now.timestamp())), "-CAfile", str(tmp_path / "root.pem"),
+        "-untrusted", str(tmp_path / "inter.pem"), str(tmp_path / "leaf.pem"),
+    )  # fmt: skip
+    assert out.strip().endswith("OK")

@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPri
 
 from estkit.pki.certs import parse_serial
 from estkit.pki.keys import signature_hash
+from estkit.pki.profiles import authority_key_identifier
 from estkit.pki.revocation import REASONS
 
 
@@ -29,10 +30,7 @@ def build_crl(
         .last_update(now)
         .next_update(now + validity)
         .add_extension(x509.CRLNumber(number), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-            critical=False,
-        )
+        .add_extension(authority_key_identifier(issuer, issuer_key), critical=False)
     )
     for serial, revoked_at, reason in revoked:
         entry = x509.RevokedCertificateBuilder().serial_number(parse_serial(serial))

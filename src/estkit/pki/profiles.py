@@ -44,6 +44,27 @@ def random_serial() -> int:
     return secrets.randbits(127) | 1 << 126
 
 
+def authority_key_identifier(
+    issuer: x509.Certificate | None, issuer_key: CertificateIssuerPrivateKeyTypes
+) -> x509.AuthorityKeyIdentifier:
+    """The issuer's own subjectKeyIdentifier, when its certificate has one.
+
+    Path building matches a certificate's AKI against its issuer's SKI
+    (RFC 5280 4.2.1.1/4.2.1.2), whatever method made that SKI: an
+    operator-supplied CA may use another than the SHA-1 of its key. Without
+    an issuer certificate (a root signing itself), or without an SKI in it,
+    the SHA-1 of the issuer's key, as estkit's own CAs have it.
+    """
+    if issuer is not None:
+        try:
+            ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        except x509.ExtensionNotFound:
+            pass
+        else:
+            return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    return x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
+
+
 def _leaf_key_usage(public_key: CertificatePublicKeyTypes, kind: Kind) -> x509.KeyUsage:
     rsa_key = isinstance(public_key, rsa.RSAPublicKey)
     return x509.KeyUsage(
@@ -101,10 +122,7 @@ def issue_leaf(
         .add_extension(_leaf_key_usage(public_key, profile.kind), critical=True)
         .add_extension(x509.ExtendedKeyUsage(_EKU[profile.kind]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-            critical=False,
-        )
+        .add_extension(authority_key_identifier(issuer, issuer_key), critical=False)
     )
     if sans is not None and len(sans):
         builder = builder.add_extension(sans, critical=False)
@@ -161,9 +179,6 @@ def issue_ca(
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
-            critical=False,
-        )
+        .add_extension(authority_key_identifier(issuer, issuer_key), critical=False)
     )
     return builder.sign(issuer_key, signature_hash(issuer_key))
