@@ -114,6 +114,8 @@ BAD: list[tuple[str, str, str]] = [
     ("missing/device_id", _replace(MINIMAL, 'device_id = "sensor-0042"', ""), "device_id"),
     ("fail/device-id-slash", _replace(MINIMAL, "sensor-0042", "a/b"), "device_id"),
     ("fail/device-id-wildcard", _replace(MINIMAL, "sensor-0042", "a#"), "device_id"),
+    # Azure allows 128 characters, but the id is the certificate's CN (at most 64).
+    ("fail/device-id-65-chars", _replace(MINIMAL, "sensor-0042", "d" * 65), "device_id"),
     ("missing/state_dir", _replace(MINIMAL, 'state_dir = "state"', ""), "state_dir"),
     ("fail/url-http", _replace(MINIMAL, "https://est", "http://est"), "est.url"),
     ("fail/url-userinfo", _replace(MINIMAL, "https://est", "https://u:p@est"), "est.url"),

@@ -23,10 +23,13 @@ from urllib.parse import urlsplit
 
 from estkit.agent.errors import ConfigError
 from estkit.pki import certs, keys
+from estkit.pki.names import MAX_DEVICE_ID
 
-# Azure IoT Hub device ids: up to 128 of these characters; none is an MQTT
-# wildcard or level separator, so the id can be put into topic names.
-DEVICE_ID = re.compile(r"[A-Za-z0-9\-.%_*?!(),:=@$']{1,128}")
+# Azure IoT Hub's device id characters; none is an MQTT wildcard or level
+# separator, so the id can be put into topic names. At most MAX_DEVICE_ID (64)
+# of them, not Azure's 128: the id is the certificate's CN (ub-common-name), and
+# the estkit server refuses longer ones.
+DEVICE_ID = re.compile(rf"[A-Za-z0-9\-.%_*?!(),:=@$']{{1,{MAX_DEVICE_ID}}}")
 DEFAULT_API_VERSION = "2021-04-12"
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -222,7 +225,8 @@ def parse_config(data: Mapping[str, Any], *, path: Path) -> AgentConfig:
     if DEVICE_ID.fullmatch(device_id) is None:
         raise ConfigError(
             "device_id",
-            f"1 to 128 letters, digits or -.%_*?!(),:=@$' (no '/', '+' or '#'), got {device_id!r}",
+            f"1 to {MAX_DEVICE_ID} letters, digits or -.%_*?!(),:=@$' (no '/', '+' or '#'), "
+            f"got {device_id!r}",
         )
     state_dir = top.required_path("state_dir")
     config = AgentConfig(
