@@ -246,3 +246,8 @@ def test_bad_credential_files_name_the_field(
     config = _config_with_files(tmp_path)
     with pytest.raises(ConfigError, match=rf"^{field}: "):
         load_credentials(config, StateDirectory(config.state_dir))
+
+
+def test_a_device_id_of_64_characters_is_the_longest_accepted() -> None:
+    longest = "d" * 64  # a certificate CN holds at most 64 (ub-common-name)
+    assert _parse(_replace(MINIMAL, "sensor-0042", longest)).device_id == longest

@@ -125,10 +125,21 @@ def test_device_add_prints_only_the_secret_and_stores_a_hash(data_dir: Path) -> 
     assert stored and all(secret.encode() not in h for h in stored)
 
 
-def test_bad_config_fails_at_start_naming_the_field(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("profiles.operational", "validity", '"soon"'),
+        ("server", "access_log", '"yes"'),
+        ("tls", "key", '"ca/devices.key"'),  # a key that is not the certificate's
+    ],
+)
+def test_bad_config_fails_at_start_naming_the_field(
+    tmp_path: Path, section: str, key: str, value: str
+) -> None:
     d = tmp_path / "data"
     run_estkit("server", "init", "--data-dir", d)
-    set_config(d, "profiles.operational", "validity", '"soon"')
+    set_config(d, section, key, value)
     proc = run_estkit("server", "run", "--data-dir", d, "--port", "1", check=False, timeout=30)
     assert proc.returncode != 0
-    assert "profiles.operational.validity" in proc.stderr
+    assert f"{section}.{key}" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

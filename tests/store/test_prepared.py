@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from estkit.store import AuditEvent, CertificateRecord, CertStatus, SqlStore, schema
 from estkit.store.prepared import Prepared
-from estkit.store.sql import _cert_row
+from estkit.store.sql import _PRESENTED_CERTIFICATE, _cert_row
 
 CEST = dt.timezone(dt.timedelta(hours=2))
 # Not UTC and with microseconds: both must be converted as Core converts them.
@@ -102,3 +102,31 @@ def test_a_missing_parameter_is_an_error_not_a_null(store: SqlStore) -> None:
     )
     with store._engine.connect() as conn, pytest.raises(KeyError, match="dev"):
         select.execute(conn, {})
+
+
+def test_a_column_that_needs_converting_cannot_be_selected(store: SqlStore) -> None:
+    """Rows bypass SQLAlchemy's result processing: a UtcDateTime would come back as text."""
+    select = Prepared(
+        sa.select(schema.certificates.c.not_after).where(
+            schema.certificates.c.serial == sa.bindparam("serial")
+        )
+    )
+    with store._engine.connect() as conn, pytest.raises(TypeError, match="not_after"):
+        select.execute(conn, {"serial": "01"})
+
+
+def test_the_mtls_lookup_reads_what_core_reads(store: SqlStore) -> None:
+    store.record_issued(_record("01" * 16), audit=_audit("01" * 16))
+    presented = store.presented_certificate("01" * 16)
+    with store._engine.connect() as conn:
+        row = conn.execute(_PRESENTED_CERTIFICATE.statement, {"serial": "01" * 16}).one()
+    assert presented is not None
+    assert (
+        presented.serial,
+        presented.device_id,
+        presented.ca,
+        presented.status.value,
+        presented.der,
+        presented.device_status.value if presented.device_status else None,
+    ) == tuple(row)
+    assert store.presented_certificate("02" * 16) is None

@@ -26,7 +26,7 @@ from typing import Any
 from OpenSSL import SSL
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from estkit.server.config import DATA_DIR_ENV, load_config
+from estkit.server.config import DATA_DIR_ENV, ConfigError, load_config
 from estkit.server.tls_openssl import TlsServerProtocol, server_context
 
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
@@ -84,10 +84,25 @@ def https_protocol(config: Any, server_state: Any, app_state: Any, _loop: Any = 
 
 
 def context_for(data_dir: Path) -> SSL.Context:
+    """The server's TLS context; ``ConfigError`` (one line) when its files cannot serve."""
     config = load_config(data_dir)
-    return server_context(
-        cert_chain=config.tls_cert, key=config.tls_key, client_cas=client_ca_path(data_dir)
-    )
+    try:
+        return server_context(
+            cert_chain=config.tls_cert, key=config.tls_key, client_cas=client_ca_path(data_dir)
+        )
+    except SSL.Error as exc:
+        raise ConfigError(
+            f"tls.cert / tls.key: {config.tls_cert} and {config.tls_key} cannot serve TLS "
+            f"({_openssl_reason(exc)})"
+        ) from None
+
+
+def _openssl_reason(exc: SSL.Error) -> str:
+    """The last reason of OpenSSL's error queue, e.g. "key values mismatch"."""
+    queue = exc.args[0] if exc.args else None
+    if isinstance(queue, list) and queue and isinstance(queue[-1], tuple):
+        return str(queue[-1][-1])
+    return str(exc) or type(exc).__name__
 
 
 def client_ca_path(data_dir: Path) -> Path:

@@ -29,6 +29,9 @@ from OpenSSL import SSL, crypto
 # (and audit it) instead of a bare TLS alert. Signatures are still checked.
 _X509_V_FLAG_NO_CHECK_TIME = 0x200000
 _HANDSHAKE_TIMEOUT = 30.0
+# How long a closing connection may take to hand its last bytes to a peer that
+# does not read them (asyncio's SSL transport waits as long for its shutdown).
+CLOSE_TIMEOUT = 30.0
 _READ_SIZE = 65536
 
 
@@ -43,8 +46,10 @@ def server_context(*, cert_chain: Path, key: Path, client_cas: Path) -> SSL.Cont
     ctx.load_client_ca(bytes(client_cas))  # the CA names sent in CertificateRequest
     ctx.set_verify(SSL.VERIFY_PEER, None)
     ctx.get_cert_store().set_flags(_X509_V_FLAG_NO_CHECK_TIME)  # type: ignore[union-attr]
-    # No resumption: devices renew days apart, and a TLS 1.3 ticket carrying the
-    # client certificate costs CPU on every handshake.
+    # No resumption: devices renew days apart. OP_NO_TICKET makes TLS 1.3 tickets
+    # stateful (no encrypted session holding the client certificate to build), and
+    # with the cache off none can be resumed. OpenSSL still sends two: pyOpenSSL
+    # cannot set SSL_CTX_set_num_tickets to 0.
     ctx.set_options(SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     return ctx
@@ -101,7 +106,7 @@ class TlsTransport(asyncio.Transport):
 
     def abort(self) -> None:
         self._closing = True
-        self._raw.abort()
+        self._outer.abort()  # also stops delivering what is still buffered
 
     def is_closing(self) -> bool:
         return self._closing or self._raw.is_closing()
@@ -188,12 +193,12 @@ class TlsServerProtocol(asyncio.Protocol):
                 chunk = conn.recv(_READ_SIZE)
             except SSL.WantReadError:
                 break
-            except SSL.ZeroReturnError:  # the peer's close_notify
+            except SSL.ZeroReturnError:  # the peer's close_notify: answer it (RFC 8446 6.1)
                 self.inner.eof_received()
-                self._close_raw()
+                self.shutdown()
                 return
             except SSL.Error:
-                self._abort()
+                self.abort()
                 return
             self.inner.data_received(chunk)
         self._flush()
@@ -204,7 +209,7 @@ class TlsServerProtocol(asyncio.Protocol):
         try:
             self._conn.sendall(data)
         except SSL.Error:
-            self._abort()
+            self.abort()
             return
         self._flush()
 
@@ -230,11 +235,17 @@ class TlsServerProtocol(asyncio.Protocol):
                 return
 
     def _close_raw(self) -> None:
+        """Close once what is queued is sent; a peer that stops reading gets
+        ``CLOSE_TIMEOUT`` seconds for it, then the connection is cut."""
         self._conn = None
-        if self._raw is not None:
-            self._raw.close()
+        raw = self._raw
+        if raw is None:
+            return
+        raw.close()
+        if raw.get_write_buffer_size() and self._timeout is None:
+            self._timeout = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, raw.abort)
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
         self._conn = None
         if self._raw is not None:
             self._raw.abort()

@@ -11,7 +11,11 @@ transaction SQLAlchemy began.
 The values still go through the statement's own bind processors (the column
 types' SQLite processors and ``UtcDateTime``), so the rows stored are the
 same as Core would store; ``tests/store/test_prepared.py`` compares them.
-On any other dialect the Core statement is executed as usual.
+Rows read come back as the driver returns them, so a statement may select
+only columns that need no conversion (strings, integers, bytes); compiling
+one that selects, say, a ``UtcDateTime`` raises ``TypeError``. Errors are
+``sqlite3``'s own, not wrapped by SQLAlchemy. On any other dialect the Core
+statement is executed as usual.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ class Cursor(Protocol):
 class _Compiled:
     def __init__(self, statement: Executable, dialect: Dialect, columns: Sequence[str]) -> None:
         assert isinstance(statement, ClauseElement)
+        # Rows come back as the driver gives them: no column may need converting.
+        for column in getattr(statement, "exported_columns", ()):
+            if column.type.dialect_impl(dialect).result_processor(dialect, None) is not None:
+                raise TypeError(f"column {column.name!r} needs SQLAlchemy to convert it: use Core")
         compiled = cast(
             SQLCompiler, statement.compile(dialect=dialect, column_keys=list(columns) or None)
         )
