@@ -57,7 +57,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check src tests bench scripts
 
 typecheck: $(VENV)/.installed-test
-	$(BIN)/mypy src
+	$(BIN)/mypy src bench
 
 test: deps-test lint typecheck
 	$(BIN)/pytest -n 2 -W error -p no:cacheprovider

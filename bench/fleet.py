@@ -106,7 +106,8 @@ def make_pool(data_dir: Path, out: Path, count: int) -> Pool:
     config = load_config(data_dir)
     store = open_store(config)
     authority = build_authority(config, store)
-    bootstrap, operational = [], []
+    bootstrap: list[Device] = []
+    operational: list[Device] = []
     try:
         for i in range(count):
             device_id = f"bench-{i:05d}"
@@ -272,6 +273,11 @@ class FillReport:
     db_bytes: int
 
 
+def fleet_device_id(index: int) -> str:
+    """The id of the ``index``-th device that ``fill_store`` writes."""
+    return f"fleet-{index:06d}"
+
+
 def fill_store(db_file: Path, rows: int, *, now: dt.datetime, seed: int = 5) -> FillReport:
     """Add ``rows`` certificates of a few thousand devices straight into the SQLite file.
 
@@ -303,7 +309,7 @@ def fill_store(db_file: Path, rows: int, *, now: dt.datetime, seed: int = 5) -> 
         for d in range(n_devices):
             draw = rng.random()
             status = "decommissioned" if draw < 0.01 else "disabled" if draw < 0.03 else "active"
-            device_rows.append((f"fleet-{d:06d}", status))
+            device_rows.append((fleet_device_id(d), status))
         created = now - dt.timedelta(days=per_device * 24 + 30)
         db.executemany(
             "INSERT INTO devices (device_id, status, created_at, updated_at) VALUES (?, ?, ?, ?)",

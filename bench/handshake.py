@@ -77,7 +77,7 @@ def handshake_cpu(
     return statistics.median(server_ms), statistics.median(client_ms)
 
 
-def pyopenssl_handshake_cpu(data_dir: Path, device: fleet.Device, count: int) -> float:
+def pyopenssl_handshake_cpu(data_dir: Path, device: loadgen.Device, count: int) -> float:
     """Server CPU ms per mTLS TLS 1.3 handshake with the server's own TLS context
     (``estkit.server.tls_openssl``: pyOpenSSL on the ``cryptography`` wheel's OpenSSL).
 
@@ -132,7 +132,7 @@ def pyopenssl_handshake_cpu(data_dir: Path, device: fleet.Device, count: int) ->
 
 
 def contexts(
-    data_dir: Path, device: fleet.Device | None, *, tls12: bool, tickets: int
+    data_dir: Path, device: loadgen.Device | None, *, tls12: bool, tickets: int
 ) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """Server context as estkit's server builds it; client as the load generator does."""
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

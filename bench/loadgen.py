@@ -92,7 +92,7 @@ class Result:
         return sum(self.errors.values())
 
 
-def run(plan: Plan, *, on_start: Callable[[], None] = lambda: None) -> Result:
+def run(plan: Plan, *, on_start: Callable[[], object] = lambda: None) -> Result:
     """Start the workers, wait until each is ready, call ``on_start``, release them, collect."""
     ctx = mp.get_context("fork")
     go = ctx.Event()

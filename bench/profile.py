@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,7 +105,7 @@ def python_split(folded: Path) -> tuple[Counter[str], int]:
     return by_component, total
 
 
-def library_split(perf_data: Path, perf: str) -> tuple[Counter[str], list[tuple[str, float]]]:
+def library_split(perf_data: Path, perf: str) -> tuple[dict[str, float], list[tuple[str, float]]]:
     """Shares (percent) per library group, and the kernel's top symbols."""
     report = subprocess.run(
         [perf, "report", "-i", str(perf_data), "--sort", "dso", "--stdio", "-g", "none"],
@@ -113,7 +113,7 @@ def library_split(perf_data: Path, perf: str) -> tuple[Counter[str], list[tuple[
         text=True,
         check=False,
     ).stdout
-    groups: Counter[str] = Counter()
+    groups: dict[str, float] = defaultdict(float)
     for match in re.finditer(r"^\s+([\d.]+)%\s+(\S+)", report, re.M):
         share, dso = float(match.group(1)), match.group(2)
         group = next(name for name, pattern in LIBRARIES if pattern.search(dso))
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         groups, kernel = library_split(perf_data, args.perf)
         total = sum(groups.values()) or 1.0
         print("by library (perf, on-CPU samples of the worker):")
-        for name, share in groups.most_common():
+        for name, share in sorted(groups.items(), key=lambda kv: -kv[1]):
             print(f"  {name:<42}{share / total * 100:6.1f} %  ≈ {share / total * cpu_ms:5.2f} ms")
         print("  kernel's top symbols: " + ", ".join(f"{s} {v:.1f}%" for s, v in kernel))
         python_share = sum(groups[g] for g in UNDER_GIL) / total

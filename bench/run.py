@@ -257,7 +257,7 @@ def machine() -> dict[str, Any]:
         ),
         platform.processor(),
     )
-    versions = {}
+    versions: dict[str, str | None] = {}
     for dist in (
         "estkit",
         "cryptography",
@@ -451,7 +451,7 @@ class Bench:
         )
         stored = fleet.count_certificates(db_file)
         url = f"sqlite:///{db_file}"
-        sample_device = "fleet-000042"
+        sample_device = fleet.fleet_device_id(min(42, fill.devices - 1))
         queries = fleet.store_queries(url, sample_device)
         token = fleet.estkit(
             "token", "create", "--data-dir", self.data_dir, "--name", "bench", "--scope", "read"

@@ -1,0 +1,50 @@
+"""``make bench`` end to end, small: every scenario runs against a real server and reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_small_bench_run_measures_every_scenario(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "bench.run",
+            "--operations", "cacerts", "simpleenroll", "simplereenroll",
+            "--concurrency", "2", "--workers", "1", "--devices", "4",
+            "--requests", "20", "--seconds", "20",
+            "--scale", "2000", "--soak", "1000", "--soak-seconds", "20",
+            "--no-agent", "--quiet-wait", "0", "--output", str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {(r["scenario"], r["operation"]): r for r in report["rows"]}
+    for operation in ("cacerts", "simpleenroll", "simplereenroll"):
+        row = rows[("empty store", operation)]
+        assert (row["requests"], row["errors"]) == (20, 0), row
+        assert row["server_cpu_ms"] > 0 and row["client_cpu_ms"] > 0
+        assert 0 < row["p50_ms"] <= row["p99_ms"]
+        assert 0 < row["rss_before_mb"] <= row["rss_peak_mb"]
+    # The scale comparison: a baseline copy without the bulk rows, interleaved.
+    base, scaled = rows[("scale baseline", "simpleenroll")], rows[("scale", "simpleenroll")]
+    assert base["errors"] == scaled["errors"] == 0
+    assert scaled["store_rows"] == base["store_rows"] + 2000
+    scale = report["scale"]
+    assert scale["baseline_rows"] == base["store_rows"]
+    assert isinstance(scale["throughput_change_percent"], float)
+    assert {q["via"] for q in scale["queries"]} == {"store", "rest"}
+    assert all(q["rows"] > 0 for q in scale["queries"])
+    soak = report["soak"]
+    assert soak["handshakes"] == 1000 and isinstance(soak["growth_percent"], float)
+    assert "scenario" in proc.stdout  # the table was printed
