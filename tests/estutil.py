@@ -13,14 +13,10 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import NameOID
 
 from estkit.pki.cms import decode_certs_only
 from estkit.pki.keys import PrivateKey, generate_key, key_to_pem
-
-
-def name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+from testpki import cn_name
 
 
 def csr_der(
@@ -31,7 +27,7 @@ def csr_der(
     ca: bool | None = None,
     subject: x509.Name | None = None,
 ) -> bytes:
-    builder = x509.CertificateSigningRequestBuilder().subject_name(subject or name(cn))
+    builder = x509.CertificateSigningRequestBuilder().subject_name(subject or cn_name(cn))
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     if ca is not None:

@@ -86,23 +86,17 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+def _argv(command: str, anchor_file: Path, *rest: Any) -> list[Any]:
+    """``estkit COMMAND`` against the scripted server, trusting ``anchor_file``."""
+    return [command, "--url", BASE_URL, "--trust-anchor", anchor_file, *rest]
+
+
 def _basic_enroll(anchor_file: Path, out: Path) -> list[Any]:
     """``estkit enroll`` of dev-1 with a secret, against the scripted server."""
-    return [
-        "enroll",
-        "--url",
-        BASE_URL,
-        "--trust-anchor",
-        anchor_file,
-        "--device-id",
-        "dev-1",
-        "--user",
-        "u",
-        "--password",
-        "p",
-        "--out",
-        out,
-    ]
+    return _argv(
+        "enroll", anchor_file, "--device-id", "dev-1", "--user", "u", "--password", "p",
+        "--out", out,
+    )  # fmt: skip
 
 
 def test_enroll_writes_key_and_certificates_and_prints_a_summary(
@@ -112,25 +106,12 @@ def test_enroll_writes_key_and_certificates_and_prints_a_summary(
     server.on(f"{PREFIX}/simpleenroll", issuer)
     out = tmp_path / "out"
     status = cli(
-        "enroll",
-        "--url",
-        BASE_URL,
-        "--trust-anchor",
-        anchor_file,
-        "--device-id",
-        "dev-1",
-        "--user",
-        "dev-1",
-        "--password",
-        "otp",
-        "--out",
-        out,
-        "--key-type",
-        "ec-p384",
-        "--san-dns",
-        "dev-1.example",
-        "--pfx",
-    )
+        *_argv(
+            "enroll", anchor_file, "--device-id", "dev-1", "--user", "dev-1",
+            "--password", "otp", "--out", out, "--key-type", "ec-p384",
+            "--san-dns", "dev-1.example", "--pfx",
+        )
+    )  # fmt: skip
     assert status == 0
     key = keys.load_private_key_pem((out / "key.pem").read_bytes())
     (cert,) = certs.load_pem_certificates((out / "cert.pem").read_bytes())
@@ -227,18 +208,7 @@ def test_enroll_needs_exactly_one_way_to_authenticate(
     cli: Any, server: Server, anchor_file: Path, tmp_path: Path, auth: list[str], message: str
 ) -> None:
     with pytest.raises(CliError, match=message):
-        cli(
-            "enroll",
-            "--url",
-            BASE_URL,
-            "--trust-anchor",
-            anchor_file,
-            "--device-id",
-            "d",
-            "--out",
-            tmp_path,
-            *auth,
-        )
+        cli(*_argv("enroll", anchor_file, "--device-id", "d", "--out", tmp_path, *auth))
     assert server.requests == []
 
 
@@ -248,20 +218,11 @@ def test_enroll_reads_the_password_from_a_file(
     server.on(f"{PREFIX}/simpleenroll", _issuer(ca, extra=(ca.issuing,)))
     (tmp_path / "pw").write_text("otp-123\n")
     cli(
-        "enroll",
-        "--url",
-        BASE_URL,
-        "--trust-anchor",
-        anchor_file,
-        "--device-id",
-        "dev-1",
-        "--user",
-        "dev-1",
-        "--password-file",
-        tmp_path / "pw",
-        "--out",
-        tmp_path / "out",
-    )
+        *_argv(
+            "enroll", anchor_file, "--device-id", "dev-1", "--user", "dev-1",
+            "--password-file", tmp_path / "pw", "--out", tmp_path / "out",
+        )
+    )  # fmt: skip
     expected = base64.b64encode(b"dev-1:otp-123").decode()
     assert server.requests[0].headers["authorization"] == f"Basic {expected}"
 
@@ -281,19 +242,7 @@ def test_reenroll_keeps_subject_and_san_encoding_and_writes_new_files(
     issuer = _issuer(ca, extra=(ca.issuing,))
     server.on(f"{PREFIX}/simplereenroll", issuer)
     out = tmp_path / "new"
-    argv = [
-        "reenroll",
-        "--url",
-        BASE_URL,
-        "--trust-anchor",
-        anchor_file,
-        "--cert",
-        cert_path,
-        "--key",
-        key_path,
-        "--out",
-        out,
-    ]
+    argv = _argv("reenroll", anchor_file, "--cert", cert_path, "--key", key_path, "--out", out)
     assert cli(*argv, *(["--keep-key"] if keep_key else [])) == 0
     (csr,) = issuer.seen
     current = certs.load_pem_certificates(cert_path.read_bytes())[0]
@@ -314,18 +263,11 @@ def test_reenroll_refuses_a_key_that_is_not_the_certificates(
     key_path.write_bytes(keys.key_to_pem(keys.generate_key("ec-p256")))
     with pytest.raises(CliError, match="is not the key of"):
         cli(
-            "reenroll",
-            "--url",
-            BASE_URL,
-            "--trust-anchor",
-            anchor_file,
-            "--cert",
-            cert_path,
-            "--key",
-            key_path,
-            "--out",
-            tmp_path / "new",
-        )
+            *_argv(
+                "reenroll", anchor_file, "--cert", cert_path, "--key", key_path,
+                "--out", tmp_path / "new",
+            )
+        )  # fmt: skip
     assert server.requests == []
 
 

@@ -7,17 +7,12 @@ from typing import Any
 
 import pytest
 from client_fakes import NOW, Pki
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from estkit.client import IssuedCertificateError, check_issued
 from estkit.pki import keys
+from testpki import cn_name
 
 KEY = keys.generate_key("ec-p256")
-
-
-def _subject(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
 @pytest.mark.parametrize(
@@ -26,7 +21,7 @@ def _subject(cn: str) -> x509.Name:
         ({}, "issuing"),
         ({"cas": "with-root"}, "issuing"),
         ({"anchors": "issuing"}, ""),
-        ({"subject": _subject("DEV-1")}, "issuing"),
+        ({"subject": cn_name("DEV-1")}, "issuing"),
     ],
     ids=[
         "ok/via-intermediate",
@@ -61,7 +56,7 @@ def test_check_issued_accepts_and_returns_chain_without_anchor(
     [
         ({"public_key": keys.generate_key("ec-p256").public_key()}, "not for the requested key"),
         ({"common_name": "dev-2"}, "does not have CN=dev-2"),
-        ({"subject": _subject("dev-2")}, "differs from"),
+        ({"subject": cn_name("dev-2")}, "differs from"),
         ({"cas": []}, "does not chain"),
         ({"anchors": "other"}, "does not chain"),
         ({"now": NOW + dt.timedelta(days=31)}, "not valid at"),

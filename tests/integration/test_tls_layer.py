@@ -7,6 +7,7 @@ import http.client
 import socket
 import ssl
 import subprocess
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -29,21 +30,21 @@ def test_keep_alive_requests_share_one_connection_and_its_client_certificate(
         "localhost", est_server.port, context=_context(est_server, bootstrap), timeout=10
     )
     try:
-        sockets = set()
+        first = None
         for _ in range(3):
             conn.request("GET", "/health/certificate")
             response = conn.getresponse()
             body = response.read()
             assert response.status == 200
             assert x509.load_pem_x509_certificate(body) == bootstrap.cert
-            sockets.add(id(conn.sock))
-        assert len(sockets) == 1  # one TLS connection served all three
+            first = first or conn.sock  # held, so a new socket cannot reuse its id
+            assert conn.sock is first  # one TLS connection served all three
     finally:
         conn.close()
 
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
-def test_no_session_is_offered_for_resumption(
+def test_a_session_offered_back_is_not_resumed(
     est_server: EstServer, version: ssl.TLSVersion
 ) -> None:
     """Devices renew days apart: no session is ever resumed. (OpenSSL still sends two
@@ -147,3 +148,23 @@ def test_a_large_response_arrives_whole(est_server: EstServer) -> None:
             assert response.read() == expected
     finally:
         conn.close()
+
+
+def test_spawned_workers_serve_mtls_with_the_context_they_build(
+    fresh_server: EstServer, tmp_path: Path
+) -> None:
+    """With --workers 2 every connection is served by a spawned worker, which builds
+    its TLS context from the environment (``app.https_from_env``)."""
+    fresh_server.start("--workers", "2")
+    fresh_server.cli("device", "bootstrap", "dev-workers", "--out", tmp_path / "bootstrap")
+    bootstrap = Identity.load(tmp_path / "bootstrap")
+    ctx = _context(fresh_server, bootstrap)
+    for _ in range(8):  # fresh connections, spread over the workers by the kernel
+        conn = http.client.HTTPSConnection("localhost", fresh_server.port, context=ctx, timeout=10)
+        try:
+            conn.request("GET", "/health/certificate")
+            response = conn.getresponse()
+            assert response.status == 200
+            assert x509.load_pem_x509_certificate(response.read()) == bootstrap.cert
+        finally:
+            conn.close()

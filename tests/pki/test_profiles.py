@@ -336,7 +336,8 @@ def test_leaf_pem_is_readable_by_openssl(issue, openssl):
 
 def _operator_ca(ca, key_of, now) -> x509.Certificate:
     """An intermediate made elsewhere: as estkit would make it, but its SKI is the
-    truncated SHA-256 of its key (RFC 7093 method 1), not the SHA-1 of estkit's CAs."""
+    SHA-256 of its SubjectPublicKeyInfo truncated to 160 bits, not the SHA-1 of the
+    key that estkit's CAs carry."""
     key = key_of("ec-p384")
     made_here = issue_ca(
         subject=cn_name("Operator Issuing CA"),

@@ -29,7 +29,6 @@ from cryptography.x509.oid import NameOID
 
 from estkit.agent.config import AgentConfig
 from estkit.agent.errors import ClockError, ConfigError, RenewalError, RenewalRefused, StateError
-from estkit.agent.files import PRIVATE, replace_file
 from estkit.agent.state import StateDirectory, Version
 from estkit.client import (
     ClientCertificate,
@@ -43,6 +42,7 @@ from estkit.client import (
     TrustAnchor,
     TrustAnchorError,
 )
+from estkit.fileio import PRIVATE, replace_file
 from estkit.pki import certs, keys, names
 from estkit.pki.csr import build_csr
 from estkit.pki.errors import PkiError

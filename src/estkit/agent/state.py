@@ -42,7 +42,7 @@ from pathlib import Path
 from cryptography import x509
 
 from estkit.agent.errors import AlreadyRunning, StateError
-from estkit.agent.files import PRIVATE, PRIVATE_DIR, PUBLIC, fsync_directory, write_new
+from estkit.fileio import PRIVATE, PRIVATE_DIR, PUBLIC, fsync_directory, write_new
 from estkit.pki import certs, keys
 from estkit.pki.errors import PkiError
 

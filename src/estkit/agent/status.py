@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from estkit.agent.files import PRIVATE, replace_file
+from estkit.fileio import PRIVATE, replace_file
 
 log = logging.getLogger(__name__)
 

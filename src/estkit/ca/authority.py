@@ -192,9 +192,9 @@ class Authority:
                 now,
             )
         # The device's state first: "decommissioned" tells an operator more than "revoked".
-        if record.device_status is not DeviceStatus.ACTIVE or record.device_id != device_id:
-            state = record.device_status.value if record.device_status else "not registered"
-            self._refuse(actor, "authenticate", device_id, serial, f"device is {state}", now)
+        # (A record of another device than the CN names cannot vouch for this one.)
+        status = record.device_status if record.device_id == device_id else None
+        self._check_device_active(actor, device_id, serial, status, now)
         if record.status is not CertStatus.VALID:
             self._refuse(
                 actor, "authenticate", device_id, serial, "client certificate is revoked", now
@@ -224,7 +224,9 @@ class Authority:
                 now,
             )
             raise Unauthenticated("enrollment secret not valid for this device")
-        self._check_device_active(actor, device_id, None, now)
+        device = self.store.get_device(device_id)
+        status = device.status if device is not None else None
+        self._check_device_active(actor, device_id, None, status, now)
         return Principal(device_id=device_id, actor=actor, secret_id=match.id)
 
     # -- enrollment --------------------------------------------------------------
@@ -598,15 +600,17 @@ class Authority:
             raise Conflict(str(exc)) from None
 
     def _check_device_active(
-        self, actor: str, device_id: str, serial: str | None, now: dt.datetime
+        self,
+        actor: str,
+        device_id: str,
+        serial: str | None,
+        status: DeviceStatus | None,
+        now: dt.datetime,
     ) -> None:
-        device = self.store.get_device(device_id)
-        if device is None:
-            self._refuse(actor, "authenticate", device_id, serial, "device is not registered", now)
-        elif device.status is not DeviceStatus.ACTIVE:
-            self._refuse(
-                actor, "authenticate", device_id, serial, f"device is {device.status.value}", now
-            )
+        """Refuse (and audit) unless the device's ``status`` is active; None: not registered."""
+        if status is not DeviceStatus.ACTIVE:
+            state = status.value if status is not None else "not registered"
+            self._refuse(actor, "authenticate", device_id, serial, f"device is {state}", now)
 
     def _issue(
         self,

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from estkit.cli.args import positive_number
 from estkit.cli.errors import CliError
-from estkit.cli.files import PRIVATE, OutputFile, write_files_atomically
+from estkit.cli.files import OutputFile, write_files_atomically
 from estkit.client import (
     BasicAuth,
     ClientCertificate,
@@ -29,6 +29,7 @@ from estkit.client import (
     IssuedCertificate,
     TrustAnchor,
 )
+from estkit.fileio import PRIVATE
 from estkit.pki import certs, keys, names
 from estkit.pki.csr import build_csr
 from estkit.pki.errors import PkiError

@@ -46,7 +46,7 @@ from cryptography.x509.oid import NameOID
 from estkit import __version__
 from estkit.cli.args import non_negative_int, positive_number
 from estkit.cli.errors import CliError
-from estkit.cli.files import PRIVATE, OutputFile, write_files_atomically
+from estkit.cli.files import OutputFile, write_files_atomically
 from estkit.client import (
     IssuedCertificate,
     IssuedCertificateError,
@@ -57,6 +57,7 @@ from estkit.client import (
     tls,
 )
 from estkit.client.errors import one_line
+from estkit.fileio import PRIVATE
 from estkit.pki import certs, keys, names
 from estkit.pki.csr import build_csr
 from estkit.pki.errors import PkiError

@@ -7,9 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from estkit.fileio import PRIVATE, PUBLIC, fsync_directory, temp_name, write_new
-
-__all__ = ["PRIVATE", "PUBLIC", "OutputFile", "write_files_atomically"]
+from estkit.fileio import PUBLIC, fsync_directory, temp_name, write_new
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,20 +1,24 @@
-"""The ASGI application and how it is served (uvicorn with the TLS extension shim).
+"""The ASGI application and how it is served: uvicorn, with our TLS layer
+(``tls_openssl``) around its HTTP protocol (``tls.https_protocol``).
 
-With several workers uvicorn imports ``app_from_env`` in each worker process;
-the data directory travels in ``ESTKIT_DATA_DIR``.
+With several workers uvicorn imports ``app_from_env`` and ``https_from_env`` in
+each worker process; the data directory travels in ``ESTKIT_DATA_DIR``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import fastapi_offline
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
+from OpenSSL import SSL
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -35,7 +39,13 @@ from estkit.server.crl_http import (
 from estkit.server.errors import HANDLERS, text_response
 from estkit.server.est import EstApp, EstRoutes
 from estkit.server.oidc import OidcVerifier, parse_oidc_config
-from estkit.server.tls import client_ca_path
+from estkit.server.tls import (
+    client_ca_path,
+    https_protocol,
+    server_tls_context,
+    uvicorn_log_config,
+)
+from estkit.server.tls_openssl import TlsServerProtocol
 from estkit.server.wiring import build_authority, crl_publisher, open_store
 
 # Swagger UI's files, served locally: the API page works without internet access.
@@ -114,6 +124,22 @@ def app_from_env() -> EstApp:
     return create_app(load_config(Path(os.environ[DATA_DIR_ENV])))
 
 
+def https_from_env(
+    config: Any, server_state: Any, app_state: Any, _loop: Any = None
+) -> TlsServerProtocol:
+    """uvicorn's ``http=`` factory, called per connection in each worker process.
+
+    Workers are spawned, not forked, so like ``app_from_env`` it finds the
+    config through the environment; the TLS context is built once per worker.
+    """
+    return https_protocol(_worker_tls_context(), config, server_state, app_state, _loop)
+
+
+@functools.cache
+def _worker_tls_context() -> SSL.Context:
+    return server_tls_context(load_config(Path(os.environ[DATA_DIR_ENV])))
+
+
 def client_ca_bundle(config: ServerConfig) -> Path:
     """Write the CAs whose certificates may authenticate clients, for the TLS layer."""
     from estkit.pki.certs import load_pem_certificates
@@ -128,8 +154,6 @@ def client_ca_bundle(config: ServerConfig) -> Path:
 def serve(config: ServerConfig, *, host: str, port: int, workers: int) -> None:
     import uvicorn
 
-    from estkit.server.tls import context_for, https_protocol, uvicorn_log_config
-
     # Fail before binding if the config, keys or schema are wrong.
     _, authority = _build(config)
     publisher = crl_publisher(config, authority)
@@ -139,14 +163,14 @@ def serve(config: ServerConfig, *, host: str, port: int, workers: int) -> None:
     start_crl_refresher(publisher, utcnow, stop=threading.Event())
     os.environ[DATA_DIR_ENV] = str(config.data_dir)
     client_ca_bundle(config)
-    context_for(config.data_dir)  # a bad TLS certificate or key fails here, not per connection
+    server_tls_context(config)  # a bad TLS certificate or key fails here, not per connection
     uvicorn.run(
         "estkit.server.app:app_from_env",
         factory=True,
         host=host,
         port=port,
         workers=workers,
-        http=https_protocol,  # type: ignore[arg-type]  # a factory, as uvicorn calls it
+        http=https_from_env,  # type: ignore[arg-type]  # a factory, as uvicorn calls it
         # Not "auto": that switches to uvloop wherever it happens to be installed. The TLS
         # layer runs on it too, but the asyncio loop is the one tested and soaked, and
         # uvloop measured no clear gain per enrollment (bench/README.md).

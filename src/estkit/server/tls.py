@@ -13,12 +13,9 @@ shape the ASGI TLS extension specifies.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import functools
 import logging
-import os
-import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,7 @@ from typing import Any
 from OpenSSL import SSL
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from estkit.server.config import DATA_DIR_ENV, ConfigError, load_config
+from estkit.server.config import ConfigError, ServerConfig
 from estkit.server.tls_openssl import TlsServerProtocol, server_context
 
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
@@ -37,12 +34,6 @@ class TlsExtensionProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        # With several workers uvicorn's shared socket path skips TCP_NODELAY
-        # (uvicorn #3149): every response would wait ~40 ms for Nagle/delayed ACK.
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
         if ssl_object is None:
             return
@@ -63,16 +54,14 @@ class TlsExtensionProtocol(HttpToolsProtocol):
             self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]
 
 
-def https_protocol(config: Any, server_state: Any, app_state: Any, _loop: Any = None) -> Any:
-    """uvicorn's ``http=`` factory: TLS (``tls_openssl``) around ``TlsExtensionProtocol``.
+def https_protocol(
+    context: SSL.Context, config: Any, server_state: Any, app_state: Any, _loop: Any = None
+) -> TlsServerProtocol:
+    """One connection: TLS (``tls_openssl``) around ``TlsExtensionProtocol``.
 
-    uvicorn itself runs without ``ssl``. The TLS context is made once per
-    worker process, from the data directory that ``serve`` put in the
-    environment (workers are spawned, not forked).
+    uvicorn itself runs without ``ssl``; its ``http=`` factory (``app.https_from_env``)
+    calls this with the worker's context and uvicorn's own arguments.
     """
-    global _context
-    if _context is None:
-        _context = context_for(Path(os.environ[DATA_DIR_ENV]))
     inner = functools.partial(
         TlsExtensionProtocol,
         config=config,
@@ -80,15 +69,16 @@ def https_protocol(config: Any, server_state: Any, app_state: Any, _loop: Any = 
         app_state=app_state,
         _loop=_loop,
     )
-    return TlsServerProtocol(_context, inner)
+    return TlsServerProtocol(context, inner)
 
 
-def context_for(data_dir: Path) -> SSL.Context:
+def server_tls_context(config: ServerConfig) -> SSL.Context:
     """The server's TLS context; ``ConfigError`` (one line) when its files cannot serve."""
-    config = load_config(data_dir)
     try:
         return server_context(
-            cert_chain=config.tls_cert, key=config.tls_key, client_cas=client_ca_path(data_dir)
+            cert_chain=config.tls_cert,
+            key=config.tls_key,
+            client_cas=client_ca_path(config.data_dir),
         )
     except SSL.Error as exc:
         raise ConfigError(
@@ -130,6 +120,3 @@ def uvicorn_log_config() -> dict[str, Any]:
     log_config.setdefault("filters", {})["https"] = {"()": HttpsInStartupLine}
     log_config["handlers"]["default"]["filters"] = ["https"]
     return log_config
-
-
-_context: SSL.Context | None = None

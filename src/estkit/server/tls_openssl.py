@@ -151,6 +151,9 @@ class TlsServerProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport; not always an asyncio.Transport subclass (uvloop's is not).
         self._raw = cast(asyncio.Transport, transport)
+        # Set here for every worker count: uvicorn's shared-socket path (workers >= 2)
+        # skips it (uvicorn #3149), and each response then waited ~40 ms for the
+        # client's delayed ACK.
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):

@@ -286,8 +286,7 @@ class SqlStore:
             _insert_audit(conn, event)
             return revoked
 
-        revoked: list[str] = self._write(job)
-        return revoked
+        return self._write(job)
 
     # -- certificates --------------------------------------------------------
 
@@ -430,8 +429,7 @@ class SqlStore:
             _insert_audit(conn, replace(audit, device_id=row.device_id))
             return _cert(row)
 
-        record: CertificateRecord = self._write(job)
-        return record
+        return self._write(job)
 
     # -- pending requests --------------------------------------------------------
 
@@ -514,8 +512,7 @@ class SqlStore:
             _insert_audit(conn, audit)
             return _pending(row)
 
-        decided: PendingRequest = self._write(job)
-        return decided
+        return self._write(job)
 
     def list_pending(
         self, *, status: PendingStatus | None = None, after: int | None = None, limit: int = 100
@@ -633,8 +630,7 @@ class SqlStore:
             assert key is not None
             return int(key[0])
 
-        secret_id: int = self._write(job)
-        return secret_id
+        return self._write(job)
 
     def usable_secrets(self, device_id: str, *, now: dt.datetime) -> list[EnrollmentSecret]:
         t = schema.enrollment_secrets.c
