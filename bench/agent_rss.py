@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,13 +33,6 @@ from bench.procstat import RssSampler
 MB = 1024 * 1024
 SRC = Path(__file__).resolve().parent.parent / "src"
 START_SECONDS = 5.0  # as measure_agent: interpreter, imports, state check
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _rollup(pid: int) -> dict[str, int]:
@@ -74,8 +66,8 @@ def measure(
     work: Path, *, seconds: float, top: int, renew_in_daemon: bool, agent_python: str | None
 ) -> float:
     server_dir = work / "server"
-    port = _free_port()
-    fleet.init_server(server_dir, port=port, crl_port=_free_port())
+    port = fleet.free_port()
+    fleet.init_server(server_dir, port=port, crl_port=fleet.free_port())
     device_id = "bench-agent"
     agent_dir = work / device_id
     with fleet.Server(server_dir, port=port, workers=1, log=work / "server.log") as server:
@@ -114,7 +106,11 @@ def measure(
             mappings = _mappings(daemon.pid)
         finally:
             daemon.terminate()
-            daemon.wait(timeout=20)
+            try:
+                daemon.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait(timeout=5)
     idle = statistics.median(r for _, r in sampler.samples) / MB
     how = "renewed in the daemon" if renew_in_daemon else "renewed by `agent renew`"
     if agent_python is not None:

@@ -56,7 +56,7 @@ def available() -> str | None:
     except ImportError as exc:
         return f"estkit.agent does not import ({exc})"
     proc = subprocess.run(
-        [*fleet.ESTKIT, "agent", "--help"], capture_output=True, text=True, check=False
+        [*fleet.ESTKIT, "agent", "--help"], capture_output=True, text=True, timeout=60, check=False
     )
     if proc.returncode != 0:
         return "`estkit agent` is not a command"

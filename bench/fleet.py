@@ -15,6 +15,7 @@ import os
 import random
 import re
 import signal
+import socket
 import sqlite3
 import ssl
 import statistics
@@ -55,6 +56,13 @@ def init_server(data_dir: Path, *, port: int, crl_port: int) -> None:
     estkit(
         "server", "init", "--data-dir", data_dir, "--port", str(port), "--crl-port", str(crl_port)
     )
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (the benchmark never listens elsewhere)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def set_crl_port(data_dir: Path, port: int) -> None:
@@ -212,8 +220,8 @@ class Server:
         """The processes that serve requests: uvicorn's workers, or the one process."""
         if self.workers == 1:
             return [self.pid]
-        # uvicorn's supervisor forks its workers through multiprocessing (spawn):
-        # the workers are the grandchildren or children running Python with our port bound.
+        # uvicorn's supervisor starts its workers through multiprocessing (spawn): the
+        # workers are the processes below it whose command line is multiprocessing's.
         pids = [p for p in tree(self.pid) if p != self.pid]
         return [p for p in pids if _is_uvicorn_worker(p)]
 

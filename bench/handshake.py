@@ -1,6 +1,6 @@
 """The TLS handshake floor: server-side CPU of one handshake, stdlib ``ssl`` and estkit's own.
 
-    python -m bench.handshake [--data-dir D]
+    python -m bench.handshake [--count N]
 
 Client and server run in one thread over memory BIOs, no sockets and no
 event loop, so what is timed (``time.thread_time`` around the server's calls
@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 from bench import fleet, loadgen
-from bench.run import _free_port
 
 ROUNDS = 5
 
@@ -87,14 +86,10 @@ def pyopenssl_handshake_cpu(data_dir: Path, device: loadgen.Device, count: int) 
     """
     from OpenSSL import SSL
 
-    from estkit.server.tls import client_ca_path
-    from estkit.server.tls_openssl import server_context
+    from estkit.server.config import load_config
+    from estkit.server.tls import server_tls_context
 
-    ctx = server_context(
-        cert_chain=data_dir / "tls" / "server.pem",
-        key=data_dir / "tls" / "server.key",
-        client_cas=client_ca_path(data_dir),
-    )
+    ctx = server_tls_context(load_config(data_dir))  # as `estkit server run` builds it
     _, client_ctx = contexts(data_dir, device, tls12=False, tickets=2)
     rounds = []
     for _ in range(ROUNDS):
@@ -134,13 +129,14 @@ def pyopenssl_handshake_cpu(data_dir: Path, device: loadgen.Device, count: int) 
 def contexts(
     data_dir: Path, device: loadgen.Device | None, *, tls12: bool, tickets: int
 ) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """Server context as estkit's server builds it; client as the load generator does."""
+    """The stdlib reference: a server context on the ``ssl`` module (the system OpenSSL)
+    with estkit's TLS settings; the client as the load generator makes it."""
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.minimum_version = ssl.TLSVersion.TLSv1_2
     server.load_cert_chain(data_dir / "tls" / "server.pem", data_dir / "tls" / "server.key")
     server.verify_mode = ssl.CERT_OPTIONAL
     server.load_verify_locations(data_dir / "run" / "client-cas.pem")
-    server.verify_flags |= 0x200000  # X509_V_FLAG_NO_CHECK_TIME, as estkit.server.app sets
+    server.verify_flags |= 0x200000  # X509_V_FLAG_NO_CHECK_TIME, as server/tls_openssl.py
     server.num_tickets = tickets
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client.load_verify_locations(data_dir / "ca" / "root.pem")
@@ -160,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="estkit-handshake-") as tmp:
         work = Path(tmp)
         data_dir = work / "server"
-        fleet.init_server(data_dir, port=_free_port(), crl_port=_free_port())
+        fleet.init_server(data_dir, port=fleet.free_port(), crl_port=fleet.free_port())
         from estkit.server.app import client_ca_bundle
         from estkit.server.config import load_config
 

@@ -15,7 +15,6 @@ it connects to 127.0.0.1 only.
 
 from __future__ import annotations
 
-import base64
 import multiprocessing as mp
 import resource
 import socket
@@ -27,10 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
+
+from estkit.pki import wire
+from estkit.pki.csr import build_csr
+from estkit.pki.keys import generate_key
 
 HOST = "127.0.0.1"
 SERVER_NAME = "localhost"
@@ -274,11 +275,9 @@ def _context(plan: Plan, device: Device | None) -> ssl.SSLContext:
 
 def _csr_body(device_id: str) -> bytes:
     """A new P-256 key's CSR for ``device_id``, base64 at 64 columns as the estkit client sends."""
-    key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
-    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
-    text = base64.b64encode(csr.public_bytes(Encoding.DER))
-    return b"\n".join(text[i : i + 64] for i in range(0, len(text), 64)) + b"\n"
+    csr = build_csr(generate_key("ec-p256"), subject=subject)
+    return wire.encode_base64_body(csr.public_bytes(Encoding.DER), line_length=64)
 
 
 def _exchange(port: int, context: ssl.SSLContext, request: bytes) -> int:

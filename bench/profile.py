@@ -7,13 +7,14 @@ samples the worker with two tools at once, each answering what the other
 cannot:
 
 - ``perf record`` (Linux perf, on-CPU samples of every thread) splits the CPU
-  by library: OpenSSL of the ``ssl`` module (the TLS handshake and record
-  layer), ``cryptography``'s bundled OpenSSL (CSR check, signing, X.509
-  parsing), the SQLite engine, the kernel (TCP, scheduling, fsync), and the
-  Python interpreter with its C extensions.
+  by library: ``cryptography``'s bundled OpenSSL (the server's TLS through
+  pyOpenSSL, the CSR check, signing, X.509 parsing), the system OpenSSL of the
+  ``ssl`` module (only what the stdlib still does there), the SQLite engine,
+  the kernel (TCP, scheduling, fsync), and the Python interpreter with its C
+  extensions.
 - ``py-spy record --gil`` (samples of the thread holding the GIL, i.e. running
   Python) splits the interpreter's share by component: uvicorn/httptools,
-  Starlette, asyncio's event loop and SSL protocol, the anyio thread-pool
+  Starlette, asyncio's event loop, estkit's TLS layer, the anyio thread-pool
   hop, SQLAlchemy, the authority's policy code, logging.
 
 Each py-spy sample counts for the innermost frame that matches a component.
@@ -41,7 +42,7 @@ from typing import Any
 
 from bench import fleet, loadgen
 from bench.procstat import Snapshot
-from bench.run import RESULTS, _free_port
+from bench.run import RESULTS
 
 # (component, pattern on one Python frame "function (path:line)"); the innermost match wins,
 # and within one frame the last pattern that matches.
@@ -50,7 +51,6 @@ COMPONENTS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     for name, pattern in (
         ("thread-pool hop (anyio, threading)", r"anyio/|concurrent/futures|threading\.py"),
         ("event loop (asyncio)", r"asyncio/|selectors\.py|socket\.py"),
-        ("asyncio SSL protocol", r"asyncio/sslproto\.py|ssl\.py"),
         ("TLS layer (estkit/server/tls_openssl.py + pyOpenSSL)", r"tls_openssl\.py|OpenSSL/"),
         ("uvicorn + httptools", r"uvicorn/|httptools"),
         ("Starlette/FastAPI", r"starlette/|fastapi/"),
@@ -111,6 +111,7 @@ def library_split(perf_data: Path, perf: str) -> tuple[dict[str, float], list[tu
         [perf, "report", "-i", str(perf_data), "--sort", "dso", "--stdio", "-g", "none"],
         capture_output=True,
         text=True,
+        timeout=300,
         check=False,
     ).stdout
     groups: dict[str, float] = defaultdict(float)
@@ -134,6 +135,7 @@ def library_split(perf_data: Path, perf: str) -> tuple[dict[str, float], list[tu
         ],
         capture_output=True,
         text=True,
+        timeout=300,
         check=False,
     ).stdout
     symbols = [
@@ -184,12 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     base = RESULTS / f"profile-{args.operation}-c{args.concurrency}-w{args.workers}-{stamp}"
     folded, perf_data = base.with_suffix(".folded"), base.with_suffix(".perf.data")
     work = Path(tempfile.mkdtemp(prefix="estkit-profile-"))
-    port = _free_port()
+    port = fleet.free_port()
     data_dir = work / "server"
     samplers = Samplers()
     marks: dict[str, Snapshot] = {}
     try:
-        fleet.init_server(data_dir, port=port, crl_port=_free_port())
+        fleet.init_server(data_dir, port=port, crl_port=fleet.free_port())
         pool = fleet.make_pool(data_dir, work / "devices", args.devices)
         server = fleet.Server(
             data_dir,

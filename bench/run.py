@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import ssl
 import statistics
 import sys
@@ -39,12 +38,6 @@ MB = 1024 * 1024
 SCALE_ROUNDS = 6
 # A virtualenv with estkit and its device dependencies only (``make bench`` makes it).
 DEVICE_PYTHON = Path(__file__).resolve().parent / ".device-venv" / "bin" / "python"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _loadavg() -> float:
@@ -343,7 +336,7 @@ class Bench:
         self.args = args
         self.work = work
         self.data_dir = work / "server"
-        self.port = _free_port()
+        self.port = fleet.free_port()
         self.rows: list[Row] = []
         self.report: dict[str, Any] = {}
         self.pool: fleet.Pool | None = None
@@ -380,7 +373,7 @@ class Bench:
 
     def setup(self) -> None:
         t0 = time.monotonic()
-        fleet.init_server(self.data_dir, port=self.port, crl_port=_free_port())
+        fleet.init_server(self.data_dir, port=self.port, crl_port=fleet.free_port())
         self.pool = fleet.make_pool(self.data_dir, self.work / "devices", self.args.devices)
         print(
             f"setup: server data and {self.args.devices} devices (bootstrap + operational "
@@ -439,7 +432,7 @@ class Bench:
         # the matrix's enrollments), on its own ports.
         baseline_dir = self.work / "server-baseline"
         shutil.copytree(self.data_dir, baseline_dir)
-        fleet.set_crl_port(baseline_dir, _free_port())
+        fleet.set_crl_port(baseline_dir, fleet.free_port())
         baseline_rows = fleet.count_certificates(baseline_dir / "estkit.db")
         print(f"scale: writing {a.scale:,} certificates into {db_file} ...", flush=True)
         fill = fleet.fill_store(db_file, a.scale, now=dt.datetime.now(dt.UTC))
@@ -467,7 +460,7 @@ class Bench:
         concurrency = max(a.concurrency)
         baseline_server = fleet.Server(
             baseline_dir,
-            port=_free_port(),
+            port=fleet.free_port(),
             workers=workers,
             log=self.work / "server-baseline.log",
             python=a.server_python,
