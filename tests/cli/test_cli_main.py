@@ -32,7 +32,7 @@ def test_a_command_loads_only_its_own_group() -> None:
     assert loaded.split() == ["estkit.cli.agent_cmds"]
 
 
-def test_an_unknown_command_is_one_line_and_non_zero() -> None:
+def test_an_unknown_command_is_named_in_the_error_and_exits_non_zero() -> None:
     proc = run_estkit("nosuchcommand", check=False)
     assert proc.returncode != 0
     assert "nosuchcommand" in proc.stderr
