@@ -5,9 +5,13 @@ PYTHON    ?= python3
 VENV      := .venv
 BIN       := $(VENV)/bin
 DATA_DIR  ?= var/estkit
-PORT      ?= 8443
+# PORT / CRL_PORT: empty keeps what the config says (8443 and 8444 when it is created);
+# set, they are written to DATA_DIR's config on every run (`server init --port`).
+PORT      ?=
+CRL_PORT  ?=
+PORT_ARGS := $(if $(PORT),--port $(PORT)) $(if $(CRL_PORT),--crl-port $(CRL_PORT))
 # Debian packages the tests use as independent peers and tools.
-TEST_DEBS := strongswan-pki libstrongswan-extra-plugins curl openssl mosquitto
+TEST_DEBS := strongswan-pki libstrongswan-standard-plugins libstrongswan-extra-plugins curl openssl mosquitto
 
 .PHONY: run test lint typecheck deps-test demo bench clean
 
@@ -26,7 +30,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	touch $@ $(VENV)/.installed-server
 
 run: $(VENV)/.installed-server
-	$(BIN)/estkit server init --data-dir $(DATA_DIR) --port $(PORT)
+	$(BIN)/estkit server init --data-dir $(DATA_DIR) $(PORT_ARGS)
 	$(BIN)/estkit server info --data-dir $(DATA_DIR)
 	$(BIN)/estkit server run --data-dir $(DATA_DIR)
 

@@ -9,7 +9,23 @@ from pathlib import Path
 
 import pytest
 
-from estserver import EstServer, make_server
+from estserver import DEFAULT_PORTS, EstServer, hold_port, make_server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def default_ports_taken() -> Iterator[None]:
+    """8443 and 8444 are taken for the whole run, as when `make run` serves beside it.
+
+    Any test that binds or connects to a default port then fails here too, not
+    only on a developer's machine. With xdist each worker tries; one holds the
+    ports, the others (or all, when `make run` already serves) just proceed.
+    """
+    held = [sock for port in DEFAULT_PORTS if (sock := hold_port(port)) is not None]
+    try:
+        yield
+    finally:
+        for sock in held:
+            sock.close()
 
 
 @pytest.fixture(scope="session")

@@ -18,12 +18,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ESTKIT = [sys.executable, "-m", "estkit.cli.main"]
+# The ports `estkit server init` writes by default (HTTPS, CRL): `make run` may be
+# serving on them while the suite runs, so no test may need them.
+DEFAULT_PORTS = (8443, 8444)
 
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def hold_port(port: int, host: str = "127.0.0.1") -> socket.socket | None:
+    """A socket listening on ``host:port`` (never accepting), or None when it is taken."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, port))
+        sock.listen()
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def is_listening(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def run_estkit(

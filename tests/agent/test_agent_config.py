@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from agentca import DeviceCa
 
-from estkit.agent.config import AgentConfig, load_config, parse_config, parse_duration
-from estkit.agent.errors import ConfigError
+from estkit.agent.config import KEYS, AgentConfig, duration_seconds, load_config, parse_config
+from estkit.agent.errors import ConfigError, UnknownKeys
 from estkit.agent.renewal import load_credentials
 from estkit.agent.state import StateDirectory
 from estkit.pki.certs import certs_to_pem
@@ -28,6 +28,8 @@ cert = "/etc/estkit/bootstrap/cert.pem"
 key = "/etc/estkit/bootstrap/key.pem"
 """
 
+EXAMPLE = Path(__file__).parents[2] / "deploy" / "agent.example.toml"
+
 
 def _parse(text: str, path: Path = Path("/etc/estkit/agent.toml")) -> AgentConfig:
     return parse_config(tomllib.loads(text), path=path)
@@ -38,7 +40,7 @@ def test_minimal_config_gets_documented_defaults() -> None:
     assert config.device_id == "sensor-0042"
     assert config.state_dir == Path("/etc/estkit/state")  # relative to the config file
     assert config.est.trust_anchor == Path("/etc/estkit/anchor.pem")
-    assert config.est.timeout == 30
+    assert (config.est.timeout, config.est.total_timeout) == (20, 60)
     assert config.bootstrap.fallback is True and config.bootstrap.chain is None
     r = config.renewal
     assert (r.key_type, r.rotate_key, r.fraction, r.jitter) == ("ec-p256", True, 0.8, 0.05)
@@ -47,7 +49,7 @@ def test_minimal_config_gets_documented_defaults() -> None:
 
 
 def test_full_config_from_deploy_example_is_valid() -> None:
-    example = Path(__file__).parents[2] / "deploy" / "agent.example.toml"
+    example = EXAMPLE
     config = load_config(example)
     assert config.hub is not None and config.hub.port == 8883
     assert config.hub.username(config.device_id) == (
@@ -89,12 +91,14 @@ telemetry_interval = "30s"
         ("15m", 900.0),
         ("2h", 7200.0),
         ("1d", 86400.0),
+        ("1.5h", 5400.0),
+        ("2w", 14 * 86400.0),
         (" 7 ", 7.0),
     ],
-    ids=["int", "float", "ms", "s", "m", "h", "d", "bare-string"],
+    ids=["int", "float", "ms", "s", "m", "h", "d", "fraction", "w", "bare-string"],
 )
-def test_durations(value: object, seconds: float) -> None:
-    assert parse_duration(value, "x") == seconds
+def test_durations_use_the_one_grammar(value: object, seconds: float) -> None:
+    assert duration_seconds(value, "x") == seconds
 
 
 @pytest.mark.parametrize(
@@ -102,7 +106,7 @@ def test_durations(value: object, seconds: float) -> None:
 )
 def test_bad_durations_name_the_field(value: object) -> None:
     with pytest.raises(ConfigError, match=r"^renewal\.retry_min: "):
-        parse_duration(value, "renewal.retry_min")
+        duration_seconds(value, "renewal.retry_min")
 
 
 def _replace(text: str, old: str, new: str) -> str:
@@ -114,6 +118,10 @@ BAD: list[tuple[str, str, str]] = [
     ("missing/device_id", _replace(MINIMAL, 'device_id = "sensor-0042"', ""), "device_id"),
     ("fail/device-id-slash", _replace(MINIMAL, "sensor-0042", "a/b"), "device_id"),
     ("fail/device-id-wildcard", _replace(MINIMAL, "sensor-0042", "a#"), "device_id"),
+    # ':' ends a Basic user name; non-ASCII look-alikes are not the same id.
+    ("fail/device-id-colon", _replace(MINIMAL, "sensor-0042", "c:d"), "device_id"),
+    ("fail/device-id-fullwidth", _replace(MINIMAL, "sensor-0042", "\uff44ev-a"), "device_id"),
+    ("fail/device-id-dot-dot", _replace(MINIMAL, "sensor-0042", ".."), "device_id"),
     # Azure allows 128 characters, but the id is the certificate's CN (at most 64).
     ("fail/device-id-65-chars", _replace(MINIMAL, "sensor-0042", "d" * 65), "device_id"),
     ("missing/state_dir", _replace(MINIMAL, 'state_dir = "state"', ""), "state_dir"),
@@ -157,8 +165,11 @@ BAD: list[tuple[str, str, str]] = [
     ("fail/hook-empty", MINIMAL + '[hooks]\ncommands = [""]\n', r"hooks.commands\[0\]"),
     ("missing/hub-host", MINIMAL + "[hub]\nport = 8883\n", "hub.host"),
     ("fail/hub-port", MINIMAL + '[hub]\nhost = "h"\nport = 70000\n', "hub.port"),
-    ("fail/unknown-key", MINIMAL + "[renewal]\nfractoin = 0.7\n", "renewal.fractoin"),
-    ("fail/unknown-top-key", 'colour = "blue"\n' + MINIMAL, "colour"),
+    (
+        "fail/total-timeout-below-timeout",
+        _replace(MINIMAL, "[bootstrap]", 'timeout = "30s"\ntotal_timeout = "10s"\n[bootstrap]'),
+        "est.total_timeout",
+    ),
     ("fail/section-not-table", "hub = 1\n" + MINIMAL, "hub"),
 ]
 
@@ -167,6 +178,46 @@ BAD: list[tuple[str, str, str]] = [
 def test_bad_config_fails_naming_the_field(text: str, field: str) -> None:
     with pytest.raises(ConfigError, match=rf"^{field}: "):
         _parse(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "keys"),
+    [
+        (MINIMAL + "[renewal]\nfractoin = 0.7\n", ["renewal.fractoin"]),
+        ('colour = "blue"\n' + MINIMAL, ["colour"]),
+        (MINIMAL + "[server]\nworkerz = 3\n", ["server"]),
+        (
+            _replace(MINIMAL, "[bootstrap]", "urll = 1\n[bootstrap]")
+            + "aproval = true\n[hub]\nhost = 'h'\nkeepalive_s = 5\n[hooks]\ncmds = []\n",
+            ["est.urll", "bootstrap.aproval", "hub.keepalive_s", "hooks.cmds"],
+        ),
+    ],
+    ids=["fail/one-in-a-section", "fail/top-level", "fail/unknown-section", "fail/one-per-section"],
+)
+def test_unknown_keys_are_refused_naming_each(text: str, keys: list[str]) -> None:
+    with pytest.raises(UnknownKeys) as caught:
+        _parse(text)
+    assert list(caught.value.keys) == keys
+    assert caught.value.field == keys[0]
+    listed = ", ".join(repr(k) for k in keys)
+    assert str(caught.value) == f"unknown key{'s' if len(keys) > 1 else ''} {listed}"
+
+
+def test_unknown_keys_are_named_before_other_errors(tmp_path: Path) -> None:
+    # A misspelt required key is reported as what it is, not as the key missing.
+    path = tmp_path / "agent.toml"
+    path.write_text(_replace(MINIMAL, "url =", "urll ="))
+    with pytest.raises(UnknownKeys, match=r"^unknown key 'est.urll'$"):
+        load_config(path)
+
+
+def test_every_known_key_is_in_the_deploy_example() -> None:
+    example = tomllib.loads(EXAMPLE.read_text())
+    commented = EXAMPLE.read_text()
+    for table, keys in KEYS.items():
+        present = example if not table else example.get(table, {})
+        for key in keys:
+            assert key in present or f"# {key} =" in commented, f"{table}.{key}"
 
 
 def test_unreadable_or_invalid_file(tmp_path: Path) -> None:

@@ -44,6 +44,79 @@ def test_backoff_counts_failures_from_one() -> None:
         retry_delay(0, minimum=1, maximum=2, rng=random.Random(0))
 
 
+# Every refusal code of the contract (estkit.ca.errors.Code) and what the agent does on it.
+CODE_MEANINGS = {
+    "revoked": Refusal.FINAL,
+    "decommissioned": Refusal.FINAL,
+    "expired": Refusal.FALLBACK,
+    "not-yet-valid": Refusal.FALLBACK,
+    "unknown-certificate": Refusal.FALLBACK,
+    "wrong-ca": Refusal.FALLBACK,
+    "bad-csr": Refusal.OTHER,
+    "key-not-permitted": Refusal.OTHER,
+    "bad-request": Refusal.OTHER,
+    "authentication-required": Refusal.OTHER,
+    "secret-invalid": Refusal.OTHER,
+    "token-invalid": Refusal.OTHER,
+    "certificate-required": Refusal.OTHER,
+    "not-registered": Refusal.OTHER,
+    "disabled": Refusal.OTHER,
+    "name-mismatch": Refusal.OTHER,
+    "subject-changed": Refusal.OTHER,
+    "san-not-permitted": Refusal.OTHER,
+    "scope-missing": Refusal.OTHER,
+    "approval-pending": Refusal.OTHER,
+    "approval-denied": Refusal.OTHER,
+    "not-found": Refusal.OTHER,
+    "conflict": Refusal.OTHER,
+    "rate-limited": Refusal.OTHER,
+    "unavailable": Refusal.OTHER,
+}
+
+
+@pytest.mark.parametrize(
+    ("code", "meaning"),
+    list(CODE_MEANINGS.items()),
+    ids=[f"{meaning.value}/{code}" for code, meaning in CODE_MEANINGS.items()],
+)
+def test_server_refusals_are_decided_by_their_code(code: str, meaning: Refusal) -> None:
+    # The reason says something else on purpose: only the code counts.
+    assert classify_refusal(code, "client certificate is revoked and expired") is meaning
+    assert classify_refusal(code, "") is meaning
+
+
+def test_every_refusal_code_of_the_server_has_a_decision() -> None:
+    from estkit.ca.errors import FINAL, Code
+
+    assert set(CODE_MEANINGS) == {c.value for c in Code}
+    assert {c.value for c in FINAL} == {c for c, m in CODE_MEANINGS.items() if m is Refusal.FINAL}
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "meaning"),
+    [
+        ("revoked", "this device's certificate was withdrawn", Refusal.FINAL),
+        ("decommissioned", "device retired on 2025-03-01", Refusal.FINAL),
+        ("expired", "certificate past its date", Refusal.FALLBACK),
+        ("unknown-certificate", "who are you?", Refusal.FALLBACK),
+        ("disabled", "device is revoked", Refusal.OTHER),
+        ("name-mismatch", "client certificate expired", Refusal.OTHER),
+    ],
+    ids=[
+        "final/revoked-reworded",
+        "final/decommissioned-reworded",
+        "fallback/expired-reworded",
+        "fallback/unknown-reworded",
+        "other/disabled-says-revoked",
+        "other/policy-says-expired",
+    ],
+)
+def test_a_reworded_reason_with_a_code_decides_the_same(
+    code: str, reason: str, meaning: Refusal
+) -> None:
+    assert classify_refusal(code, reason) is meaning
+
+
 @pytest.mark.parametrize(
     ("reason", "meaning"),
     [
@@ -69,8 +142,9 @@ def test_backoff_counts_failures_from_one() -> None:
         "other/no-reason",
     ],
 )
-def test_server_refusals_are_read_by_their_reason(reason: str, meaning: Refusal) -> None:
-    assert classify_refusal(reason) is meaning
+def test_a_reply_without_a_code_is_read_by_its_reason(reason: str, meaning: Refusal) -> None:
+    # A server that is not estkit sends no code: the words are all there is.
+    assert classify_refusal(None, reason) is meaning
 
 
 @pytest.mark.parametrize(

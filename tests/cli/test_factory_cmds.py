@@ -2,7 +2,8 @@
 
 The fake API signs what it is sent the way the contract says: ``POST
 /api/v1/cas/{label}/certificates`` with a JSON body, a 201 with the PEM
-certificate and chain, or ``{"detail": ...}`` with an error status.
+certificate and chain, or RFC 9457 problem details (``detail``, ``code``) with
+an error status (an older server's ``{"detail": ...}`` in some cases).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from estkit.cli import factory_cmds
 from estkit.cli.errors import CliError
+from estkit.durations import parse_duration
 from estkit.pki import certs, keys, names, profiles
 from testpki import cn_name, make_ca_pair
 
@@ -74,6 +76,21 @@ def other_ca() -> Ca:
 
 def _json(status: int, body: Any) -> httpx.Response:
     return httpx.Response(status, json=body)
+
+
+def _problem(status: int, code: str, detail: str, **headers: str) -> httpx.Response:
+    body = {
+        "type": f"urn:estkit:refusal:{code}",
+        "title": code,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    return httpx.Response(
+        status,
+        content=json.dumps(body).encode(),
+        headers={"Content-Type": "application/problem+json", **headers},
+    )
 
 
 Answer = httpx.Response | Callable[[httpx.Request], httpx.Response]
@@ -222,8 +239,11 @@ def _batch_file(tmp_path: Path, text: str) -> Path:
 def test_provision_sends_only_the_csr_and_writes_verified_files(
     cli: Cli, api: FakeApi, ca: Ca, anchor: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "dev-1"
-    run = cli("--api", f"{API}/", "--trust-anchor", anchor, "--device-id", "dev-1", "--out", out)
+    out = tmp_path / "out" / "dev-1"
+    run = cli(
+        "--api", f"{API}/", "--trust-anchor", anchor, "--device-id", "dev-1",
+        "--out", tmp_path / "out",
+    )  # fmt: skip
     assert run.status == 0
     cert = _assert_device_files(out, ca, "dev-1")
     assert sorted(p.name for p in out.iterdir()) == ["cert.pem", "chain.pem", "key.pem"]
@@ -275,7 +295,7 @@ def test_without_trust_anchor_the_chain_must_reach_its_own_root(
     cli: Cli, api: FakeApi, ca: Ca, tmp_path: Path
 ) -> None:
     assert cli("--api", API, "--device-id", "dev-3", "--out", tmp_path / "a").status == 0
-    _assert_device_files(tmp_path / "a", ca, "dev-3")
+    _assert_device_files(tmp_path / "a" / "dev-3", ca, "dev-3")
 
     def chain_without_root(request: httpx.Request) -> httpx.Response:
         body = json.loads(api.sign(request).content)
@@ -285,7 +305,7 @@ def test_without_trust_anchor_the_chain_must_reach_its_own_root(
     api.on("dev-4", chain_without_root)
     with pytest.raises(CliError, match="no root certificate; give --trust-anchor"):
         cli("--api", API, "--device-id", "dev-4", "--out", tmp_path / "b")
-    assert not (tmp_path / "b").exists()
+    assert not (tmp_path / "b" / "dev-4").exists()
 
 
 def _other_key(api: FakeApi) -> Callable[[httpx.Request], httpx.Response]:
@@ -396,7 +416,7 @@ def test_transient_errors_are_retried_with_backoff(
     assert run.status == 0
     assert len(api.requests) == 4
     assert len(run.sleeps) == 3
-    _assert_device_files(tmp_path, ca, "dev-7")
+    _assert_device_files(tmp_path / "dev-7", ca, "dev-7")
 
 
 def test_retry_after_is_honoured_and_retries_run_out(
@@ -409,6 +429,81 @@ def test_retry_after_is_honoured_and_retries_run_out(
             "--retries", "2",
         )  # fmt: skip
     assert len(api.requests) == 3
+
+
+def test_rate_limit_is_retried_after_its_retry_after(
+    cli: Cli, api: FakeApi, ca: Ca, anchor: Path, tmp_path: Path
+) -> None:
+    api.on(
+        "dev-7",
+        _problem(429, "rate-limited", "too many requests", **{"Retry-After": "4"}),
+        _problem(503, "unavailable", "database is locked", **{"Retry-After": "2"}),
+        api.sign,
+    )
+    run = cli("--api", API, "--trust-anchor", anchor, "--device-id", "dev-7", "--out", tmp_path)
+    assert run.status == 0
+    assert run.sleeps == [4.0, 2.0]
+    _assert_device_files(tmp_path / "dev-7", ca, "dev-7")
+
+
+@pytest.mark.parametrize(
+    ("answer", "code", "detail"),
+    [
+        (_problem(403, "decommissioned", "device dev-6 is decommissioned"), "decommissioned", ""),
+        (_problem(400, "bad-csr", "CSR signature does not verify"), "bad-csr", ""),
+        (_json(403, {"detail": "device dev-6 is decommissioned"}), None, ""),
+        (httpx.Response(403, text="forbidden"), None, "forbidden"),
+    ],
+    ids=["ok/problem-json", "ok/problem-400", "ok/old-detail-json", "ok/plain-text"],
+)
+def test_api_refusal_carries_its_code_beside_the_reason(
+    api: FakeApi,
+    anchor: Path,
+    answer: httpx.Response,
+    code: str | None,
+    detail: str,
+) -> None:
+    from estkit.client import ApiHttpError, ProvisioningApi, TrustAnchor
+    from estkit.pki.csr import build_csr
+
+    api.on("dev-6", answer)
+    key = keys.generate_key("ec-p256")
+    csr = build_csr(key, subject=cn_name("dev-6"), sans=None)
+    with (
+        ProvisioningApi(
+            API,
+            token=TOKEN,
+            trust=TrustAnchor.from_file(anchor),
+            transport=httpx.MockTransport(api),
+        ) as client,
+        pytest.raises(ApiHttpError) as caught,
+    ):
+        client.issue("bootstrap", device_id="dev-6", csr=csr)
+    assert caught.value.code == code
+    assert caught.value.detail == (detail or json.loads(answer.content)["detail"])
+    assert str(caught.value).endswith(f": {caught.value.detail}")
+    assert len(api.requests) == 1
+
+
+def test_batch_stops_when_the_api_keeps_failing(
+    cli: Cli, api: FakeApi, anchor: Path, tmp_path: Path
+) -> None:
+    # 5 transient failures in a row open the circuit breaker: the line stops rather than
+    # failing every later device at once; a re-run continues where it stopped.
+    batch = _batch_file(tmp_path, "device_id\ndev-a\ndev-b\ndev-c\n")
+    out = tmp_path / "out"
+    for device in ("dev-a", "dev-b", "dev-c"):
+        api.on(device, httpx.Response(502, text="bad gateway"))
+    with pytest.raises(CliError, match=r"^stopped: .*not tried: 5 failures in a row") as caught:
+        cli("--api", API, "--trust-anchor", anchor, "--batch", batch, "--out", out)
+    assert "(last: HTTP 502); will try again in 30 s" in str(caught.value)
+    assert api.devices() == ["dev-a"] * 4 + ["dev-b"]
+    rows = _results(out / "results.csv")
+    assert [(r["device_id"], r["status"]) for r in rows] == [
+        ("dev-a", "failed"),
+        ("dev-b", "failed"),
+    ]
+    assert rows[0]["error"] == "HTTP 502 Bad Gateway: bad gateway"
 
 
 def test_connection_failure_names_the_url_after_the_retries(
@@ -430,16 +525,51 @@ def test_existing_certificate_is_kept_unless_forced(
 ) -> None:
     base = ("--api", API, "--trust-anchor", anchor, "--device-id", "dev-10", "--out", tmp_path)
     cli(*base)
-    first = (tmp_path / "cert.pem").read_bytes()
+    cert_pem = tmp_path / "dev-10" / "cert.pem"
+    first = cert_pem.read_bytes()
     run = cli(*base)
     assert run.status == 0
     assert "exists" in run.stdout
     assert len(api.requests) == 1
-    assert (tmp_path / "cert.pem").read_bytes() == first
+    assert cert_pem.read_bytes() == first
     assert cli(*base, "--force").status == 0
     assert len(api.requests) == 2
-    assert (tmp_path / "cert.pem").read_bytes() != first
-    _assert_device_files(tmp_path, ca, "dev-10")
+    assert cert_pem.read_bytes() != first
+    _assert_device_files(tmp_path / "dev-10", ca, "dev-10")
+
+
+def test_one_device_is_written_to_its_own_directory_under_out(
+    cli: Cli, api: FakeApi, ca: Ca, anchor: Path, tmp_path: Path
+) -> None:
+    # A second device into the same --out is provisioned, not skipped as "exists".
+    out = tmp_path / "out"
+    common = ("--api", API, "--trust-anchor", anchor, "--out", out)
+    assert cli(*common, "--device-id", "dev-a").status == 0
+    run = cli(*common, "--device-id", "dev-b")
+    assert run.status == 0
+    assert "exists" not in run.stdout
+    assert run.stdout.endswith(f"written to {out / 'dev-b'}\n")
+    assert api.devices() == ["dev-a", "dev-b"]
+    assert sorted(p.name for p in out.iterdir()) == ["dev-a", "dev-b"]
+    _assert_device_files(out / "dev-a", ca, "dev-a")
+    _assert_device_files(out / "dev-b", ca, "dev-b")
+
+
+def test_force_replaces_only_that_devices_files(
+    cli: Cli, api: FakeApi, ca: Ca, anchor: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    common = ("--api", API, "--trust-anchor", anchor, "--out", out)
+    cli(*common, "--device-id", "dev-a")
+    cli(*common, "--device-id", "dev-b")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.pem")}
+    assert cli(*common, "--device-id", "dev-b", "--force").status == 0
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*.pem")}
+    assert after.keys() == before.keys()
+    changed = sorted(str(p) for p in after if after[p] != before[p])
+    assert changed == ["dev-b/cert.pem", "dev-b/key.pem"]  # the chain is the same CA's
+    _assert_device_files(out / "dev-a", ca, "dev-a")
+    _assert_device_files(out / "dev-b", ca, "dev-b")
 
 
 # -- token and API options ---------------------------------------------------------------
@@ -494,14 +624,31 @@ def test_bad_options_are_one_line_errors_before_any_request(
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("10y", "3650d"), ("3650d", "3650d"), ("52W", "52w"), ("12h", "12h")],
-    ids=["ok/years", "ok/days", "ok/weeks", "ok/hours"],
+    [
+        ("10y", "3650d"),
+        ("3650d", "3650d"),
+        ("52W", "52w"),
+        ("12h", "12h"),
+        ("1.5h", "90m"),
+        ("14d", "2w"),
+        ("90", "90s"),
+    ],
+    ids=[
+        "ok/years",
+        "ok/days",
+        "ok/weeks",
+        "ok/hours",
+        "ok/fraction",
+        "ok/days-as-weeks",
+        "ok/secs",
+    ],
 )
-def test_validity_is_sent_in_server_units(text: str, expected: str) -> None:
+def test_validity_is_sent_in_the_one_duration_grammar(text: str, expected: str) -> None:
     assert factory_cmds._validity(text) == expected
+    assert parse_duration(expected) == parse_duration(text)  # what the server will read
 
 
-@pytest.mark.parametrize("text", ["0d", "10", "ten years", "-1y"])
+@pytest.mark.parametrize("text", ["0d", "0", "ten years", "-1y", "1y2d", ""])
 def test_bad_validity_is_an_argument_error(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
         factory_cmds._validity(text)
@@ -576,12 +723,15 @@ def test_batch_rows_with_bad_ids_fail_alone(
     assert run.status == 1
     assert api.devices() == ["dev-a"]
     rows = _results(out / "results.csv")
+    allowed = names.DEVICE_ID_CHARACTERS
+    with pytest.raises(ValueError) as bad_dns:  # the server's own rule and wording
+        names.check_dns_name("not a name")
     assert [(r["device_id"], r["status"], r["error"]) for r in rows] == [
-        ("../escape", "failed", "line 2: device id may not contain spaces, '/', '\\', '#' or '+'"),
+        ("../escape", "failed", f"line 2: device id '../escape' may only hold ASCII {allowed}"),
         ("dev-a", "ok", ""),
         ("dev-a", "failed", "line 4: duplicate device id"),
-        ("", "failed", "line 5: device id must be 1-64 characters"),
-        ("dev-b", "failed", "line 6: not a DNS name: 'not a name'"),
+        ("", "failed", "line 5: device id must be 1-64 characters, got 0"),
+        ("dev-b", "failed", f"line 6: {bad_dns.value}"),
     ]
     assert not (tmp_path / "escape").exists()
 

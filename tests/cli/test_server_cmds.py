@@ -143,3 +143,132 @@ def test_bad_config_fails_at_start_naming_the_field(
     assert proc.returncode != 0
     assert f"{section}.{key}" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_device_add_refuses_an_existing_device_unless_rotate_secret(data_dir: Path) -> None:
+    first = run_estkit("device", "add", "--data-dir", data_dir, "dev-twice").stdout.strip()
+    again = run_estkit("device", "add", "--data-dir", data_dir, "dev-twice", check=False)
+    assert again.returncode == 1
+    assert again.stdout == ""
+    assert again.stderr.count("\n") == 1 and "Traceback" not in again.stderr
+    assert "dev-twice" in again.stderr and "--rotate-secret" in again.stderr
+    rotated = run_estkit(
+        "device", "add", "--data-dir", data_dir, "dev-twice", "--rotate-secret"
+    ).stdout.strip()
+    assert len(rotated) >= 32 and rotated != first
+
+
+def _bootstrap_certificates(data_dir: Path, device_id: str) -> dict[str, str]:
+    """Serial -> status of the device's bootstrap certificates, from the store."""
+    from estkit.server.config import load_config
+    from estkit.server.wiring import open_store
+
+    store = open_store(load_config(data_dir))
+    try:
+        return {
+            r.serial: r.status.value
+            for r in store.certificates_of(device_id)
+            if r.ca == "bootstrap"
+        }
+    finally:
+        store.close()
+
+
+def test_device_bootstrap_refuses_a_second_certificate_unless_forced(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "bootstrap"
+    run_estkit("device", "bootstrap", "--data-dir", data_dir, "dev-reboot", "--out", out)
+    (old,) = _bootstrap_certificates(data_dir, "dev-reboot")
+    key = (out / "key.pem").read_bytes()
+
+    again = run_estkit(
+        "device", "bootstrap", "--data-dir", data_dir, "dev-reboot", "--out", out, check=False
+    )
+    assert again.returncode == 1
+    assert again.stderr.count("\n") == 1 and "Traceback" not in again.stderr
+    assert "dev-reboot" in again.stderr and "--force" in again.stderr
+    assert (out / "key.pem").read_bytes() == key  # the device's key is untouched
+    assert _bootstrap_certificates(data_dir, "dev-reboot") == {old: "valid"}
+
+    forced = run_estkit(
+        "device", "bootstrap", "--data-dir", data_dir, "dev-reboot", "--out", out, "--force"
+    )
+    assert f"revoked the bootstrap certificate(s) it replaces (superseded): {old}" in forced.stdout
+    certificates = _bootstrap_certificates(data_dir, "dev-reboot")
+    assert certificates.pop(old) == "revoked"
+    assert list(certificates.values()) == ["valid"]
+    new = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+    assert f"{new.serial_number:X}" in certificates
+    assert (out / "key.pem").read_bytes() != key
+
+
+def _ports(data_dir: Path) -> tuple[int, str, int, str]:
+    import tomllib
+
+    config = tomllib.loads((data_dir / "estkit.toml").read_text())
+    server, crl = config["server"], config["crl"]
+    return server["port"], server["public_url"], crl["http_port"], crl["url"]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected", "said"),
+    [
+        (
+            ("--port", "9443"),
+            (9443, "https://localhost:9443", 9444, "http://localhost:9444/crl"),
+            "config: port 18443 -> 9443, CRL port 18444 -> 9444",
+        ),
+        (
+            ("--crl-port", "9080"),
+            (18443, "https://localhost:18443", 9080, "http://localhost:9080/crl"),
+            "config: CRL port 18444 -> 9080",
+        ),
+        (
+            ("--port", "9443", "--crl-port", "9080"),
+            (9443, "https://localhost:9443", 9080, "http://localhost:9080/crl"),
+            "config: port 18443 -> 9443, CRL port 18444 -> 9080",
+        ),
+        (
+            ("--port", "18443"),
+            (18443, "https://localhost:18443", 18444, "http://localhost:18444/crl"),
+            "config: exists",
+        ),
+        (
+            (),
+            (18443, "https://localhost:18443", 18444, "http://localhost:18444/crl"),
+            "config: exists",
+        ),
+    ],
+    ids=["ok/port", "ok/crl-port", "ok/both", "ok/same-port", "ok/no-port"],
+)
+def test_init_on_an_existing_config_moves_it_to_the_given_ports(
+    tmp_path: Path, args: tuple[str, ...], expected: tuple[int, str, int, str], said: str
+) -> None:
+    """`make run` passes PORT on every run: the config, and what `server info` prints, follow."""
+    d = tmp_path / "data"
+    run_estkit("server", "init", "--data-dir", d, "--port", "18443")
+    out = run_estkit("server", "init", "--data-dir", d, *args).stdout
+    assert out.splitlines()[0].startswith(said)
+    assert _ports(d) == expected
+    info = run_estkit("server", "info", "--data-dir", d).stdout
+    assert f"{expected[1]}/.well-known/est" in info
+
+
+def test_init_keeps_an_operator_chosen_public_url_and_crl_port(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    run_estkit("server", "init", "--data-dir", d, "--port", "18443")
+    set_config(d, "server", "public_url", '"https://est.example.net"')
+    set_config(d, "crl", "http_port", "8080")
+    run_estkit("server", "init", "--data-dir", d, "--port", "9443")
+    assert _ports(d) == (9443, "https://est.example.net", 8080, "http://localhost:18444/crl")
+
+
+@pytest.mark.parametrize(
+    "port", ["0", "65536", "https"], ids=["fail/zero", "fail/big", "fail/word"]
+)
+def test_a_bad_port_is_a_usage_error(tmp_path: Path, port: str) -> None:
+    proc = run_estkit("server", "init", "--data-dir", tmp_path / "d", "--port", port, check=False)
+    assert proc.returncode == 2
+    assert "--port" in proc.stderr
+    assert not (tmp_path / "d").exists()

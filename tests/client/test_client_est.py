@@ -408,6 +408,83 @@ def test_error_status_is_not_retried_and_carries_the_server_reason(
 
 
 @pytest.mark.parametrize(
+    ("header", "code"),
+    [
+        ("revoked", "revoked"),
+        (" Not-Yet-Valid ", "not-yet-valid"),
+        (None, None),
+        ("", None),
+        ("revoked; really", None),
+        ("x" * 65, None),
+    ],
+    ids=[
+        "ok/code",
+        "ok/code-case-and-space",
+        "ok/no-header",
+        "fail/empty",
+        "fail/not-a-token",
+        "fail/too-long",
+    ],
+)
+def test_error_carries_the_refusal_code_from_its_header(
+    server: Server,
+    transport: httpx.MockTransport,
+    clock: FakeClock,
+    ca: Pki,
+    header: str | None,
+    code: str | None,
+) -> None:
+    headers = {} if header is None else {"Estkit-Refusal-Code": header}
+    server.on(f"{PREFIX}/simplereenroll", text_response(403, "no renewal for you", **headers))
+    with client(transport, clock, ca) as est, pytest.raises(EstAuthError) as caught:
+        est.simplereenroll(new_csr()[1])
+    assert caught.value.code == code
+    assert caught.value.reason == "no renewal for you"  # the reason is still shown
+    assert str(caught.value).endswith("HTTP 403 Forbidden: no renewal for you")
+
+
+def test_rate_limit_is_retried_after_its_retry_after_and_keeps_its_code(
+    server: Server, transport: httpx.MockTransport, clock: FakeClock, ca: Pki
+) -> None:
+    limited = text_response(
+        429, "too many attempts", **{"Estkit-Refusal-Code": "rate-limited", "Retry-After": "30"}
+    )
+    server.on(f"{PREFIX}/simpleenroll", limited)
+    with (
+        client(transport, clock, ca, retries=1) as est,
+        pytest.raises(EstHttpError) as caught,
+    ):
+        est.simpleenroll(new_csr()[1])
+    assert (caught.value.status, caught.value.code, caught.value.retry_after) == (
+        429,
+        "rate-limited",
+        30.0,
+    )
+    assert clock.sleeps == [30.0]
+
+
+def test_a_server_that_keeps_failing_opens_the_shared_breaker(
+    server: Server, transport: httpx.MockTransport, clock: FakeClock, ca: Pki
+) -> None:
+    from estkit.client import CircuitBreaker, EstCircuitOpen
+
+    breaker = CircuitBreaker(threshold=3, window=60, cooldown=30, clock=clock)
+    server.on(f"{PREFIX}/cacerts", text_response(503, "busy"))
+    options: dict[str, Any] = {"retries": 1, "backoff": 0, "breaker": breaker}
+    with client(transport, clock, ca, **options) as est, pytest.raises(EstHttpError):
+        est.cacerts()
+    with (
+        client(transport, clock, ca, **options) as est,
+        pytest.raises(EstCircuitOpen) as caught,
+    ):
+        est.cacerts()
+    assert len(server.requests) == 3
+    assert isinstance(caught.value, EstConnectionError)
+    assert caught.value.retry_after == 30.0
+    assert "will try again in 30 s" in str(caught.value)
+
+
+@pytest.mark.parametrize(
     ("body", "content_type", "reason"),
     [
         (b"line one\nline two\r\n", "text/plain; charset=utf-8", "line one line two"),

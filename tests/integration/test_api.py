@@ -1193,3 +1193,116 @@ def test_pending_request_is_decided_through_the_api(
 def test_pending_decision_refusals(api: Api, path: str, token: str, status: int) -> None:
     response = api.call("POST", path, token=api.tokens[token])
     assert response.status_code == status, response.text
+
+
+# -- refusal codes, device ids, SAN policy (issue 10) -------------------------------------------
+
+
+def problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """An RFC 9457 problem with the refusal code, as every API error is."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert (body["status"], body["code"], body["type"]) == (
+        status,
+        code,
+        f"urn:estkit:refusal:{code}",
+    )
+    one_line_detail(response)
+    return dict(body)
+
+
+@pytest.mark.parametrize(
+    "device_id",
+    ["c:d", "\uff44\uff45\uff56-a", "d\u00e9v-1", "a b"],
+    ids=["colon", "fullwidth-lookalike", "accent", "space"],
+)
+def test_one_device_id_rule_on_the_api(api: Api, device_id: str) -> None:
+    """Finding 8: ids a Basic username or IoT Hub cannot carry are refused, not stored."""
+    response = api.call(
+        "POST",
+        "/devices",
+        token=api.tokens[PROVISION],
+        json={"device_id": device_id, "enrollment_secret": True},
+    )
+    problem(response, 400, "bad-request")
+    problem(provision(api, device_id), 400, "bad-request")
+    listed = api.get("/devices", limit="1000")["items"]
+    assert device_id not in [d["device_id"] for d in listed]
+
+
+def test_api_refusals_carry_codes(api: Api, device_id: str) -> None:
+    problem(api.call("GET", "/devices", token=None), 401, "token-invalid")
+    problem(api.call("GET", "/devices", token="estk_unknown"), 401, "token-invalid")
+    problem(provision(api, device_id, token=api.tokens[READ]), 403, "scope-missing")
+    problem(api.call("GET", "/devices/no-such-device", token=api.tokens[READ]), 404, "not-found")
+    problem(provision(api, device_id, label="nosuch"), 404, "not-found")
+
+
+def test_adding_an_existing_device_needs_rotate_secret(api: Api, device_id: str) -> None:
+    """Finding 12: a second `add` does not silently hand out another secret."""
+
+    def add(**extra: Any) -> httpx.Response:
+        body = {"device_id": device_id, "enrollment_secret": True, **extra}
+        return api.call("POST", "/devices", token=api.tokens[PROVISION], json=body)
+
+    first = add()
+    assert first.status_code == 201, first.text
+    problem(add(), 409, "conflict")
+    rotated = add(rotate_secret=True)
+    assert rotated.status_code == 201, rotated.text
+    old, new = first.json()["enrollment_secret"], rotated.json()["enrollment_secret"]
+    assert old and new and old != new
+    with http(api.server.root_pem) as client:
+        refused = post_csr(
+            client,
+            f"{api.server.url}/simpleenroll",
+            csr_der(new_key(), device_id),
+            auth=(device_id, old),
+        )
+        assert refused.status_code == 401
+        assert refused.headers["estkit-refusal-code"] == "secret-invalid"
+        issued_cert(
+            post_csr(
+                client,
+                f"{api.server.url}/simpleenroll",
+                csr_der(new_key(), device_id),
+                auth=(device_id, new),
+            )
+        )
+
+
+@pytest.mark.parametrize(
+    "sans",
+    [
+        ["localhost"],
+        ["*.example.com"],
+        ["good.com\x00.evil"],
+        [f"d{i}.example.com" for i in range(11)],
+    ],
+    ids=["single-label", "wildcard", "nul", "over-the-cap"],
+)
+def test_api_provision_applies_the_san_policy(api: Api, device_id: str, sans: list[str]) -> None:
+    """Finding 5, REST side: the label's SAN policy and cap (10), as on EST."""
+    problem(provision(api, device_id, sans=sans), 403, "san-not-permitted")
+    assert api.get("/certificates", device_id=device_id)["items"] == []
+
+
+def test_api_provision_builds_the_subject(api: Api, device_id: str) -> None:
+    """Finding 4, REST side: only CN = device id reaches the certificate."""
+    key = new_key()
+    subject = x509.Name.from_rfc4514_string(
+        f"2.5.4.5=dev-b,OU=admins,O=x,CN={device_id}"  # serialNumber=dev-b
+    )
+    pem = x509.load_der_x509_csr(csr_der(key, device_id, subject=subject)).public_bytes(
+        Encoding.PEM
+    )
+    response = api.call(
+        "POST",
+        "/cas/bootstrap/certificates",
+        token=api.tokens[PROVISION],
+        json={"device_id": device_id, "csr": pem.decode(), "sans": ["dev.example.com"]},
+    )
+    assert response.status_code == 201, response.text
+    cert = x509.load_pem_x509_certificate(response.json()["certificate"].encode())
+    assert cert.subject.rfc4514_string() == f"CN={device_id}"

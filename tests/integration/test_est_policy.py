@@ -54,22 +54,28 @@ def test_bootstrap_cert_enrolls_operational_cert_with_profile_extensions(
 
 
 @pytest.mark.parametrize(
-    ("case", "status", "reason"),
+    ("case", "status", "code", "reason"),
     [
-        ("not-base64", 400, "base64"),
-        ("not-a-csr", 400, "PKCS#10"),
-        ("bad-signature", 400, "signature"),
-        ("wrong-content-type", 415, "application/pkcs10"),
-        ("too-large", 413, "bytes"),
-        ("other-device-cn", 403, "device id"),
-        ("ca-true", 400, "CA"),
-        ("rsa-1024", 400, "not allowed"),
-        ("san-email-not-permitted", 403, "subjectAltName"),
+        ("not-base64", 400, "bad-csr", "base64"),
+        ("not-a-csr", 400, "bad-csr", "PKCS#10"),
+        ("bad-signature", 400, "bad-csr", "signature"),
+        ("wrong-content-type", 415, None, "application/pkcs10"),
+        ("too-large", 413, None, "bytes"),
+        ("other-device-cn", 403, "name-mismatch", "device id"),
+        ("ca-true", 400, "bad-csr", "CA"),
+        ("rsa-1024", 400, "key-not-permitted", "not allowed"),
+        ("san-email-not-permitted", 403, "san-not-permitted", "subjectAltName"),
     ],
     ids=lambda v: f"fail/{v}" if isinstance(v, str) and "-" in v else None,
 )
 def test_bad_enroll_request_gets_reason_and_issues_nothing(
-    est_server: EstServer, device_id: str, bootstrap: Identity, case: str, status: int, reason: str
+    est_server: EstServer,
+    device_id: str,
+    bootstrap: Identity,
+    case: str,
+    status: int,
+    code: str | None,
+    reason: str,
 ) -> None:
     key = new_key()
     der = csr_der(key, device_id)
@@ -103,6 +109,7 @@ def test_bad_enroll_request_gets_reason_and_issues_nothing(
             client, f"{est_server.url}/simpleenroll", der, body=body, content_type=content_type
         )
     assert response.status_code == status, response.text
+    assert response.headers.get("estkit-refusal-code") == code
     assert response.headers["content-type"].startswith("text/plain")
     assert reason in response.text
     assert response.text.count("\n") == 1
@@ -225,6 +232,7 @@ def test_reenroll_with_changed_names_is_refused(
     with http(est_server.root_pem, operational) as client:
         response = post_csr(client, f"{est_server.url}/simplereenroll", der)
     assert response.status_code == 403
+    assert response.headers["estkit-refusal-code"] == "subject-changed"
     assert reason in response.text
     assert count_certificates(est_server.data_dir) == before
 
@@ -237,6 +245,7 @@ def test_reenroll_with_bootstrap_cert_is_refused(
             client, f"{est_server.url}/simplereenroll", csr_der(new_key(), device_id)
         )
     assert response.status_code == 403
+    assert response.headers["estkit-refusal-code"] == "wrong-ca"
     assert "operational certificate" in response.text
 
 
@@ -261,6 +270,7 @@ def test_revoked_certificate_is_refused(
             client, f"{est_server.url}/simplereenroll", csr_der(new_key(), device_id)
         )
     assert response.status_code == 403
+    assert response.headers["estkit-refusal-code"] == "revoked"
     assert "revoked" in response.text
     again = est_server.cli("cert", "revoke", serial, check=False)
     assert again.returncode != 0 and "already revoked" in again.stderr
@@ -282,7 +292,10 @@ def test_disabled_or_decommissioned_device_is_refused_with_any_cert(
             client, f"{est_server.url}/simplereenroll", csr_der(new_key(), device_id)
         )
     assert by_bootstrap.status_code == 403 and by_operational.status_code == 403
-    assert "device is" in by_bootstrap.text
+    code = "disabled" if action == "disable" else "decommissioned"
+    assert by_bootstrap.headers["estkit-refusal-code"] == code
+    assert by_operational.headers["estkit-refusal-code"] == code
+    assert code in by_bootstrap.text
 
 
 def test_disabled_device_enabled_again_enrolls(
@@ -346,6 +359,7 @@ def test_expired_operational_cert_is_refused_with_reason(
             client, f"{fresh_server.url}/simplereenroll", csr_der(new_key(), device_id)
         )
     assert response.status_code == 403
+    assert response.headers["estkit-refusal-code"] == "expired"
     assert "expired" in response.text
 
 
@@ -353,6 +367,7 @@ def test_unknown_label_is_404(est_server: EstServer) -> None:
     with http(est_server.root_pem) as client:
         response = client.get(f"{est_server.url}/nosuch/cacerts")
     assert response.status_code == 404
+    assert response.headers["estkit-refusal-code"] == "not-found"
     assert "nosuch" in response.text
 
 
@@ -380,3 +395,57 @@ def test_p384_csr_is_accepted(est_server: EstServer, device_id: str, bootstrap: 
             post_csr(client, f"{est_server.url}/simpleenroll", csr_der(key, device_id))
         )
     assert cert.public_key() == key.public_key()
+
+
+# -- what a certificate says is built by policy (issue 10, findings 4 and 5) -------------------
+
+
+def test_enroll_never_copies_subject_attributes(
+    est_server: EstServer, device_id: str, bootstrap: Identity
+) -> None:
+    subject = x509.Name.from_rfc4514_string(
+        f"2.5.4.5=dev-b,OU=admins,O=x,CN={device_id}"  # serialNumber=dev-b
+    )
+    with http(est_server.root_pem, bootstrap) as client:
+        response = post_csr(
+            client,
+            f"{est_server.url}/simpleenroll",
+            csr_der(new_key(), device_id, subject=subject),
+        )
+    assert issued_cert(response).subject.rfc4514_string() == f"CN={device_id}"
+
+
+@pytest.mark.parametrize(
+    "sans",
+    [
+        [x509.DNSName("localhost")],
+        [x509.DNSName("*.example.com")],
+        [x509.DNSName("good.com\x00.evil")],
+        [x509.DNSName(f"n{i}.example.com") for i in range(1500)],
+    ],
+    ids=["fail/localhost", "fail/wildcard", "fail/nul", "fail/1500-names"],
+)
+def test_enroll_refuses_dns_names_outside_policy(
+    est_server: EstServer, device_id: str, bootstrap: Identity, sans: list[x509.GeneralName]
+) -> None:
+    before = count_certificates(est_server.data_dir)
+    with http(est_server.root_pem, bootstrap) as client:
+        response = post_csr(
+            client, f"{est_server.url}/simpleenroll", csr_der(new_key(), device_id, sans=sans)
+        )
+    assert response.status_code == 403, response.text
+    assert response.headers["estkit-refusal-code"] == "san-not-permitted"
+    assert count_certificates(est_server.data_dir) == before
+
+
+def test_an_operational_certificate_cannot_add_names_through_simpleenroll(
+    est_server: EstServer, device_id: str, operational: Identity
+) -> None:
+    """simpleenroll with an operational certificate keeps simplereenroll's Subject/SAN rule."""
+    before = count_certificates(est_server.data_dir)
+    der = csr_der(new_key(), device_id, sans=[x509.DNSName("admin.example.com")])
+    with http(est_server.root_pem, operational) as client:
+        response = post_csr(client, f"{est_server.url}/simpleenroll", der)
+    assert response.status_code == 403, response.text
+    assert response.headers["estkit-refusal-code"] == "subject-changed"
+    assert count_certificates(est_server.data_dir) == before

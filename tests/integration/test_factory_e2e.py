@@ -121,9 +121,10 @@ def read_results(path: Path) -> dict[str, dict[str, str]]:
 def test_single_device_gets_key_cert_and_chain_that_verify_and_enroll_over_est(
     est_server: EstServer, tokens: Tokens, device_id: str, tmp_path: Path
 ) -> None:
-    out = tmp_path / "station" / device_id
+    out = tmp_path / "station" / device_id  # --out DIR writes DIR/<device id>/
 
-    proc = factory(est_server, tokens.provision, "--device-id", device_id, "--out", out)
+    station = tmp_path / "station"
+    proc = factory(est_server, tokens.provision, "--device-id", device_id, "--out", station)
 
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["cert.pem", "chain.pem", "key.pem"]
@@ -151,11 +152,11 @@ def test_single_device_run_again_is_idempotent(
     est_server: EstServer, tokens: Tokens, device_id: str, tmp_path: Path
 ) -> None:
     out = tmp_path / device_id
-    first = factory(est_server, tokens.provision, "--device-id", device_id, "--out", out)
+    first = factory(est_server, tokens.provision, "--device-id", device_id, "--out", tmp_path)
     assert first.returncode == 0, first.stderr
     files = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    again = factory(est_server, tokens.provision, "--device-id", device_id, "--out", out)
+    again = factory(est_server, tokens.provision, "--device-id", device_id, "--out", tmp_path)
 
     assert again.returncode == 0, again.stderr
     assert "exists" in again.stdout and "nothing done" in again.stdout

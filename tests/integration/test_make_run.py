@@ -9,19 +9,28 @@ import subprocess
 import time
 from pathlib import Path
 
-from estserver import free_port
+from estserver import free_port, run_estkit
 from estutil import Identity
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_make_run_serves_and_its_printed_commands_enroll_a_device(tmp_path: Path) -> None:
+    """Also on a second run with other ports: PORT and CRL_PORT are honoured every time."""
     data_dir = tmp_path / "var" / "estkit"
-    port = free_port()
+    run_estkit("server", "init", "--data-dir", data_dir, "--port", str(free_port()))
+    port, crl_port = free_port(), free_port()
     log = tmp_path / "make-run.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            ["make", "--no-print-directory", "run", f"DATA_DIR={data_dir}", f"PORT={port}"],
+            [
+                "make",
+                "--no-print-directory",
+                "run",
+                f"DATA_DIR={data_dir}",
+                f"PORT={port}",
+                f"CRL_PORT={crl_port}",
+            ],
             cwd=REPO,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -35,6 +44,7 @@ def test_make_run_serves_and_its_printed_commands_enroll_a_device(tmp_path: Path
             time.sleep(0.2)
         text = log.read_text()
         assert f"https://localhost:{port}/.well-known/est" in text
+        assert f"Uvicorn running on https://127.0.0.1:{port}" in text
         assert "trust anchor SHA-256:" in text
         commands = [
             line.strip() for line in text.splitlines() if line.startswith("  .venv/bin/estkit ")

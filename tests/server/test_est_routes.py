@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
-from collections.abc import AsyncIterator, Iterator
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,9 +17,12 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
-from estkit.ca.authority import Authority, Label
+from estkit.ca.authority import Authority, Label, Principal
+from estkit.ca.errors import Code, Refusal
 from estkit.server.config import load_config
-from estkit.server.est import EstApp, EstRoutes
+from estkit.server.errors import CODE_HEADER
+from estkit.server.est import EstApp, EstAuthority, EstRoutes
+from estkit.server.limits import BasicCheckPool, BasicLimits
 from estkit.server.wiring import build_authority, open_store
 from estkit.store import PendingStatus
 from estserver import run_estkit
@@ -67,14 +73,39 @@ class AsgiClient:
         return self.request("POST", url, **kwargs)
 
 
-def client_for(authority: Authority, *, max_bytes: int = 65536) -> AsgiClient:
+def client_for(
+    authority: EstAuthority,
+    *,
+    max_bytes: int = 65536,
+    basic_pool: BasicCheckPool | None = None,
+    basic_limits: BasicLimits | None = None,
+    refusal_delay: float = 0.0,
+) -> AsgiClient:
     routes = EstRoutes(
         authority,
         default_label="devices",
         max_request_bytes=max_bytes,
         clock=lambda: dt.datetime.now(dt.UTC),
+        basic_pool=basic_pool,
+        basic_limits=basic_limits,
+        refusal_delay=refusal_delay,
     )
     return AsgiClient(EstApp(routes, Starlette()))
+
+
+class CountingAuthority:
+    """The real authority, counting the secret checks (each one an scrypt)."""
+
+    def __init__(self, inner: Authority) -> None:
+        self.inner = inner
+        self.secret_checks = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def authenticate_secret(self, device_id: str, secret: str, *, now: dt.datetime) -> Principal:
+        self.secret_checks += 1
+        return self.inner.authenticate_secret(device_id, secret, now=now)
 
 
 def _manual_label(authority: Authority, name: str, retry_after: int) -> None:
@@ -214,3 +245,245 @@ def test_est_paths_and_methods(
     assert response.headers.get("allow") == allow
     if status != 200 and method != "HEAD":
         assert response.text.count("\n") <= 1 and response.text.strip()
+
+
+# -- HTTP Basic: what it may cost ---------------------------------------------------------
+
+ENROLL = "/.well-known/est/simpleenroll"
+PKCS10 = {"Content-Type": "application/pkcs10"}
+
+
+def _csr_body(device_id: str) -> bytes:
+    return base64.b64encode(csr_der(new_key(), device_id))
+
+
+@pytest.mark.parametrize("known", [True, False], ids=["fail/wrong-secret", "fail/unknown-user"])
+def test_repeated_wrong_secrets_get_429_before_scrypt(authority: Authority, known: bool) -> None:
+    """Finding 2: 60 wrong secrets in a row all got 401. Now the sixth gets 429 with
+    Retry-After, answered before the secret is checked, alike for a device that
+    exists and one that does not."""
+    device = f"dev-guess-{known}"
+    if known:
+        authority.add_device(device, actor="test", now=dt.datetime.now(dt.UTC))
+    counting = CountingAuthority(authority)
+    body = _csr_body(device)
+    with client_for(counting, basic_limits=BasicLimits(per_username=5)) as client:
+        answers = [
+            client.post(ENROLL, content=body, headers=PKCS10, auth=(device, f"guess-{i}"))
+            for i in range(8)
+        ]
+    assert [a.status_code for a in answers] == [401] * 5 + [429] * 3
+    assert counting.secret_checks == 5  # the limited ones cost no scrypt
+    limited = answers[-1]
+    assert limited.headers[CODE_HEADER] == "rate-limited"
+    assert 290 <= int(limited.headers["retry-after"]) <= 300
+    assert limited.text.count("\n") == 1
+    assert answers[0].headers[CODE_HEADER] == "secret-invalid"
+
+
+def test_one_source_is_limited_across_usernames(authority: Authority) -> None:
+    counting = CountingAuthority(authority)
+    limits = BasicLimits(per_username=5, per_source=3)
+    with client_for(counting, basic_limits=limits) as client:
+        statuses = [
+            client.post(ENROLL, content=_csr_body(f"nobody-{i}"), headers=PKCS10,
+                        auth=(f"nobody-{i}", "x")).status_code
+            for i in range(5)
+        ]  # fmt: skip
+    assert statuses == [401, 401, 401, 429, 429]
+    assert counting.secret_checks == 3
+
+
+def test_a_limited_basic_request_is_answered_after_the_refusal_delay(
+    authority: Authority,
+) -> None:
+    """A client that waits for its answers sends one limited request per connection per
+    delay, not thousands a second (bench/README.md, the Basic flood)."""
+    limits = BasicLimits(per_username=1)
+    body = _csr_body("dev-slowed")
+    with client_for(authority, basic_limits=limits, refusal_delay=0.3) as client:
+        first = client.post(ENROLL, content=body, headers=PKCS10, auth=("dev-slowed", "x"))
+        started = time.monotonic()
+        limited = client.post(ENROLL, content=body, headers=PKCS10, auth=("dev-slowed", "x"))
+        waited = time.monotonic() - started
+    assert (first.status_code, limited.status_code) == (401, 429)
+    assert waited >= 0.3
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "content", "status", "code"),
+    [
+        (ENROLL, {"Content-Type": "text/plain"}, b"AAAA", 415, None),
+        (ENROLL, PKCS10, b"A" * 70_000, 413, None),
+        (ENROLL, PKCS10, b"not base64 at all!", 400, "bad-csr"),
+        ("/.well-known/est/simplereenroll", PKCS10, b"AAAA", 403, "certificate-required"),
+    ],
+    ids=["fail/media-type", "fail/too-large", "fail/not-base64", "fail/reenroll-with-basic"],
+)
+def test_the_request_is_checked_before_a_secret_costs_scrypt(
+    authority: Authority,
+    path: str,
+    headers: dict[str, str],
+    content: bytes,
+    status: int,
+    code: str | None,
+) -> None:
+    counting = CountingAuthority(authority)
+    with client_for(counting) as client:
+        response = client.post(path, content=content, headers=headers, auth=("dev-x", "secret"))
+    assert response.status_code == status, response.text
+    assert response.headers.get(CODE_HEADER) == code
+    assert counting.secret_checks == 0
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Bearer abc", "Basic !!!", "Basic " + base64.b64encode(b"no-colon").decode()],
+    ids=["fail/none", "fail/bearer", "fail/not-base64", "fail/no-colon"],
+)
+def test_missing_or_malformed_credentials_get_a_basic_challenge(
+    authority: Authority, authorization: str | None
+) -> None:
+    headers = dict(PKCS10)
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    with client_for(authority) as client:
+        response = client.post(ENROLL, content=_csr_body("dev-x"), headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == 'Basic realm="estkit"'
+    assert response.headers[CODE_HEADER] == "authentication-required"
+
+
+class BlockingAuthority:
+    """Secret checks that wait for ``release`` (a stand-in for slow scrypt)."""
+
+    def __init__(self, inner: Authority) -> None:
+        self.inner = inner
+        self.release = threading.Event()
+        self.started = threading.Event()
+        self.secret_checks = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def authenticate_secret(self, device_id: str, secret: str, *, now: dt.datetime) -> Principal:
+        self.secret_checks += 1
+        self.started.set()
+        self.release.wait(10)
+        raise Refusal(Code.SECRET_INVALID, "enrollment secret not valid for this device")
+
+
+def test_a_full_basic_pool_answers_503_without_scrypt(authority: Authority) -> None:
+    blocking = BlockingAuthority(authority)
+    pool = BasicCheckPool(threads=1, queue=1, retry_after=2)
+    routes = EstRoutes(
+        blocking,
+        default_label="devices",
+        max_request_bytes=65536,
+        clock=lambda: dt.datetime.now(dt.UTC),
+        basic_pool=pool,
+        basic_limits=BasicLimits(per_username=100, per_source=100),
+        refusal_delay=0.0,
+    )
+    app = EstApp(routes, Starlette())
+
+    async def main() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="https://est.test") as c:
+
+            def post(i: int) -> Awaitable[httpx.Response]:
+                return c.post(ENROLL, content=_csr_body(f"d{i}"), headers=PKCS10,
+                              auth=(f"d{i}", "x"))  # fmt: skip
+
+            held = [asyncio.ensure_future(post(i)) for i in range(2)]  # running, waiting
+            await asyncio.to_thread(blocking.started.wait, 10)
+            for _ in range(100):  # bounded: until both are in the pool
+                if pool.in_flight == 2:
+                    break
+                await asyncio.sleep(0.01)
+            refused = await post(3)
+            blocking.release.set()
+            return [refused, *[await h for h in held]]
+
+    try:
+        refused, *held = asyncio.run(main())
+    finally:
+        blocking.release.set()
+        pool.shutdown()
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "2"
+    assert refused.headers[CODE_HEADER] == "unavailable"
+    assert [r.status_code for r in held] == [401, 401]
+    assert blocking.secret_checks == 2
+
+
+# -- a client that goes away mid-body -----------------------------------------------------
+
+
+def _disconnecting(body: bytes) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """An ASGI ``receive``: part of the body, then the client is gone."""
+    messages = [
+        {"type": "http.request", "body": body, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if len(messages) > 1 else messages[0]
+
+    return receive
+
+
+def _scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "https",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("192.0.2.9", 50000),
+        "server": ("127.0.0.1", 8443),
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        (ENROLL, [(b"content-type", b"application/pkcs10"), (b"content-length", b"5000")]),
+        ("/api/v1/devices", [(b"content-type", b"application/json"),
+                             (b"content-length", b"5000")]),
+    ],
+    ids=["est", "api"],
+)  # fmt: skip
+def test_a_client_gone_mid_body_is_one_log_line_without_traceback(
+    data_dir: Path, path: str, headers: list[tuple[bytes, bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding 7: a ~22-line ClientDisconnect traceback per such request. (FastAPI turns
+    it into a 400 of its own on the API; EST reads its body itself.)"""
+    from estkit.server.app import create_app
+
+    app = create_app(load_config(data_dir))
+    if path == ENROLL:  # an enrollment secret, checked once the body is in
+        authorization = b"Basic " + base64.b64encode(b"dev:secret")
+    else:  # the API reads the body once the token is accepted
+        token = run_estkit(
+            "token", "create", "--data-dir", data_dir, "--name", "gone", "--scope", "admin"
+        ).stdout.strip()
+        authorization = f"Bearer {token}".encode()
+    headers = [*headers, (b"authorization", authorization)]
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(app(_scope("POST", path, headers), _disconnecting(b"x" * 100), send))  # type: ignore[arg-type]
+    # Nothing escapes to uvicorn (which would log the traceback); at most one line here.
+    records = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert len(records) <= 1, [r.getMessage() for r in records]
+    assert all(r.exc_info is None for r in records)
+    assert all("192.0.2.9" in r.getMessage() and path in r.getMessage() for r in records)

@@ -13,7 +13,7 @@ atomic swap and repair), ``renewal`` (one renewal, the retry maths),
 Errors: see ``estkit.agent.errors``.
 """
 
-from estkit.agent.config import AgentConfig, load_config, parse_config, parse_duration
+from estkit.agent.config import AgentConfig, duration_seconds, load_config, parse_config
 from estkit.agent.daemon import EXIT_OK, EXIT_REFUSED, Agent, RenewOnce
 from estkit.agent.errors import (
     AgentError,
@@ -23,6 +23,7 @@ from estkit.agent.errors import (
     RenewalError,
     RenewalRefused,
     StateError,
+    UnknownKeys,
 )
 from estkit.agent.renewal import Refusal, classify_refusal, clock_is_plausible, retry_delay
 from estkit.agent.state import PAUSE_STEPS, RepairReport, StateDirectory, Version
@@ -45,12 +46,13 @@ __all__ = [
     "RepairReport",
     "StateDirectory",
     "StateError",
+    "UnknownKeys",
     "Version",
     "classify_refusal",
     "clock_is_plausible",
+    "duration_seconds",
     "load_config",
     "parse_config",
-    "parse_duration",
     "read_status",
     "retry_delay",
 ]

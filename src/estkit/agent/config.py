@@ -1,9 +1,12 @@
 """The agent's config file (TOML): read once, validated, typed.
 
 Every error names the field (``renewal.fraction: must be …``). Relative paths
-are relative to the config file's directory. Durations are seconds as a
-number, or a string with a unit: ``"500ms"``, ``"30s"``, ``"15m"``, ``"2h"``, ``"1d"``.
-Unknown keys are errors: a misspelt key would otherwise be silently ignored.
+are relative to the config file's directory. Durations are estkit's one
+grammar (``estkit.durations``): seconds as a number, or a string with a unit,
+``"500ms"``, ``"30s"``, ``"1.5h"``, ``"1d"``, ``"2w"``. The device id follows
+the one device-id rule (``estkit.pki.names.check_device_id``). Unknown keys
+are errors, checked before anything else and each named: a misspelt key
+(``aproval``) would otherwise silently leave a setting at its default.
 
 Files named here are checked when the agent starts (``load_credentials``),
 not when the config is read, so ``estkit agent status`` works without
@@ -12,27 +15,53 @@ read access to the bootstrap key.
 
 from __future__ import annotations
 
-import re
 import shlex
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from estkit.agent.errors import ConfigError
+from estkit import durations
+from estkit.agent.errors import ConfigError, UnknownKeys
 from estkit.pki import certs, keys
-from estkit.pki.names import MAX_DEVICE_ID
+from estkit.pki.names import check_device_id
 
-# Azure IoT Hub's device id characters; none is an MQTT wildcard or level
-# separator, so the id can be put into topic names. At most MAX_DEVICE_ID (64)
-# of them, not Azure's 128: the id is the certificate's CN (ub-common-name), and
-# the estkit server refuses longer ones.
-DEVICE_ID = re.compile(rf"[A-Za-z0-9\-.%_*?!(),:=@$']{{1,{MAX_DEVICE_ID}}}")
 DEFAULT_API_VERSION = "2021-04-12"
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+# Every key the agent reads, per table ("" is the top level).
+KEYS: Mapping[str, frozenset[str]] = {
+    "": frozenset({"device_id", "state_dir", "est", "bootstrap", "renewal", "hooks", "hub"}),
+    "est": frozenset(
+        {"url", "trust_anchor", "trust_anchor_fingerprint", "timeout", "total_timeout"}
+    ),
+    "bootstrap": frozenset({"cert", "key", "chain", "fallback"}),
+    "renewal": frozenset(
+        {
+            "key_type",
+            "rotate_key",
+            "fraction",
+            "jitter",
+            "retry_min",
+            "retry_max",
+            "clock_tolerance",
+        }
+    ),
+    "hooks": frozenset({"commands", "timeout"}),
+    "hub": frozenset(
+        {
+            "enabled",
+            "host",
+            "port",
+            "hub_name",
+            "ca_file",
+            "telemetry_interval",
+            "api_version",
+            "keepalive",
+            "reconnect_max",
+        }
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +69,8 @@ class EstSettings:
     url: str
     trust_anchor: Path | None
     trust_anchor_fingerprint: str | None
-    timeout: float
+    timeout: float  # one attempt
+    total_timeout: float  # one operation, its retries included
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,38 +126,35 @@ class AgentConfig:
     hub: HubSettings | None
 
 
-def parse_duration(value: object, field: str) -> float:
-    """Seconds from a number or a string like ``"30s"``; must be positive."""
-    if isinstance(value, bool):
-        raise ConfigError(field, f"expected a duration, got {value!r}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str):
-        match = _DURATION.fullmatch(value)
-        if match is None:
-            raise ConfigError(field, f"expected a duration like 30s, 15m, 2h or 1d, got {value!r}")
-        seconds = float(match.group(1)) * _UNITS[match.group(2)]
-    else:
-        raise ConfigError(field, f"expected a duration, got {type(value).__name__}")
-    if seconds <= 0:
-        raise ConfigError(field, f"must be positive, got {value!r}")
-    return seconds
+def duration_seconds(value: object, field: str) -> float:
+    """Seconds from a duration in estkit's grammar; must be positive (``ConfigError``)."""
+    try:
+        return durations.parse_duration(value).total_seconds()
+    except ValueError as exc:
+        raise ConfigError(field, str(exc)) from None
+
+
+def unknown_keys(data: Mapping[str, Any]) -> Iterator[str]:
+    """Each key of ``data`` the agent does not read, as ``table.key``."""
+    for key in data:
+        if key not in KEYS[""]:
+            yield key
+        elif key in KEYS and isinstance(data[key], dict):
+            yield from (f"{key}.{k}" for k in data[key] if k not in KEYS[key])
 
 
 class _Section:
-    """One TOML table, read key by key; ``done()`` rejects the keys nobody asked for."""
+    """One TOML table, read key by key (its keys were checked against ``KEYS`` first)."""
 
     def __init__(self, data: Mapping[str, Any], prefix: str, base: Path) -> None:
         self._data = data
         self._prefix = prefix
         self._base = base
-        self._seen: set[str] = set()
 
     def field(self, key: str) -> str:
         return f"{self._prefix}{key}"
 
     def raw(self, key: str) -> Any:
-        self._seen.add(key)
         return self._data.get(key)
 
     def has(self, key: str) -> bool:
@@ -145,13 +172,11 @@ class _Section:
 
     def optional_string(self, key: str) -> str | None:
         if not self.has(key):
-            self.raw(key)
             return None
         return self.string(key)
 
     def path(self, key: str, *, required: bool = True) -> Path | None:
         if not self.has(key) and not required:
-            self.raw(key)
             return None
         path = Path(self.string(key)).expanduser()
         return path if path.is_absolute() else (self._base / path)
@@ -187,7 +212,7 @@ class _Section:
 
     def duration(self, key: str, default: float) -> float:
         value = self.raw(key)
-        return default if value is None else parse_duration(value, self.field(key))
+        return default if value is None else duration_seconds(value, self.field(key))
 
     def table(self, key: str) -> _Section:
         value = self.raw(key)
@@ -196,11 +221,6 @@ class _Section:
         if not isinstance(value, dict):
             raise ConfigError(self.field(key), "expected a table")
         return _Section(value, f"{self._prefix}{key}.", self._base)
-
-    def done(self) -> None:
-        unknown = sorted(set(self._data) - self._seen)
-        if unknown:
-            raise ConfigError(self.field(unknown[0]), "unknown key")
 
 
 def load_config(path: Path) -> AgentConfig:
@@ -220,14 +240,15 @@ def load_config(path: Path) -> AgentConfig:
 
 def parse_config(data: Mapping[str, Any], *, path: Path) -> AgentConfig:
     """Validate a parsed config; ``path`` is where it came from (relative paths start there)."""
+    unknown = list(unknown_keys(data))
+    if unknown:
+        raise UnknownKeys(unknown)
     top = _Section(data, "", path.parent)
     device_id = top.string("device_id")
-    if DEVICE_ID.fullmatch(device_id) is None:
-        raise ConfigError(
-            "device_id",
-            f"1 to {MAX_DEVICE_ID} letters, digits or -.%_*?!(),:=@$' (no '/', '+' or '#'), "
-            f"got {device_id!r}",
-        )
+    try:
+        check_device_id(device_id)
+    except ValueError as exc:
+        raise ConfigError("device_id", str(exc)) from None
     state_dir = top.required_path("state_dir")
     config = AgentConfig(
         path=path,
@@ -239,7 +260,6 @@ def parse_config(data: Mapping[str, Any], *, path: Path) -> AgentConfig:
         hooks=_hooks(top.table("hooks")),
         hub=_hub(top.table("hub")) if top.has("hub") else None,
     )
-    top.done()
     return config
 
 
@@ -261,14 +281,21 @@ def _est(s: _Section) -> EstSettings:
             fingerprint = certs.normalize_fingerprint(fingerprint)
         except ValueError as exc:
             raise ConfigError(s.field("trust_anchor_fingerprint"), str(exc)) from exc
-    settings = EstSettings(
+    timeout = s.duration("timeout", 20.0)
+    # 20 s and 60 s by default, as the client core: an operation is a few attempts.
+    total_timeout = s.duration("total_timeout", 3 * timeout)
+    if total_timeout < timeout:
+        raise ConfigError(
+            s.field("total_timeout"),
+            f"must not be below timeout ({timeout:g} s), got {total_timeout:g} s",
+        )
+    return EstSettings(
         url=url.rstrip("/"),
         trust_anchor=anchor,
         trust_anchor_fingerprint=fingerprint,
-        timeout=s.duration("timeout", 30.0),
+        timeout=timeout,
+        total_timeout=total_timeout,
     )
-    s.done()
-    return settings
 
 
 def _bootstrap(s: _Section) -> BootstrapSettings:
@@ -278,7 +305,6 @@ def _bootstrap(s: _Section) -> BootstrapSettings:
         chain=s.path("chain", required=False),
         fallback=s.boolean("fallback", True),
     )
-    s.done()
     return settings
 
 
@@ -313,7 +339,6 @@ def _renewal(s: _Section) -> RenewalSettings:
         retry_max=retry_max,
         clock_tolerance=s.duration("clock_tolerance", 300.0),
     )
-    s.done()
     return settings
 
 
@@ -338,7 +363,6 @@ def _hooks(s: _Section) -> HookSettings:
                 raise ConfigError(field, "empty command")
             commands.append(argv)
     settings = HookSettings(commands=tuple(commands), timeout=s.duration("timeout", 60.0))
-    s.done()
     return settings
 
 
@@ -362,5 +386,4 @@ def _hub(s: _Section) -> HubSettings:
         keepalive=int(keepalive),
         reconnect_max=s.duration("reconnect_max", 60.0),
     )
-    s.done()
     return settings

@@ -2,6 +2,7 @@
 
 AgentError
 ├── ConfigError      the config is unusable (``field`` names the key: ``renewal.fraction``)
+│   └── UnknownKeys  keys the agent does not know (``keys``: each one, ``table.key``)
 ├── StateError       the state directory cannot be used (permissions, a foreign file)
 ├── AlreadyRunning   another agent holds the state directory
 ├── ClockError       the clock is before the certificate's notBefore minus the tolerance
@@ -10,6 +11,8 @@ AgentError
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 
 class AgentError(Exception):
@@ -23,6 +26,18 @@ class ConfigError(AgentError):
         super().__init__(f"{field}: {reason}" if field else reason)
         self.field = field
         self.reason = reason
+
+
+class UnknownKeys(ConfigError):
+    """The config has keys the agent does not read (a typo would silently keep a default)."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        if not keys:
+            raise ValueError("UnknownKeys needs at least one key")
+        listed = ", ".join(repr(k) for k in keys)
+        super().__init__("", f"unknown key{'s' if len(keys) > 1 else ''} {listed}")
+        self.field = keys[0]
+        self.keys = tuple(keys)
 
 
 class StateError(AgentError):

@@ -5,6 +5,8 @@ renewals the current operational certificate (``/simplereenroll``, same
 Subject and SAN). When the operational certificate has expired, or the
 server refuses it as expired or unknown, the bootstrap certificate enrolls
 again (``bootstrap.fallback``). A revoked or decommissioned answer is final.
+These decisions come from the server's refusal code (``classify_refusal``),
+never from the wording of its reason, except for a server that sends no code.
 The issued certificate is checked (our key, our device id, chains to the
 trust anchor, valid now) before it is written as a new version and made
 current. The retry maths lives here too, as pure functions; the renewal time is
@@ -23,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
@@ -31,6 +34,7 @@ from estkit.agent.config import AgentConfig
 from estkit.agent.errors import ClockError, ConfigError, RenewalError, RenewalRefused, StateError
 from estkit.agent.state import StateDirectory, Version
 from estkit.client import (
+    CircuitBreaker,
     ClientCertificate,
     EnrollmentPending,
     EstAuthError,
@@ -42,6 +46,7 @@ from estkit.client import (
     TrustAnchor,
     TrustAnchorError,
 )
+from estkit.client.breaker import DEFAULT_COOLDOWN
 from estkit.fileio import PRIVATE, replace_file
 from estkit.pki import certs, keys, names
 from estkit.pki.csr import build_csr
@@ -55,16 +60,29 @@ CLIENT_RETRIES = 1
 CLIENT_BACKOFF = 0.5
 
 
+# The refusal codes the agent acts on: values of the server's ``estkit.ca.errors.Code``,
+# spelt out here because the device side does not import the server's package.
+FINAL_CODES = frozenset({"revoked", "decommissioned"})
+FALLBACK_CODES = frozenset({"expired", "not-yet-valid", "unknown-certificate", "wrong-ca"})
+
+
 class Refusal(enum.Enum):
-    """What a 401/403 from the EST server means for the agent."""
+    """What a refusal from the EST server means for the agent."""
 
     FINAL = "final"  # revoked or decommissioned: stop renewing
     FALLBACK = "fallback"  # this certificate is expired or unknown: try the bootstrap one
     OTHER = "other"  # anything else (disabled, policy): retry slowly
 
 
-def classify_refusal(reason: str) -> Refusal:
-    """Read the server's one-line reason (estkit's texts; others fall under OTHER)."""
+def classify_refusal(code: str | None, reason: str = "") -> Refusal:
+    """What the server's refusal ``code`` means. Only an answer without a code (a server
+    that is not estkit) is read by the words of its one-line ``reason``."""
+    if code is not None:
+        if code in FINAL_CODES:
+            return Refusal.FINAL
+        if code in FALLBACK_CODES:
+            return Refusal.FALLBACK
+        return Refusal.OTHER
     text = reason.lower()
     if "decommissioned" in text or "revoked" in text:
         return Refusal.FINAL
@@ -174,6 +192,8 @@ class Renewer:
         credentials: Credentials,
         *,
         clock: Clock,
+        breaker: CircuitBreaker | None = None,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self._config = config
         self._state = state
@@ -181,6 +201,14 @@ class Renewer:
         self._trust = credentials.trust
         self._clock = clock
         self._pending = PendingRequest(state.root / "pending.json")
+        # One breaker for the agent's lifetime: every EST client of the server shares it.
+        # Its cool-down never exceeds retry_max, the longest the operator wants the agent
+        # to go without trying the server.
+        if breaker is None:
+            cooldown = min(DEFAULT_COOLDOWN, config.renewal.retry_max)
+            breaker = CircuitBreaker(cooldown=cooldown)
+        self._breaker = breaker
+        self._transport = transport  # tests: a scripted EST server
 
     @property
     def bootstrap_certificate(self) -> x509.Certificate:
@@ -208,7 +236,7 @@ class Renewer:
             try:
                 return self._run(self._reenroll, current)
             except _Refused as refused:
-                kind = classify_refusal(refused.error.reason)
+                kind = refused.kind
                 if kind is Refusal.FINAL:
                     raise RenewalRefused(refused.error.reason or str(refused.error)) from None
                 if kind is Refusal.FALLBACK and fallback:
@@ -233,7 +261,7 @@ class Renewer:
         try:
             return self._run(self._enroll, current)
         except _Refused as refused:
-            if classify_refusal(refused.error.reason) is Refusal.FINAL:
+            if refused.kind is Refusal.FINAL:
                 raise RenewalRefused(refused.error.reason or str(refused.error)) from None
             raise RenewalError(str(refused.error), slow=True) from None
 
@@ -254,14 +282,15 @@ class Renewer:
     ) -> Renewal:
         try:
             return operation(current)
-        except EstAuthError as exc:
-            raise _Refused(exc) from exc
-        except EnrollmentPending as exc:
-            raise RenewalError(str(exc), retry_after=exc.retry_after) from exc
         except EstHttpError as exc:
+            kind = classify_refusal(exc.code, exc.reason)
+            if isinstance(exc, EstAuthError) or kind is not Refusal.OTHER:
+                raise _Refused(exc, kind) from exc
             raise RenewalError(
                 str(exc), retry_after=exc.retry_after, slow=exc.status < 500
             ) from exc
+        except EnrollmentPending as exc:
+            raise RenewalError(str(exc), retry_after=exc.retry_after) from exc
         except (TrustAnchorError, EstConnectionError) as exc:
             raise RenewalError(str(exc)) from exc
         except EstError as exc:
@@ -355,15 +384,17 @@ class Renewer:
         return current.load_key()
 
     def _client(self, auth: ClientCertificate) -> EstClient:
-        timeout = self._config.est.timeout
+        est = self._config.est
         return EstClient(
-            self._config.est.url,
+            est.url,
             trust=self._trust,
             auth=auth,
-            timeout=timeout,
-            total_timeout=timeout * 4,
+            timeout=est.timeout,
+            total_timeout=est.total_timeout,
             retries=CLIENT_RETRIES,
             backoff=CLIENT_BACKOFF,
+            breaker=self._breaker,
+            transport=self._transport,
         )
 
     def _check(
@@ -455,9 +486,10 @@ class PendingRequest:
 
 
 class _Refused(Exception):
-    def __init__(self, error: EstAuthError) -> None:
+    def __init__(self, error: EstHttpError, kind: Refusal) -> None:
         super().__init__(str(error))
         self.error = error
+        self.kind = kind
 
 
 def _read(path: Path, field: str) -> bytes:

@@ -1,42 +1,73 @@
-"""Decisions the authority returns as exceptions; ``server/`` maps each to one HTTP status.
+"""The authority's decisions in codes: one exception, ``Refusal(code, reason)``.
+
+``Code`` is the contract: a small, stable set that servers put on the wire
+(EST: a response header beside the one-line reason; the REST API: RFC 9457
+problem details) and that clients and the agent act on. The reason is for
+people and may be reworded at any time; a code never changes meaning.
 
 CaError
-├── BadRequest        malformed input (not a CSR, bad signature, bad key type)   → 400
-├── Unauthenticated   no or wrong credentials                                      → 401
-├── Forbidden         authenticated, but the policy refuses                        → 403
-├── NotFound          unknown label, device or certificate                         → 404
-├── Conflict          state does not allow it (already revoked, device exists)     → 409
-└── Pending           accepted, waiting for approval; retry after N seconds       → 202
+└── Refusal        ``code`` (``Code``), a one-line ``reason``, ``retry_after`` seconds or None
+
+``server/errors.py`` is the one place that maps a code to an HTTP status.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
+
+
+class Code(StrEnum):
+    """Why a request was not granted (or not yet)."""
+
+    # The request itself.
+    BAD_CSR = "bad-csr"  # not a CSR, bad signature, CA:TRUE asked for
+    KEY_NOT_PERMITTED = "key-not-permitted"  # key type or size outside policy
+    BAD_REQUEST = "bad-request"  # other malformed input (device id, serial, reason, ...)
+    # Who is asking.
+    AUTHENTICATION_REQUIRED = "authentication-required"  # no credentials where needed
+    SECRET_INVALID = "secret-invalid"  # noqa: S105 - wrong, used or expired enrollment secret
+    TOKEN_INVALID = "token-invalid"  # noqa: S105 - API token or OIDC token not valid
+    CERTIFICATE_REQUIRED = "certificate-required"  # only a client certificate will do here
+    UNKNOWN_CERTIFICATE = "unknown-certificate"  # client certificate not issued here
+    WRONG_CA = "wrong-ca"  # issued here, but by a CA not accepted for this
+    EXPIRED = "expired"  # client certificate expired
+    NOT_YET_VALID = "not-yet-valid"  # client certificate not yet valid
+    REVOKED = "revoked"  # client certificate (or the one an approval issued) revoked
+    # The device's lifecycle.
+    NOT_REGISTERED = "not-registered"
+    DISABLED = "disabled"
+    DECOMMISSIONED = "decommissioned"
+    # What is asked for.
+    NAME_MISMATCH = "name-mismatch"  # CSR CN is not the authenticated device id
+    SUBJECT_CHANGED = "subject-changed"  # renewal CSR's Subject or SAN differs
+    SAN_NOT_PERMITTED = "san-not-permitted"  # SAN type, name or count outside policy
+    SCOPE_MISSING = "scope-missing"  # API caller lacks the scope
+    APPROVAL_PENDING = "approval-pending"  # waiting for an operator (202)
+    APPROVAL_DENIED = "approval-denied"
+    # State of the service.
+    NOT_FOUND = "not-found"  # unknown label, device, certificate, token, request
+    CONFLICT = "conflict"  # state does not allow it (exists, already revoked, ...)
+    RATE_LIMITED = "rate-limited"  # too many attempts; retry after
+    UNAVAILABLE = "unavailable"  # storage full, read-only or locked, or busy; retry after
+
+
+# A device should not retry a refusal with these codes with the same credentials:
+# the answer will not change until an operator acts.
+FINAL = frozenset({Code.REVOKED, Code.DECOMMISSIONED})
+
 
 class CaError(Exception):
-    """Root of the ca package's errors; the message is a one-line reason for the client."""
+    """Root of the ca package's errors."""
 
 
-class BadRequest(CaError):
-    pass
+class Refusal(CaError):
+    """A decision not to grant a request: a stable ``code`` and a one-line ``reason``."""
 
-
-class Unauthenticated(CaError):
-    pass
-
-
-class Forbidden(CaError):
-    pass
-
-
-class NotFound(CaError):
-    pass
-
-
-class Conflict(CaError):
-    pass
-
-
-class Pending(CaError):
-    def __init__(self, reason: str, *, retry_after: int) -> None:
+    def __init__(self, code: Code, reason: str, *, retry_after: int | None = None) -> None:
         super().__init__(reason)
+        self.code = code
+        self.reason = reason
         self.retry_after = retry_after
+
+    def __repr__(self) -> str:
+        return f"Refusal({self.code.value!r}, {self.reason!r})"

@@ -6,10 +6,10 @@ import datetime as dt
 import hmac
 import re
 
-from estkit.ca.errors import BadRequest, Conflict, NotFound, Unauthenticated
+from estkit.ca.errors import Code, Refusal
+from estkit.ca.ports import translated
 from estkit.ca.secrets import API_TOKEN_PREFIX, new_api_token, token_digest
 from estkit.store import AuditEvent, SqlStore
-from estkit.store import errors as store_errors
 
 # provision: the factory station's call; read: look, never touch; admin: everything.
 SCOPES = ("provision", "read", "admin")
@@ -31,14 +31,14 @@ class TokenService:
     ) -> str:
         """A new token, returned once and never stored in the clear."""
         if not _NAME.match(name):
-            raise BadRequest("token name: 1-128 letters, digits, '.', '_', '@', '-'")
+            raise Refusal(Code.BAD_REQUEST, "token name: 1-128 letters, digits, '.', '_', '@', '-'")
         unknown = scopes - set(SCOPES)
         if not scopes or unknown:
-            raise BadRequest(f"scopes must be some of {', '.join(SCOPES)}")
+            raise Refusal(Code.BAD_REQUEST, f"scopes must be some of {', '.join(SCOPES)}")
         if expires_at is not None and expires_at <= now:
-            raise BadRequest("expiry must be in the future")
+            raise Refusal(Code.BAD_REQUEST, "expiry must be in the future")
         token = new_api_token()
-        try:
+        with translated():
             self._store.add_token(
                 name=name,
                 token_hash=token_digest(token),
@@ -54,12 +54,10 @@ class TokenService:
                     detail=f"token {name} scopes={','.join(sorted(scopes))}",
                 ),
             )
-        except store_errors.Conflict as exc:
-            raise Conflict(str(exc)) from None
         return token
 
     def revoke(self, name: str, *, actor: str, now: dt.datetime) -> None:
-        try:
+        with translated():
             self._store.revoke_token(
                 name,
                 now=now,
@@ -67,47 +65,59 @@ class TokenService:
                     at=now, actor=actor, action="token-revoke", outcome="ok", detail=f"token {name}"
                 ),
             )
-        except store_errors.NotFound as exc:
-            raise NotFound(str(exc)) from None
-        except store_errors.Conflict as exc:
-            raise Conflict(str(exc)) from None
 
     def audit_use(self, *, actor: str, detail: str, now: dt.datetime) -> None:
         """Record an API call by a caller authenticated elsewhere (an OIDC client)."""
-        self._store.audit(
-            AuditEvent(at=now, actor=actor, action="token-use", outcome="ok", detail=detail)
-        )
+        with translated():
+            self._store.audit(
+                AuditEvent(at=now, actor=actor, action="token-use", outcome="ok", detail=detail)
+            )
 
     def audit_refusal(self, *, actor: str, detail: str, now: dt.datetime) -> None:
-        self._store.audit(
-            AuditEvent(at=now, actor=actor, action="token-use", outcome="refused", detail=detail)
-        )
+        with translated():
+            self._store.audit(
+                AuditEvent(
+                    at=now, actor=actor, action="token-use", outcome="refused", detail=detail
+                )
+            )
 
     def authenticate(self, token: str, *, now: dt.datetime, use: str) -> tuple[str, frozenset[str]]:
-        """(actor, scopes) of a valid token; ``Unauthenticated`` otherwise. Every use is audited."""
+        """(actor, scopes) of a valid token, else a ``token-invalid`` refusal; every use audited."""
         if not token.startswith(API_TOKEN_PREFIX):
-            raise Unauthenticated("not an estkit API token")
+            raise Refusal(Code.TOKEN_INVALID, "not an estkit API token")
         digest = token_digest(token)
-        record = self._store.find_token(digest)
+        with translated():
+            record = self._store.find_token(digest)
         if record is None or not hmac.compare_digest(record.token_hash, digest):
-            raise Unauthenticated("unknown API token")
+            raise Refusal(Code.TOKEN_INVALID, "unknown API token")
         actor = f"token:{record.name}"
         refusal = None
         if record.revoked_at is not None:
             refusal = "API token is revoked"
         elif record.expires_at is not None and record.expires_at <= now:
             refusal = "API token has expired"
-        self._store.token_used(
-            record.id,
-            now=now,
-            audit=AuditEvent(
-                at=now,
-                actor=actor,
-                action="token-use",
-                outcome="refused" if refusal else "ok",
-                detail=refusal or use,
-            ),
-        )
+        with translated():
+            self._store.token_used(
+                record.id,
+                now=now,
+                audit=AuditEvent(
+                    at=now,
+                    actor=actor,
+                    action="token-use",
+                    outcome="refused" if refusal else "ok",
+                    detail=refusal or use,
+                ),
+            )
         if refusal:
-            raise Unauthenticated(refusal)
+            raise Refusal(Code.TOKEN_INVALID, refusal)
         return actor, record.scopes
+
+    def require_scope(
+        self, scopes: frozenset[str], needed: str, *, actor: str, use: str, now: dt.datetime
+    ) -> None:
+        """Refuse (``scope-missing``, audited) a caller whose scopes do not cover ``needed``;
+        ``admin`` covers every scope."""
+        if needed in scopes or "admin" in scopes:
+            return
+        self.audit_refusal(actor=actor, detail=f"scope {needed} needed for {use}", now=now)
+        raise Refusal(Code.SCOPE_MISSING, f"this API client lacks the {needed!r} scope")

@@ -1,20 +1,13 @@
 """Factory commands: ``factory provision`` requests bootstrap certificates from the REST API.
 
 The key is made where this runs and never leaves it: only the CSR goes to
-``POST {api}/api/v1/cas/{label}/certificates``. The answer is checked (the
-certificate is for the key, has CN = device id, and chains to the trust anchor)
-before ``key.pem`` (0600), ``cert.pem`` and ``chain.pem`` are written
-atomically. ``--batch devices.csv`` does a production line: one directory per
-device, past individual failures, with a result CSV and a non-zero exit when
-any device failed. A device whose ``cert.pem`` exists is skipped (``--force``
-replaces it), so a line can simply be run again.
-
-Errors of the API client (``ApiError``):
-
-ApiError
-├── ApiConnectionError   transport or TLS failure, after the retries
-├── ApiHttpError         an error status (``status``, ``detail``)
-└── ApiAnswerError       a 201 whose body or certificate is not usable
+``POST {api}/api/v1/cas/{label}/certificates`` (``estkit.client.ProvisioningApi``).
+The answer is checked (the certificate is for the key, has CN = device id, and
+chains to the trust anchor) before ``key.pem`` (0600), ``cert.pem`` and
+``chain.pem`` are written atomically into ``OUT/<device id>/``. ``--batch
+devices.csv`` does a production line: past individual failures, with a result
+CSV and a non-zero exit when any device failed. A device whose ``cert.pem``
+exists is skipped (``--force`` replaces it), so a line can simply be run again.
 """
 
 from __future__ import annotations
@@ -23,310 +16,49 @@ import argparse
 import csv
 import datetime as dt
 import io
-import json
 import os
-import random
 import re
-import ssl
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from http import HTTPStatus
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Final, Literal, TextIO
-from urllib.parse import quote
+from typing import Final, Literal, TextIO
 
 import httpx
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from estkit import __version__
 from estkit.cli.args import non_negative_int, positive_number
 from estkit.cli.errors import CliError
 from estkit.cli.files import OutputFile, write_files_atomically
 from estkit.client import (
+    ApiAnswerError,
+    ApiCircuitOpen,
+    ApiError,
+    ApiHttpError,
+    IssuedAnswer,
     IssuedCertificate,
     IssuedCertificateError,
+    ProvisioningApi,
     TrustAnchor,
     TrustAnchorError,
     check_issued,
-    retry,
-    tls,
 )
 from estkit.client.errors import one_line
+from estkit.client.provisioning import check_token
+from estkit.durations import format_duration, parse_duration
 from estkit.fileio import PRIVATE
 from estkit.pki import certs, keys, names
 from estkit.pki.csr import build_csr
 from estkit.pki.errors import PkiError
+from estkit.pki.names import check_device_id
 
 TOKEN_ENV: Final = "ESTKIT_API_TOKEN"  # noqa: S105 - the name of a variable, not a secret
-USER_AGENT: Final = f"estkit/{__version__}"
-# The API's answer is a certificate and a short chain.
-MAX_BODY: Final = 1 << 20
-TRANSIENT_STATUSES: Final = frozenset({502, 503, 504})
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_VALIDITY = re.compile(r"^(\d+)([smhdwy])$")
-_DNS_NAME = re.compile(r"^(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?(\.[A-Za-z0-9_-]+)*\.?$")
 RESULT_FIELDS: Final = ("device_id", "status", "serial", "not_after", "error")
 
 Status = Literal["ok", "failed", "exists"]
-
-
-# -- the API client ------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    """Root of the provisioning API client's errors; ``str`` is one line."""
-
-
-class ApiConnectionError(ApiError):
-    """The API could not be reached, or TLS failed."""
-
-
-class ApiHttpError(ApiError):
-    """The API answered with an error status; ``detail`` is its one-line reason."""
-
-    def __init__(self, status: int, detail: str) -> None:
-        try:
-            phrase = HTTPStatus(status).phrase
-        except ValueError:
-            phrase = "error"
-        super().__init__(f"HTTP {status} {phrase}" + (f": {detail}" if detail else ""))
-        self.status = status
-        self.detail = detail
-
-
-class ApiAnswerError(ApiError):
-    """A success answer that is not what the API promises, or a certificate that fails checks."""
-
-
-@dataclass(frozen=True, slots=True)
-class IssuedAnswer:
-    """The API's 201 body, certificates decoded (not yet checked)."""
-
-    certificate: x509.Certificate
-    chain: tuple[x509.Certificate, ...]
-    serial: str | None
-
-
-class ProvisioningApi:
-    """The factory call of the estkit REST API, with bearer auth and retries.
-
-    Transient failures (connect errors, timeouts, 502/503/504) are retried
-    ``retries`` times with exponential backoff and full jitter (or the
-    server's ``Retry-After``, capped); a 4xx is never retried. A retry after a
-    timeout may get a second certificate for the same device: harmless, the
-    device only ever has the key of the one that was written.
-    """
-
-    def __init__(
-        self,
-        api: str,
-        *,
-        token: str,
-        trust: TrustAnchor | None,
-        timeout: float = 30.0,
-        retries: int = 3,
-        backoff: float = 1.0,
-        max_backoff: float = 30.0,
-        transport: httpx.BaseTransport | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.origin = api_origin(api)
-        check_token(token)
-        if timeout <= 0 or retries < 0 or backoff < 0 or max_backoff < 0:
-            raise ValueError("timeout must be positive, retries and backoff not negative")
-        if trust is not None:
-            context = tls.verified_context(trust.certificates)
-        else:
-            context = ssl.create_default_context()  # the system store
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._retries = retries
-        self._backoff = backoff
-        self._max_backoff = max_backoff
-        self._sleep = sleep
-        self._rng = rng if rng is not None else random.Random()
-        self._http = httpx.Client(
-            verify=context,
-            transport=transport,
-            timeout=httpx.Timeout(timeout),
-            trust_env=False,  # no proxies or .netrc picked up behind our back
-            follow_redirects=False,  # a redirect must not carry the token elsewhere
-            headers={
-                "Authorization": f"Bearer {token}",
-                "Accept": "application/json",
-                "User-Agent": USER_AGENT,
-            },
-        )
-
-    def __enter__(self) -> ProvisioningApi:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._http.close()
-
-    def certificates_url(self, label: str) -> str:
-        return f"{self.origin}/api/v1/cas/{quote(label, safe='')}/certificates"
-
-    def issue(
-        self,
-        label: str,
-        *,
-        device_id: str,
-        csr: x509.CertificateSigningRequest,
-        validity: str | None = None,
-        sans: Sequence[str] = (),
-    ) -> IssuedAnswer:
-        """``POST /api/v1/cas/{label}/certificates``: the certificate the CA signed for ``csr``."""
-        body: dict[str, Any] = {
-            "device_id": device_id,
-            "csr": csr.public_bytes(Encoding.PEM).decode("ascii"),
-        }
-        if validity is not None:
-            body["validity"] = validity
-        if sans:
-            body["sans"] = list(sans)
-        status, answer = self._post(self.certificates_url(label), body)
-        if status != 201:
-            raise ApiAnswerError(f"unexpected HTTP {status} (expected 201)")
-        return _issued_answer(answer)
-
-    def _post(self, url: str, body: Mapping[str, Any]) -> tuple[int, bytes]:
-        content = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        failures = 0
-        while True:
-            try:
-                status, headers_in, answer = self._attempt(url, content, headers)
-            except httpx.TransportError as exc:
-                if not retry.is_transient_error(exc) or failures >= self._retries:
-                    raise _connection_error(url, exc, attempts=failures + 1) from exc
-                self._sleep(self._delay(failures, None))
-                failures += 1
-                continue
-            if 200 <= status < 300:
-                return status, answer
-            if status in TRANSIENT_STATUSES and failures < self._retries:
-                after = retry.parse_retry_after(
-                    headers_in.get("retry-after"), now=dt.datetime.now(dt.UTC)
-                )
-                self._sleep(self._delay(failures, after))
-                failures += 1
-                continue
-            raise ApiHttpError(status, _detail(headers_in, answer))
-
-    def _attempt(
-        self, url: str, content: bytes, headers: Mapping[str, str]
-    ) -> tuple[int, httpx.Headers, bytes]:
-        with self._http.stream("POST", url, content=content, headers=headers) as response:
-            body = bytearray()
-            try:
-                for chunk in response.iter_bytes():
-                    body += chunk
-                    if len(body) > MAX_BODY:
-                        raise ApiAnswerError(f"answer larger than {MAX_BODY} bytes")
-            except httpx.DecodingError as exc:
-                raise ApiAnswerError(f"answer cannot be decoded: {exc}") from exc
-            return response.status_code, response.headers, bytes(body)
-
-    def _delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return min(retry_after, self._max_backoff)
-        return retry.backoff_delay(
-            attempt, base=self._backoff, cap=self._max_backoff, rng=self._rng
-        )
-
-
-def api_origin(api: str) -> str:
-    """``https://host[:port]`` from ``--api`` (a trailing slash allowed); ``ValueError`` else."""
-    try:
-        url = httpx.URL(api.strip())
-    except httpx.InvalidURL as exc:
-        raise ValueError(f"not a URL: {api!r}") from exc
-    if url.scheme != "https" or not url.host:
-        raise ValueError(f"expected the server origin https://host[:port], got {api!r}")
-    if url.userinfo or url.query or url.fragment or url.path not in ("", "/"):
-        raise ValueError(f"expected only the origin https://host[:port], got {api!r}")
-    return str(url.copy_with(path="/")).rstrip("/")
-
-
-def check_token(token: str) -> None:
-    """A bearer token is one word of printable ASCII (it goes into a header)."""
-    if not token:
-        raise ValueError("the API token is empty")
-    if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
-        raise ValueError("the API token must be one word of printable ASCII")
-
-
-def _issued_answer(body: bytes) -> IssuedAnswer:
-    try:
-        answer = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise ApiAnswerError("answer is not JSON") from exc
-    if not isinstance(answer, dict):
-        raise ApiAnswerError("answer is not a JSON object")
-    pem, chain_pem, serial = (
-        answer.get("certificate"),
-        answer.get("chain", ""),
-        answer.get("serial"),
-    )
-    if not isinstance(pem, str) or not pem.strip():
-        raise ApiAnswerError("answer has no certificate")
-    if not isinstance(chain_pem, str):
-        raise ApiAnswerError("answer's chain is not a PEM string")
-    if serial is not None and not isinstance(serial, str):
-        raise ApiAnswerError("answer's serial is not a string")
-    try:
-        leaf, *extra = certs.load_pem_certificates(pem.encode())
-        chain = certs.load_pem_certificates(chain_pem.encode()) if chain_pem.strip() else []
-    except PkiError as exc:
-        raise ApiAnswerError(f"answer: {exc}") from exc
-    return IssuedAnswer(certificate=leaf, chain=(*extra, *chain), serial=serial)
-
-
-def _detail(headers: httpx.Headers, body: bytes) -> str:
-    """The one-line reason of an error answer: JSON ``detail`` (FastAPI's list too), or text."""
-    text = body.decode("utf-8", "replace")
-    if "json" in headers.get("content-type", ""):
-        try:
-            detail = json.loads(text).get("detail")
-        except (ValueError, AttributeError, RecursionError):
-            detail = None
-        if isinstance(detail, str):
-            return one_line(detail)
-        if isinstance(detail, list):  # a validation error: [{"loc": [...], "msg": "..."}]
-            parts = [
-                f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg', '')}"
-                if isinstance(d, dict)
-                else str(d)
-                for d in detail
-            ]
-            return one_line("; ".join(parts))
-    return one_line(text) if headers.get("content-type", "").startswith("text/plain") else ""
-
-
-def _connection_error(url: str, exc: httpx.TransportError, *, attempts: int) -> ApiConnectionError:
-    failure = retry.tls_failure(exc)
-    if isinstance(failure, ssl.SSLCertVerificationError):
-        detail = f"TLS verification failed: {failure.verify_message or failure.reason}"
-    elif failure is not None:
-        detail = f"TLS failed: {failure.reason or failure}"
-    else:
-        detail = one_line(str(exc) or type(exc).__name__)
-    tries = f" (after {attempts} attempts)" if attempts > 1 else ""
-    return ApiConnectionError(f"{url}: {detail}{tries}")
 
 
 # -- provisioning one device -----------------------------------------------------------
@@ -352,16 +84,9 @@ class Outcome:
     error: str = ""
 
 
-def check_device_id(device_id: str) -> None:
-    """As the server checks it, and a plain directory name: ``ValueError`` otherwise."""
-    names.check_device_id(device_id)
-    if device_id in (".", ".."):
-        raise ValueError(f"device id may not be {device_id!r}")
-
-
 def check_dns_name(name: str) -> None:
-    if len(name) > 253 or not name.isascii() or not _DNS_NAME.match(name):
-        raise ValueError(f"not a DNS name: {name!r}")
+    """The server's rule for a DNS SAN; whether a wildcard is allowed is the label's to say."""
+    names.check_dns_name(name, wildcard=True)
 
 
 def provision_device(
@@ -587,7 +312,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "and the chain's own root)",
     )
     g.add_argument("--label", default="bootstrap", help="CA label (default: %(default)s)")
-    g.add_argument("--timeout", type=positive_number, default=30.0, metavar="S", help="per attempt")
+    g.add_argument(
+        "--timeout",
+        type=positive_number,
+        default=20.0,
+        metavar="S",
+        help="per attempt (default: %(default)g)",
+    )
+    g.add_argument(
+        "--total-timeout",
+        type=positive_number,
+        default=60.0,
+        metavar="S",
+        help="per device, across its retries (default: %(default)g)",
+    )
     g.add_argument(
         "--retries", type=non_negative_int, default=3, metavar="N", help="default: %(default)s"
     )
@@ -611,7 +349,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--validity",
         type=_validity,
         metavar="DURATION",
-        help="requested lifetime, e.g. 10y, 3650d (the server may shorten it)",
+        help="requested lifetime, e.g. 10y (365 days a year), 3650d, 52w "
+        "(the server may shorten it)",
     )
 
     o = p.add_argument_group("output")
@@ -620,7 +359,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=Path,
         required=True,
         metavar="DIR",
-        help="directory for the files (--batch: DIR/<device id>/)",
+        help="directory for the devices' files: DIR/<device id>/",
     )
     o.add_argument(
         "--result",
@@ -628,19 +367,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="FILE",
         help="result CSV (default with --batch: DIR/results.csv)",
     )
-    o.add_argument("--force", action="store_true", help="replace an existing cert.pem")
+    o.add_argument(
+        "--force", action="store_true", help="replace an existing DIR/<device id>/cert.pem"
+    )
     p.set_defaults(handler=_provision)
 
 
 def _validity(text: str) -> str:
-    """``10y``, ``3650d``, ``52w``, ... as the server's duration (years become days)."""
-    match = _VALIDITY.match(text.strip().lower())
-    if match is None or int(match.group(1)) == 0:
-        raise argparse.ArgumentTypeError(
-            f"expected a positive duration like 10y, 3650d, 52w, 12h, got {text!r}"
-        )
-    amount, unit = int(match.group(1)), match.group(2)
-    return f"{amount * 365}d" if unit == "y" else f"{amount}{unit}"
+    """``10y``, ``3650d``, ``52w``, ... in estkit's one duration grammar, sent to the
+    server as ``format_duration`` spells it (a year is 365 days)."""
+    try:
+        return format_duration(parse_duration(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _provision(args: argparse.Namespace) -> int:
@@ -652,11 +391,13 @@ def provision_command(
     *,
     transport: httpx.BaseTransport | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
     environ: Mapping[str, str] = os.environ,
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
 ) -> int:
-    """Run ``factory provision`` (tests inject the transport, sleep, environment, streams)."""
+    """Run ``factory provision`` (tests inject the transport, sleep, clock, environment,
+    streams)."""
     out_stream = stdout if stdout is not None else sys.stdout
     err_stream = stderr if stderr is not None else sys.stderr
     token = _token(args, environ)
@@ -676,9 +417,11 @@ def provision_command(
             token=token,
             trust=trust,
             timeout=args.timeout,
+            total_timeout=args.total_timeout,
             retries=args.retries,
             transport=transport,
             sleep=sleep,
+            clock=clock,
         )
     except ValueError as exc:
         raise CliError(f"--api: {exc}") from exc
@@ -730,7 +473,7 @@ def _single(
             check_dns_name(name)
     except ValueError as exc:
         raise CliError(f"--device-id {device_id!r}: {exc}") from None
-    out: Path = args.out
+    out: Path = args.out / device_id
     outcome = None if args.force else existing_outcome(request, out)
     if outcome is not None:
         print(
@@ -802,7 +545,8 @@ def _batch_one(
     seen: set[str],
 ) -> tuple[Outcome, bool]:
     """The outcome for one row, and whether the whole batch must stop (every later
-    device would fail the same way: the token or the label is wrong)."""
+    device would fail the same way: the token or the label is wrong, or the API keeps
+    failing and the circuit breaker is open)."""
     where = f"line {request.line}: " if request.line is not None else ""
     try:
         check_device_id(request.device_id)
@@ -818,7 +562,9 @@ def _batch_one(
     try:
         return _provision_one(api, request, directory, args, anchors), False
     except (ApiError, OSError) as exc:
-        stop = isinstance(exc, ApiHttpError) and exc.status in (401, 404)
+        stop = isinstance(exc, ApiCircuitOpen) or (
+            isinstance(exc, ApiHttpError) and exc.status in (401, 404)
+        )
         return Outcome(request.device_id, "failed", error=_reason(exc)), stop
 
 

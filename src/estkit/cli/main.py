@@ -2,7 +2,8 @@
 
 Each command group lives in its own module exposing ``register(subparsers)``;
 a command's handler returns the exit status. Errors become one line on
-stderr and a non-zero exit here, in one place (``-v`` shows the traceback).
+stderr and a non-zero exit here, in one place (``-v`` shows the traceback);
+the exit codes are listed in ``cli/errors.py``.
 """
 
 from __future__ import annotations

@@ -1,27 +1,96 @@
-"""Server-side commands: ``server``, ``ca``, ``device``, ``cert``.
+"""Server-side commands: ``server``, ``ca``, ``device``, ``cert``, ``token``, ``audit``, …
 
 They need ``estkit[server]``; imports of server modules happen inside the
-handlers so that a device-only install still starts the CLI.
+handlers so that a device-only install still starts the CLI, and each handler
+first checks that the extra is installed (one line saying so, exit 69).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import getpass
+import importlib.util
+import re
 import socket
 import sys
+import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from estkit.cli.errors import CliError
+from estkit.cli.errors import (
+    EXIT_CONFIG,
+    EXIT_LISTEN,
+    EXIT_NEEDS_SERVER,
+    EXIT_TEMPFAIL,
+    SERVER_EXTRA,
+    CliError,
+)
 
 if TYPE_CHECKING:
     from estkit.ca.authority import Authority
+    from estkit.ca.errors import CaError
     from estkit.server.config import ServerConfig
+    from estkit.store import SqlStore
 
 DEFAULT_DATA_DIR = Path("var/estkit")
+DEFAULT_PORT = 8443  # as server/config.py, which a device-only install cannot import
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072")
+# The top-level modules of the ``server`` extra (pyproject.toml) and what they pull in.
+SERVER_MODULES = (
+    "sqlalchemy",
+    "alembic",
+    "fastapi",
+    "starlette",
+    "fastapi_offline",
+    "uvicorn",
+    "httptools",
+    "OpenSSL",
+    "jwt",
+)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _missing_server_module() -> str | None:
+    for name in SERVER_MODULES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):  # a broken or blocked install is a missing one
+            return name
+    return None
+
+
+def _needs_server(command: str, handler: Handler) -> Handler:
+    """``handler``, refused in one line when ``estkit[server]`` is not installed."""
+
+    def refusal(module: str) -> CliError:
+        return CliError(
+            f"{command} needs the server side of estkit, which is not installed "
+            f"(no module {module!r}): {SERVER_EXTRA}",
+            exit_code=EXIT_NEEDS_SERVER,
+        )
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        if (missing := _missing_server_module()) is not None:
+            raise refusal(missing)
+        try:
+            return handler(args)
+        except ModuleNotFoundError as exc:
+            module = (exc.name or "").partition(".")[0]
+            if module in SERVER_MODULES:
+                raise refusal(module) from None
+            raise
+
+    return run
+
+
+def _command(p: argparse.ArgumentParser, handler: Handler) -> None:
+    p.set_defaults(handler=_needs_server(p.prog, handler))
 
 
 def _now() -> dt.datetime:
@@ -51,10 +120,10 @@ def _load(args: argparse.Namespace) -> ServerConfig:
     try:
         return load_config(args.data_dir)
     except ConfigError as exc:
-        raise CliError(str(exc)) from None
+        raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
 
 
-def _authority(args: argparse.Namespace) -> Authority:
+def _authority(args: argparse.Namespace) -> Authority[SqlStore]:
     from estkit.server.wiring import build_authority, open_store
     from estkit.store.errors import SchemaError
 
@@ -65,17 +134,35 @@ def _authority(args: argparse.Namespace) -> Authority:
         raise CliError(str(exc)) from None
 
 
-def _ca_error(exc: Exception) -> CliError:
-    return CliError(str(exc))
+def _ca_error(exc: CaError, *, hint: str = "") -> CliError:
+    """A refusal as one line: its reason (and what would make it pass), its exit code."""
+    from estkit.ca.errors import Code, Refusal
+
+    if not isinstance(exc, Refusal):
+        return CliError(str(exc))
+    later = exc.code in (Code.UNAVAILABLE, Code.RATE_LIMITED) or exc.retry_after is not None
+    return CliError(f"{exc.reason}{hint}", exit_code=EXIT_TEMPFAIL if later else 1)
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {value!r}") from None
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"expected a port 1-65535, got {port}")
+    return port
 
 
 # -- server ------------------------------------------------------------------------
 
 
 def cmd_server_init(args: argparse.Namespace) -> int:
+    import tomllib
+
     from estkit.ca.files import write_atomic
     from estkit.ca.setup import create_pki
-    from estkit.server.config import CONFIG_NAME, DEFAULT_CONFIG
+    from estkit.server.config import CONFIG_NAME, DEFAULT_CONFIG, ConfigError, parse_config
     from estkit.store import SqlStore
 
     data_dir: Path = args.data_dir
@@ -83,12 +170,22 @@ def cmd_server_init(args: argparse.Namespace) -> int:
     data_dir.chmod(0o700)
     config_path = data_dir / CONFIG_NAME
     if config_path.exists():
-        print(f"config: exists ({config_path}), unchanged")
+        moved = _update_ports(args, config_path)
+        print(
+            f"config: {moved} ({config_path})"
+            if moved
+            else f"config: exists ({config_path}), unchanged"
+        )
     else:
+        port = DEFAULT_PORT if args.port is None else args.port
         public_host = args.hostname[0] if args.hostname else "localhost"
         text = DEFAULT_CONFIG.format(
-            port=args.port, public_host=public_host, crl_port=args.crl_port or args.port + 1
+            port=port, public_host=public_host, crl_port=args.crl_port or port + 1
         )
+        try:  # nothing written that the next command would refuse
+            parse_config(tomllib.loads(text), data_dir)
+        except ConfigError as exc:
+            raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
         write_atomic(config_path, text.encode(), mode=0o600)
         print(f"config: created {config_path}")
     config = _load(args)
@@ -116,13 +213,102 @@ def cmd_server_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _update_ports(args: argparse.Namespace, path: Path) -> str | None:
+    """Point an existing config at ``--port`` / ``--crl-port``; say what changed, or None.
+
+    ``make run`` passes ``PORT`` on every run: the config stays the one truth that
+    ``server info``, ``server run`` and the URLs in issued certificates agree on.
+    The public URL and the CRL URL follow when they name the old port; the CRL
+    port follows the main one when it is the ``port + 1`` that init wrote.
+    """
+    import tomllib
+
+    from estkit.ca.files import write_atomic
+    from estkit.server.config import ConfigError, parse_config
+
+    if args.port is None and args.crl_port is None:
+        return None
+    config = _load(args)
+    port = config.port if args.port is None else args.port
+    old_crl = config.crl.http_port
+    if args.crl_port is not None:
+        crl_port = args.crl_port
+    elif old_crl and old_crl == config.port + 1:
+        crl_port = port + 1
+    else:
+        crl_port = old_crl
+    if (port, crl_port) == (config.port, old_crl):
+        return None
+    text = path.read_text()
+    edits = [("server", "port", lambda _: str(port), True)]
+    edits.append(("server", "public_url", _with_port(config.port, port), False))
+    if crl_port != old_crl:
+        edits.append(("crl", "http_port", lambda _: str(crl_port), True))
+        edits.append(("crl", "url", _with_port(old_crl, crl_port), False))
+    for section, key, change, required in edits:
+        edited = _set_toml_value(text, section, key, change, insert=required)
+        if edited is None:
+            raise CliError(
+                f"{path}: cannot set {section}.{key} for --port {port}; edit it there",
+                exit_code=EXIT_CONFIG,
+            )
+        text = edited
+    try:
+        parse_config(tomllib.loads(text), args.data_dir)
+    except (ConfigError, tomllib.TOMLDecodeError) as exc:
+        raise CliError(f"{path}: not changed: {exc}", exit_code=EXIT_CONFIG) from None
+    write_atomic(path, text.encode(), mode=0o600)
+    moved = [f"port {config.port} -> {port}"] if port != config.port else []
+    if crl_port != old_crl:
+        moved.append(f"CRL port {old_crl} -> {crl_port}")
+    return ", ".join(moved)
+
+
+def _with_port(old: int, new: int) -> Callable[[str], str]:
+    """A TOML string literal holding a URL, with port ``old`` replaced by ``new``."""
+    import json
+    import tomllib
+
+    def change(literal: str) -> str:
+        try:
+            url = urllib.parse.urlsplit(tomllib.loads(f"v = {literal}")["v"])
+            if url.port != old or url.hostname is None:
+                return literal
+        except (tomllib.TOMLDecodeError, ValueError):
+            return literal
+        host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+        return json.dumps(urllib.parse.urlunsplit(url._replace(netloc=f"{host}:{new}")))
+
+    return change
+
+
+def _set_toml_value(
+    text: str, section: str, key: str, change: Callable[[str], str], *, insert: bool
+) -> str | None:
+    """``text`` with ``key``'s value in ``[section]`` changed (or inserted); None if not found."""
+    header = re.search(rf"^\[{re.escape(section)}\][ \t]*(#.*)?$", text, re.M)
+    if header is None:
+        return None
+    following = re.compile(r"^[ \t]*\[", re.M).search(text, header.end())
+    end = following.start() if following else len(text)
+    line = re.compile(
+        rf"^([ \t]*{re.escape(key)}[ \t]*=[ \t]*)(\"[^\"\n]*\"|[^ \t#\n]+)", re.M
+    ).search(text, header.end(), end)
+    if line is not None:
+        return text[: line.start(2)] + change(line.group(2)) + text[line.end(2) :]
+    if not insert:
+        return text
+    return f"{text[: header.end()]}\n{key} = {change('')}{text[header.end() :]}"
+
+
 def _sqlite_file(url: str) -> Path | None:
     prefix = "sqlite:///"
     return Path(url.removeprefix(prefix)) if url.startswith(prefix) else None
 
 
 def cmd_server_run(args: argparse.Namespace) -> int:
-    from estkit.server.app import serve
+    from estkit.server.app import ListenError, serve
+    from estkit.server.config import ConfigError
     from estkit.store.errors import SchemaError
 
     config = _load(args)
@@ -132,7 +318,12 @@ def cmd_server_run(args: argparse.Namespace) -> int:
             host=args.host or config.host,
             port=args.port or config.port,
             workers=args.workers or config.workers,
+            port_setting="--port" if args.port else "server.port",
         )
+    except ConfigError as exc:
+        raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
+    except ListenError as exc:
+        raise CliError(str(exc), exit_code=EXIT_LISTEN) from None
     except SchemaError as exc:
         raise CliError(str(exc)) from None
     return 0
@@ -203,9 +394,11 @@ def cmd_device_add(args: argparse.Namespace) -> int:
 
     authority = _authority(args)
     try:
-        secret = authority.add_device(args.device_id, actor=_operator(), now=_now())
+        secret = authority.add_device(
+            args.device_id, actor=_operator(), now=_now(), rotate_secret=args.rotate_secret
+        )
     except CaError as exc:
-        raise _ca_error(exc) from None
+        raise _ca_error(exc, hint=_hint(exc, "; --rotate-secret gives it a new secret")) from None
     # Alone on stdout, so scripts can capture it; shown once, stored only hashed.
     print(secret)
     return 0
@@ -222,21 +415,33 @@ def cmd_device_bootstrap(args: argparse.Namespace) -> int:
     from estkit.pki.certs import certs_to_pem, serial_hex
     from estkit.pki.csr import build_csr
     from estkit.pki.keys import generate_key, key_to_pem
+    from estkit.store import CertStatus
 
     try:
         check_device_id(args.device_id)
     except CaError as exc:
         raise _ca_error(exc) from None
     authority = _authority(args)
+    now = _now()
+    replaced = [
+        r.serial
+        for r in authority.store.certificates_of(args.device_id)
+        if r.ca == "bootstrap" and r.status is CertStatus.VALID and r.not_after > now
+    ]
     key = generate_key(args.key_type)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, args.device_id)])
     csr = build_csr(key, subject=subject)
     try:
         issued = authority.issue_bootstrap(
-            csr.public_bytes(Encoding.DER), device_id=args.device_id, actor=_operator(), now=_now()
+            csr.public_bytes(Encoding.DER),
+            device_id=args.device_id,
+            actor=_operator(),
+            now=now,
+            replace=args.force,
         )
     except CaError as exc:
-        raise _ca_error(exc) from None
+        hint = "; --force issues a new one and revokes it"
+        raise _ca_error(exc, hint=_hint(exc, hint)) from None
     out: Path = args.out
     write_atomic(out / "key.pem", key_to_pem(key), mode=0o600)
     write_atomic(out / "cert.pem", certs_to_pem([issued.certificate]))
@@ -247,7 +452,18 @@ def cmd_device_bootstrap(args: argparse.Namespace) -> int:
         f"{serial_hex(issued.certificate.serial_number)}, valid until "
         f"{issued.certificate.not_valid_after_utc.isoformat()}, files in {out}"
     )
+    if replaced:
+        print(
+            f"revoked the bootstrap certificate(s) it replaces (superseded): {', '.join(replaced)}"
+        )
     return 0
+
+
+def _hint(exc: CaError, hint: str) -> str:
+    """``hint`` when ``exc`` is a conflict an option resolves."""
+    from estkit.ca.errors import Code, Refusal
+
+    return hint if isinstance(exc, Refusal) and exc.code is Code.CONFLICT else ""
 
 
 def _set_status(args: argparse.Namespace, status_name: str) -> int:
@@ -287,17 +503,24 @@ def cmd_cert_revoke(args: argparse.Namespace) -> int:
 def cmd_token_create(args: argparse.Namespace) -> int:
     from estkit.ca.errors import CaError
     from estkit.ca.tokens import TokenService
-    from estkit.server.config import ConfigError, parse_duration
+    from estkit.durations import parse_duration
 
+    try:
+        lifetime = parse_duration(args.expires) if args.expires else None
+    except ValueError as exc:
+        raise CliError(f"--expires: {exc}") from None
     authority = _authority(args)
     now = _now()
     try:
-        expires = now + parse_duration(args.expires, "--expires") if args.expires else None
         token = TokenService(authority.store).create(
-            args.name, frozenset(args.scope), actor=_operator(), now=now, expires_at=expires
+            args.name,
+            frozenset(args.scope),
+            actor=_operator(),
+            now=now,
+            expires_at=now + lifetime if lifetime is not None else None,
         )
-    except (CaError, ConfigError) as exc:
-        raise CliError(str(exc)) from None
+    except CaError as exc:
+        raise _ca_error(exc) from None
     # Alone on stdout, shown once; only its digest is stored.
     print(token)
     return 0
@@ -321,7 +544,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     try:
         TokenService(authority.store).revoke(args.name, actor=_operator(), now=_now())
     except CaError as exc:
-        raise CliError(str(exc)) from None
+        raise _ca_error(exc) from None
     print(f"token {args.name}: revoked")
     return 0
 
@@ -364,7 +587,7 @@ def _decide(args: argparse.Namespace, approve: bool) -> int:
             args.id, approve=approve, actor=_operator(), now=_now(), reason=args.reason
         )
     except CaError as exc:
-        raise CliError(str(exc)) from None
+        raise _ca_error(exc) from None
     verb = "approved" if approve else "denied"
     print(f"request {request.id} of {request.device_id}: {verb}; its next retry gets the answer")
     return 0
@@ -414,31 +637,37 @@ def register(sub: Any) -> None:
     p.add_argument("--hostname", action="append", default=[], help="TLS name (repeatable)")
     p.add_argument("--key-type", choices=KEY_TYPES, default="ec-p256")
     p.add_argument("--organization", default="estkit", help="O= of the CA names")
-    p.add_argument("--port", type=int, default=8443, help="port written to the new config")
     p.add_argument(
-        "--crl-port", type=int, help="plain-HTTP port for CRLs in the new config (default: port+1)"
+        "--port",
+        type=_port,
+        help=f"HTTPS port (default {DEFAULT_PORT}); on an existing config, changes it there",
     )
-    p.set_defaults(handler=cmd_server_init)
+    p.add_argument(
+        "--crl-port",
+        type=_port,
+        help="plain-HTTP port for CRLs (default: port+1, following --port while it is port+1)",
+    )
+    _command(p, cmd_server_init)
     p = server.add_parser("info", help="print the EST URL, trust anchor and an example")
     _data_dir_arg(p)
-    p.set_defaults(handler=cmd_server_info)
+    _command(p, cmd_server_info)
     p = server.add_parser("run", help="serve EST over HTTPS")
     _data_dir_arg(p)
     p.add_argument("--host", help="listen address (default from config: 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default from config: 8443)")
+    p.add_argument("--port", type=_port, help="port, for this run (default from config: 8443)")
     p.add_argument("--workers", type=int, help="worker processes (default from config: 1)")
-    p.set_defaults(handler=cmd_server_run)
+    _command(p, cmd_server_run)
 
     ca = sub.add_parser("ca", help="inspect the CAs").add_subparsers(
         dest="ca_command", required=True, metavar="ACTION"
     )
     p = ca.add_parser("list", help="each CA and EST label, EST URL and SHA-256 fingerprint")
     _data_dir_arg(p)
-    p.set_defaults(handler=cmd_ca_list)
+    _command(p, cmd_ca_list)
     p = ca.add_parser("chain", help="print a CA's PEM chain (root: the devices' trust anchor)")
     _data_dir_arg(p)
     p.add_argument("--ca", default="root", help="devices, bootstrap or root (default)")
-    p.set_defaults(handler=cmd_ca_chain)
+    _command(p, cmd_ca_chain)
 
     device = sub.add_parser("device", help="register and manage devices").add_subparsers(
         dest="device_command", required=True, metavar="ACTION"
@@ -446,13 +675,23 @@ def register(sub: Any) -> None:
     p = device.add_parser("add", help="register a device; print a one-time enrollment secret")
     _data_dir_arg(p)
     p.add_argument("device_id")
-    p.set_defaults(handler=cmd_device_add)
+    p.add_argument(
+        "--rotate-secret",
+        action="store_true",
+        help="the device exists: give it a new secret (its unused ones stop working)",
+    )
+    _command(p, cmd_device_add)
     p = device.add_parser("bootstrap", help="local factory: key + bootstrap certificate")
     _data_dir_arg(p)
     p.add_argument("device_id")
     p.add_argument("--out", type=Path, required=True, help="directory for key/cert/chain.pem")
     p.add_argument("--key-type", choices=KEY_TYPES, default="ec-p256")
-    p.set_defaults(handler=cmd_device_bootstrap)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="the device has a bootstrap certificate: replace it and revoke the old one",
+    )
+    _command(p, cmd_device_bootstrap)
     for action, status, text in (
         ("revoke", "decommissioned", "decommission: revoke all its certificates, refuse it"),
         ("decommission", "decommissioned", "same as revoke"),
@@ -462,7 +701,7 @@ def register(sub: Any) -> None:
         p = device.add_parser(action, help=text)
         _data_dir_arg(p)
         p.add_argument("device_id")
-        p.set_defaults(handler=lambda a, s=status: _set_status(a, s))
+        _command(p, functools.partial(_set_status, status_name=status))
 
     p = ca.add_parser(
         "iothub-verify", help="Azure IoT Hub proof-of-possession certificate for a code"
@@ -471,7 +710,7 @@ def register(sub: Any) -> None:
     p.add_argument("--code", required=True, help="the verification code IoT Hub shows")
     p.add_argument("--out", type=Path, required=True, help="PEM file to upload to IoT Hub")
     p.add_argument("--ca", default="devices", help="CA being verified (default devices)")
-    p.set_defaults(handler=cmd_ca_iothub_verify)
+    _command(p, cmd_ca_iothub_verify)
 
     token = sub.add_parser("token", help="API clients and their bearer tokens").add_subparsers(
         dest="token_command", required=True, metavar="ACTION"
@@ -487,21 +726,21 @@ def register(sub: Any) -> None:
         help="provision (factory), read, admin; repeatable",
     )
     p.add_argument("--expires", help="lifetime, e.g. 90d (default: no expiry)")
-    p.set_defaults(handler=cmd_token_create)
+    _command(p, cmd_token_create)
     p = token.add_parser("list", help="tokens with scopes, state, expiry, last use")
     _data_dir_arg(p)
-    p.set_defaults(handler=cmd_token_list)
+    _command(p, cmd_token_list)
     p = token.add_parser("revoke", help="revoke a token by name")
     _data_dir_arg(p)
     p.add_argument("name")
-    p.set_defaults(handler=cmd_token_revoke)
+    _command(p, cmd_token_revoke)
 
     audit = sub.add_parser("audit", help="the audit log").add_subparsers(
         dest="audit_command", required=True, metavar="ACTION"
     )
     p = audit.add_parser("verify", help="check the hash chain; name the first broken entry")
     _data_dir_arg(p)
-    p.set_defaults(handler=cmd_audit_verify)
+    _command(p, cmd_audit_verify)
 
     pending = sub.add_parser("pending", help="enrollments waiting for approval").add_subparsers(
         dest="pending_command", required=True, metavar="ACTION"
@@ -509,13 +748,13 @@ def register(sub: Any) -> None:
     p = pending.add_parser("list", help="requests waiting (--all: decided ones too)")
     _data_dir_arg(p)
     p.add_argument("--all", action="store_true")
-    p.set_defaults(handler=cmd_pending_list)
+    _command(p, cmd_pending_list)
     for action, approve in (("approve", True), ("deny", False)):
         p = pending.add_parser(action, help=f"{action} a waiting request")
         _data_dir_arg(p)
         p.add_argument("id", type=int)
         p.add_argument("--reason", help="recorded in the audit log (and told the device if denied)")
-        p.set_defaults(handler=lambda a, ok=approve: _decide(a, ok))
+        _command(p, functools.partial(_decide, approve=approve))
 
     cert = sub.add_parser("cert", help="manage issued certificates").add_subparsers(
         dest="cert_command", required=True, metavar="ACTION"
@@ -524,4 +763,4 @@ def register(sub: Any) -> None:
     _data_dir_arg(p)
     p.add_argument("serial")
     p.add_argument("--reason", choices=tuple(REASONS), default="unspecified")
-    p.set_defaults(handler=cmd_cert_revoke)
+    _command(p, cmd_cert_revoke)

@@ -1,15 +1,25 @@
-"""Errors of the EST client: one root, raised at the client's boundary.
+"""Errors of the client package: one root, raised at each client's boundary.
 
-EstError
-├── EstConnectionError     transport or TLS failure (``url``; ``__cause__`` is the httpx error)
-├── EstHttpError           an error status (``status``, ``reason``, ``retry_after``)
-│   ├── EstAuthError       401 / 403: credentials missing, refused, revoked, or not allowed
-│   └── EstNotFoundError   404: wrong URL, label, or operation not offered
-├── EstProtocolError       a success answer that is not what EST says (media type, body)
-│   └── IssuedCertificateError  the issued certificate fails the device's own checks
-├── TrustAnchorError       trust anchor unusable, or no /cacerts certificate has the fingerprint
-├── CredentialError        client certificate or key files unusable
-└── EnrollmentPending      202 and the Retry-After would pass the deadline (``retry_after``)
+ClientError
+├── EstError                   the EST client
+│   ├── EstConnectionError     transport or TLS failure (``url``; ``__cause__`` is the httpx error)
+│   │   └── EstCircuitOpen     not tried: the server kept failing (``retry_after`` s to the trial)
+│   ├── EstHttpError           an error status (``status``, ``reason``, ``code``, ``retry_after``)
+│   │   ├── EstAuthError       401 / 403: credentials missing, refused, revoked, or not allowed
+│   │   └── EstNotFoundError   404: wrong URL, label, or operation not offered
+│   ├── EstProtocolError       a success answer that is not what EST says (media type, body)
+│   │   └── IssuedCertificateError  the issued certificate fails the device's own checks
+│   ├── TrustAnchorError       trust anchor unusable, or no /cacerts certificate has the fingerprint
+│   ├── CredentialError        client certificate or key files unusable
+│   └── EnrollmentPending      202 and the Retry-After would pass the deadline (``retry_after``)
+└── ApiError                   the provisioning (REST API) client
+    ├── ApiConnectionError     transport or TLS failure, after the retries
+    │   └── ApiCircuitOpen     not tried: the server kept failing (``retry_after`` s to the trial)
+    ├── ApiHttpError           an error status (``status``, ``detail``, ``code``)
+    └── ApiAnswerError         a success answer whose body or certificate is not usable
+
+``code`` is the server's refusal code (``revoked``, ``expired``, …; None from a
+server that sends none): act on it, never on the wording of the reason.
 """
 
 from __future__ import annotations
@@ -18,9 +28,15 @@ from http import HTTPStatus
 
 # The server's text/plain reasons are shown to people, so keep them to one short line.
 REASON_LIMIT = 200
+# Where an estkit EST server puts the refusal code beside its one-line reason.
+CODE_HEADER = "Estkit-Refusal-Code"
 
 
-class EstError(Exception):
+class ClientError(Exception):
+    """Root of the client package's errors."""
+
+
+class EstError(ClientError):
     """Root of the EST client's errors."""
 
 
@@ -33,9 +49,18 @@ class EstConnectionError(EstError):
         self.detail = detail
 
 
+class EstCircuitOpen(EstConnectionError):
+    """The server failed too often lately: nothing was sent; the next trial is allowed
+    in ``retry_after`` seconds."""
+
+    def __init__(self, url: str, detail: str, retry_after: float) -> None:
+        super().__init__(url, detail)
+        self.retry_after = retry_after
+
+
 class EstHttpError(EstError):
     """The server answered with an error status; ``reason`` is its one-line text/plain
-    explanation (empty when it gave none)."""
+    explanation (empty when it gave none), ``code`` its refusal code (None when it sent none)."""
 
     def __init__(
         self,
@@ -44,18 +69,16 @@ class EstHttpError(EstError):
         url: str,
         status: int,
         reason: str,
+        code: str | None = None,
         retry_after: float | None = None,
     ) -> None:
-        try:
-            phrase = HTTPStatus(status).phrase
-        except ValueError:
-            phrase = "error"
         suffix = f": {reason}" if reason else ""
-        super().__init__(f"{method} {url}: HTTP {status} {phrase}{suffix}")
+        super().__init__(f"{method} {url}: HTTP {status} {_phrase(status)}{suffix}")
         self.method = method
         self.url = url
         self.status = status
         self.reason = reason
+        self.code = code
         self.retry_after = retry_after
 
 
@@ -90,6 +113,45 @@ class EnrollmentPending(EstError):
         super().__init__(f"{url}: enrollment pending, retry after {retry_after:g} s")
         self.url = url
         self.retry_after = retry_after
+
+
+class ApiError(ClientError):
+    """Root of the provisioning API client's errors; ``str`` is one line."""
+
+
+class ApiConnectionError(ApiError):
+    """The API could not be reached, or TLS failed."""
+
+
+class ApiCircuitOpen(ApiConnectionError):
+    """The API failed too often lately: nothing was sent; the next trial is allowed
+    in ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ApiHttpError(ApiError):
+    """The API answered with an error status: ``detail`` is its one-line reason, ``code``
+    its refusal code (RFC 9457 problem details; None from a server that sends none)."""
+
+    def __init__(self, status: int, detail: str, code: str | None = None) -> None:
+        super().__init__(f"HTTP {status} {_phrase(status)}" + (f": {detail}" if detail else ""))
+        self.status = status
+        self.detail = detail
+        self.code = code
+
+
+class ApiAnswerError(ApiError):
+    """A success answer that is not what the API promises, or a certificate that fails checks."""
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "error"
 
 
 def one_line(text: str, limit: int = REASON_LIMIT) -> str:

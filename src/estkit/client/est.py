@@ -4,12 +4,15 @@
                    auth=ClientCertificate(cert, key)) as est:
         issued = est.simpleenroll(csr)
 
-Every operation has a deadline (``total_timeout``) across all its attempts;
-each attempt has its own ``timeout``. Transient failures (timeouts, dropped
-connections, 429/502/503/504) are retried with exponential backoff and full
-jitter, or after the server's ``Retry-After``; a 202 to an enrollment is
-polled after its ``Retry-After`` until the deadline, then raised as
-``EnrollmentPending``. Nothing else is retried.
+Requests go through the client core (``estkit.client.http``): every operation
+has a deadline (``total_timeout``) across all its attempts, each attempt its
+own ``timeout``; transient failures (timeouts, dropped connections,
+429/502/503/504) are retried with exponential backoff and full jitter, or
+after the server's ``Retry-After``; a 202 to an enrollment is polled after
+its ``Retry-After`` until the deadline, then raised as ``EnrollmentPending``;
+a circuit breaker (pass one ``CircuitBreaker`` to every client of a server)
+fails fast while the server keeps failing. Nothing else is retried. An error
+answer's refusal code (the ``Estkit-Refusal-Code`` header) is ``EstHttpError.code``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 
 import httpx
@@ -27,17 +29,29 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from estkit import __version__
-from estkit.client import retry, tls
+from estkit.client import tls
 from estkit.client.auth import BasicAuth, ClientCertificate
+from estkit.client.breaker import CircuitBreaker
 from estkit.client.errors import (
+    CODE_HEADER,
     EnrollmentPending,
     EstAuthError,
+    EstCircuitOpen,
     EstConnectionError,
     EstHttpError,
     EstNotFoundError,
     EstProtocolError,
     one_line,
+)
+from estkit.client.http import (
+    MIN_PENDING_DELAY,
+    USER_AGENT,
+    BodyFailure,
+    CircuitOpen,
+    ConnectionFailure,
+    HttpCore,
+    Response,
+    RetryPolicy,
 )
 from estkit.client.issued import IssuedCertificate, check_issued
 from estkit.client.trust import TrustAnchor
@@ -45,27 +59,10 @@ from estkit.pki import certs, cms, keys, wire
 from estkit.pki.csrattrs import CsrAttribute, decode_csrattrs
 from estkit.pki.errors import DecodeError
 
-USER_AGENT = f"estkit/{__version__}"
 HEALTH_PATH = "/health/certificate"
-# EST bodies are a few kilobytes; a bootstrap peer is not yet trusted to be sane.
-MAX_BODY = 1 << 20
-# A 202 with "Retry-After: 0" must not turn polling into a busy loop.
-MIN_PENDING_DELAY = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class _Answer:
-    """One HTTP response, read in full."""
-
-    method: str
-    url: str
-    status: int
-    headers: httpx.Headers
-    body: bytes
-
-    @property
-    def where(self) -> str:
-        return f"{self.method} {self.url}"
+__all__ = ["MIN_PENDING_DELAY", "USER_AGENT", "EstClient"]
+# An EST code the server may send: a valid token of at most this many characters.
+_MAX_CODE = 64
 
 
 class EstClient:
@@ -77,14 +74,16 @@ class EstClient:
         *,
         trust: TrustAnchor,
         auth: ClientCertificate | BasicAuth | None = None,
-        timeout: float = 30.0,
-        total_timeout: float = 120.0,
+        timeout: float = 20.0,
+        total_timeout: float = 60.0,
         retries: int = 3,
         backoff: float = 1.0,
         max_backoff: float = 30.0,
+        breaker: CircuitBreaker | None = None,
         transport: httpx.BaseTransport | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], dt.datetime] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         url = httpx.URL(base_url)
@@ -92,23 +91,26 @@ class EstClient:
             raise ValueError(f"EST base URL must be https://host[:port]/path, got {base_url!r}")
         if url.userinfo or url.query or url.fragment:
             raise ValueError("EST base URL must not carry credentials, a query or a fragment")
-        if timeout <= 0 or total_timeout <= 0:
-            raise ValueError("timeouts must be positive")
-        if retries < 0 or backoff < 0 or max_backoff < 0:
-            raise ValueError("retries and backoff must not be negative")
+        policy = RetryPolicy(
+            timeout=timeout,
+            total_timeout=total_timeout,
+            retries=retries,
+            backoff=backoff,
+            max_backoff=max_backoff,
+        )
+        self._core = HttpCore(
+            policy,
+            breaker=breaker,
+            transport=transport,
+            sleep=sleep,
+            clock=clock,
+            now=now,
+            rng=rng,
+        )
         self._base = str(url).rstrip("/")
         self._health_url = str(url.copy_with(raw_path=HEALTH_PATH.encode()))
         self._trust = trust
         self._auth = auth
-        self._timeout = timeout
-        self._total_timeout = total_timeout
-        self._retries = retries
-        self._backoff = backoff
-        self._max_backoff = max_backoff
-        self._transport = transport
-        self._sleep = sleep
-        self._clock = clock
-        self._rng = rng if rng is not None else random.Random()
         self._anchor: TrustAnchor | None = None if trust.needs_bootstrap else trust
         self._http: httpx.Client | None = None
 
@@ -217,7 +219,7 @@ class EstClient:
         return f"{self._base}/{operation}"
 
     def _deadline(self) -> float:
-        return self._clock() + self._total_timeout
+        return self._core.deadline()
 
     def _enroll(
         self, operation: str, csr: x509.CertificateSigningRequest
@@ -233,12 +235,12 @@ class EstClient:
             deadline=deadline,
             content=body,
             headers=headers,
-            pending_ok=True,
+            pending=True,
         )
         issued = self._certificates(_expect(answer, 200))
         return _issued_first(issued, csr.public_key(), where=answer.where)
 
-    def _certificates(self, answer: _Answer) -> list[x509.Certificate]:
+    def _certificates(self, answer: Response) -> list[x509.Certificate]:
         der = _payload(answer, wire.PKCS7_MIME)
         try:
             return cms.decode_certs_only(der)
@@ -270,14 +272,7 @@ class EstClient:
         auth = None
         if with_auth and isinstance(self._auth, BasicAuth):
             auth = httpx.BasicAuth(self._auth.username, self._auth.password)
-        return httpx.Client(
-            verify=context,
-            auth=auth,
-            transport=self._transport,
-            trust_env=False,  # no proxies or .netrc credentials picked up behind our back
-            follow_redirects=False,
-            headers={"User-Agent": USER_AGENT},
-        )
+        return self._core.open_client(verify=context, auth=auth)
 
     def _send(
         self,
@@ -288,98 +283,40 @@ class EstClient:
         deadline: float,
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
-        pending_ok: bool = False,
-    ) -> _Answer:
-        """One request, retried as the module docstring says; a 2xx answer or an exception."""
-        failures = 0
-        polls = 0
-        while True:
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                raise EstConnectionError(url, f"no answer within {self._total_timeout:g} s")
-            try:
-                answer = self._attempt(
-                    http, method, url, content, headers, timeout=min(self._timeout, remaining)
-                )
-            except httpx.TransportError as exc:
-                error = _connection_error(url, exc, attempts=failures + 1)
-                if not retry.is_transient_error(exc) or failures >= self._retries:
-                    raise error from exc
-                delay = self._backoff_delay(failures)
-                failures += 1
-                if not self._wait(delay, deadline):
-                    raise error from exc
-                continue
-            retry_after = retry.parse_retry_after(
-                answer.headers.get("retry-after"), now=dt.datetime.now(dt.UTC)
-            )
-            if answer.status == 202 and pending_ok:
-                delay = retry_after if retry_after is not None else self._backoff_delay(polls)
-                delay = max(MIN_PENDING_DELAY, delay)
-                polls += 1
-                if not self._wait(delay, deadline):
-                    raise EnrollmentPending(url, delay)
-                continue
-            if 200 <= answer.status < 300:
-                return answer
-            http_error = _http_error(answer, retry_after)
-            if answer.status in retry.TRANSIENT_STATUSES and failures < self._retries:
-                delay = (
-                    retry_after
-                    if retry_after is not None and answer.status in retry.RETRY_AFTER_STATUSES
-                    else self._backoff_delay(failures)
-                )
-                failures += 1
-                if self._wait(delay, deadline):
-                    continue
-            raise http_error
-
-    def _attempt(
-        self,
-        http: httpx.Client,
-        method: str,
-        url: str,
-        content: bytes | None,
-        headers: Mapping[str, str] | None,
-        *,
-        timeout: float,
-    ) -> _Answer:
-        request = http.build_request(
-            method, url, content=content, headers=headers, timeout=httpx.Timeout(timeout)
-        )
-        response = http.send(request, stream=True)
+        pending: bool = False,
+    ) -> Response:
+        """One request through the core: a 2xx answer, or the EST client's exception."""
         try:
-            body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > MAX_BODY:
-                    raise EstProtocolError(f"{method} {url}: response larger than {MAX_BODY} bytes")
-        except httpx.DecodingError as exc:  # a broken Content-Encoding
-            raise EstProtocolError(f"{method} {url}: {exc}") from exc
-        finally:
-            response.close()
-        return _Answer(method, url, response.status_code, response.headers, bytes(body))
+            answer = self._core.send(
+                http,
+                method,
+                url,
+                content=content,
+                headers=headers,
+                deadline=deadline,
+                poll_pending=pending,
+            )
+        except CircuitOpen as exc:
+            raise EstCircuitOpen(url, exc.detail, exc.retry_in) from exc
+        except ConnectionFailure as exc:
+            raise EstConnectionError(url, exc.detail) from exc.__cause__
+        except BodyFailure as exc:
+            raise EstProtocolError(str(exc)) from exc
+        if answer.status == 202 and pending:
+            assert answer.retry_after is not None
+            raise EnrollmentPending(url, answer.retry_after)
+        if 200 <= answer.status < 300:
+            return answer
+        raise _http_error(answer)
 
-    def _backoff_delay(self, attempt: int) -> float:
-        return retry.backoff_delay(
-            attempt, base=self._backoff, cap=self._max_backoff, rng=self._rng
-        )
 
-    def _wait(self, delay: float, deadline: float) -> bool:
-        """Sleep ``delay`` unless that leaves no time before ``deadline`` (then False)."""
-        if self._clock() + delay >= deadline:
-            return False
-        self._sleep(delay)
-        return True
-
-
-def _expect(answer: _Answer, status: int) -> _Answer:
+def _expect(answer: Response, status: int) -> Response:
     if answer.status != status:
         raise EstProtocolError(f"{answer.where}: unexpected HTTP {answer.status}")
     return answer
 
 
-def _payload(answer: _Answer, media: str) -> bytes:
+def _payload(answer: Response, media: str) -> bytes:
     """The DER inside a base64 body of media type ``media`` (parameters ignored)."""
     content_type = answer.headers.get("content-type")
     if wire.media_type(content_type) != media:
@@ -423,7 +360,7 @@ def _chain_order(unordered: list[x509.Certificate]) -> list[x509.Certificate]:
     return ordered
 
 
-def _http_error(answer: _Answer, retry_after: float | None) -> EstHttpError:
+def _http_error(answer: Response) -> EstHttpError:
     reason = ""
     if wire.media_type(answer.headers.get("content-type")) == "text/plain":
         reason = one_line(answer.body.decode("utf-8", "replace"))
@@ -437,20 +374,16 @@ def _http_error(answer: _Answer, retry_after: float | None) -> EstHttpError:
         url=answer.url,
         status=answer.status,
         reason=reason,
-        retry_after=retry_after,
+        code=refusal_code(answer.headers.get(CODE_HEADER)),
+        retry_after=answer.retry_after,
     )
 
 
-def _connection_error(url: str, exc: httpx.TransportError, *, attempts: int) -> EstConnectionError:
-    failure = retry.tls_failure(exc)
-    if isinstance(failure, ssl.SSLCertVerificationError):
-        detail = f"TLS server certificate not trusted: {failure.verify_message}"
-    elif failure is not None:
-        detail = f"TLS failed: {failure.reason or failure}"
-    elif isinstance(exc, httpx.TimeoutException):
-        detail = f"timed out ({type(exc).__name__})"
-    else:
-        detail = one_line(str(exc)) or type(exc).__name__
-    if attempts > 1:
-        detail += f" (after {attempts} attempts)"
-    return EstConnectionError(url, detail)
+def refusal_code(value: str | None) -> str | None:
+    """The refusal code of a header value: one lower-case token, or None when absent or odd."""
+    if value is None:
+        return None
+    code = value.strip().lower()
+    if not code or len(code) > _MAX_CODE or not all(c.isalnum() or c == "-" for c in code):
+        return None
+    return code if code.isascii() else None

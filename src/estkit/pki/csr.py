@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from estkit.pki.errors import DecodeError, PolicyError
+from estkit.pki.errors import DecodeError, KeyPolicyError, PolicyError
 from estkit.pki.keys import PrivateKey, key_type_of
 from estkit.pki.names import common_name, subject_alt_names
 
@@ -56,7 +56,7 @@ def parse_csr(der: bytes) -> CertificationRequest:
     try:
         public_key = csr.public_key()
     except (ValueError, x509.UnsupportedGeneralNameType) as exc:
-        raise PolicyError("CSR public key is not supported") from exc
+        raise KeyPolicyError("CSR public key is not supported") from exc
     key_type = key_type_of(public_key)
     if not csr.is_signature_valid:
         raise PolicyError("CSR signature does not verify")

@@ -2,7 +2,8 @@
 
     PkiError
     ├── DecodeError      bytes that are not what they claim to be (base64, DER, CMS, CSR)
-    └── PolicyError      a well-formed value that estkit refuses (key type, extensions)
+    └── PolicyError      a well-formed value that estkit refuses (extensions, signature)
+        └── KeyPolicyError   a key type or size outside policy
 
 Both are ``ValueError`` too, as pyca/cryptography raises for bad values.
 """
@@ -18,3 +19,7 @@ class DecodeError(PkiError):
 
 class PolicyError(PkiError):
     """A decodable value that estkit's policy refuses."""
+
+
+class KeyPolicyError(PolicyError):
+    """A public key whose type or size estkit does not accept."""

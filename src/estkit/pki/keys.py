@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     PrivateKeyTypes,
 )
 
-from estkit.pki.errors import DecodeError, PolicyError
+from estkit.pki.errors import DecodeError, KeyPolicyError
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -37,14 +37,14 @@ def key_type_of(public_key: CertificatePublicKeyTypes) -> str:
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         name = _ACCEPTED_CURVES.get(public_key.curve.name)
         if name is None:
-            raise PolicyError(f"EC curve {public_key.curve.name} not allowed (P-256, P-384)")
+            raise KeyPolicyError(f"EC curve {public_key.curve.name} not allowed (P-256, P-384)")
         return name
     if isinstance(public_key, rsa.RSAPublicKey):
         bits = public_key.key_size
         if not RSA_MIN_BITS <= bits <= RSA_MAX_BITS:
-            raise PolicyError(f"RSA key of {bits} bits not allowed (2048-4096)")
+            raise KeyPolicyError(f"RSA key of {bits} bits not allowed (2048-4096)")
         return f"rsa-{bits}"
-    raise PolicyError(f"key type {type(public_key).__name__} not allowed (EC P-256/P-384, RSA)")
+    raise KeyPolicyError(f"key type {type(public_key).__name__} not allowed (EC P-256/P-384, RSA)")
 
 
 def signature_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | hashes.SHA384:
@@ -70,7 +70,7 @@ def load_private_key_pem(data: bytes) -> PrivateKey:
     except (ValueError, TypeError) as exc:
         raise DecodeError("not an unencrypted PEM private key") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise PolicyError(f"private key type {type(key).__name__} not supported")
+        raise KeyPolicyError(f"private key type {type(key).__name__} not supported")
     key_type_of(key.public_key())
     return key
 

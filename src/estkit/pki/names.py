@@ -10,19 +10,32 @@ insignificant whitespace, RFC 4518).
 
 from __future__ import annotations
 
+import re
+
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 MAX_DEVICE_ID = 64  # ub-common-name (RFC 5280): device ids become CNs
+# Azure IoT Hub's device-id characters (ASCII letters, digits and - . % _ * ? ! ( ) , = @ $ '),
+# without ':', which ends the username of HTTP Basic (RFC 7617) and so could never
+# use an enrollment secret.
+DEVICE_ID_CHARACTERS = "letters, digits and - . % _ * ? ! ( ) , = @ $ '"
+_DEVICE_ID = re.compile(rf"[A-Za-z0-9\-.%_*?!(),=@$']{{1,{MAX_DEVICE_ID}}}")
 
 
 def check_device_id(device_id: str) -> None:
-    """Device ids become certificate CNs, MQTT client ids and topic levels: printable,
-    at most 64 characters, no spaces, '/', '\\', '#' or '+'. ``ValueError`` otherwise."""
-    if not device_id or len(device_id) > MAX_DEVICE_ID:
-        raise ValueError(f"device id must be 1-{MAX_DEVICE_ID} characters")
-    if not device_id.isprintable() or any(c in device_id for c in "/#+ \\"):
-        raise ValueError("device id may not contain spaces, '/', '\\', '#' or '+'")
+    """The one device-id rule: ASCII, 1-64 characters of Azure IoT Hub's device-id set
+    without ':', and not '.' or '..' (ids name directories). ``ValueError`` otherwise.
+
+    Device ids become certificate CNs, Basic usernames, MQTT client ids, topic
+    levels and directory names; non-ASCII look-alikes (fullwidth letters, accents) are refused.
+    """
+    if not 1 <= len(device_id) <= MAX_DEVICE_ID:
+        raise ValueError(f"device id must be 1-{MAX_DEVICE_ID} characters, got {len(device_id)}")
+    if not _DEVICE_ID.fullmatch(device_id):
+        raise ValueError(f"device id {device_id!r} may only hold ASCII {DEVICE_ID_CHARACTERS}")
+    if device_id in (".", ".."):
+        raise ValueError(f"device id may not be {device_id!r}")
 
 
 def common_name(name: x509.Name) -> str | None:
@@ -85,3 +98,48 @@ def subject_alt_names(
         return extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return None
+
+
+_LDH_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+MAX_DNS_NAME = 253
+
+
+def check_dns_name(name: str, *, wildcard: bool = False) -> None:
+    """A host name a certificate may carry as a dNSName (RFC 5280 4.2.1.6, RFC 1123,
+    RFC 5890): ASCII LDH labels or IDNA A-labels, at least two labels, no trailing dot,
+    not an IP address, at most 253 characters; ``*`` as the whole leftmost label only when
+    ``wildcard``, and then with at least two labels after it. ``ValueError`` otherwise.
+    """
+    shown = ascii(name)
+    if not name or len(name) > MAX_DNS_NAME or not name.isascii():
+        raise ValueError(f"DNS name {shown}: 1-{MAX_DNS_NAME} ASCII characters")
+    labels = name.split(".")
+    if labels[0] == "*":
+        if not wildcard:
+            raise ValueError(f"DNS name {shown}: wildcards are not permitted on this label")
+        labels = labels[1:]
+        if len(labels) < 2:
+            raise ValueError(f"DNS name {shown}: a wildcard needs two labels after it")
+    if len(labels) < 2:
+        raise ValueError(f"DNS name {shown}: a fully qualified name is needed (one dot at least)")
+    for label in labels:
+        if not _LDH_LABEL.fullmatch(label):
+            raise ValueError(
+                f"DNS name {shown}: label {label!a} is not 1-63 letters, digits or inner hyphens"
+            )
+        if label[2:4] == "--":
+            _check_a_label(label, shown)
+    if labels[-1].isdigit():
+        raise ValueError(f"DNS name {shown}: looks like an IP address (use an IP SAN)")
+
+
+def _check_a_label(label: str, shown: str) -> None:
+    """'??--' labels are reserved (RFC 5890 2.3.1); only IDNA A-labels ('xn--') may use them."""
+    if label[:4].lower() != "xn--":
+        raise ValueError(f"DNS name {shown}: label {label!r} uses the reserved '--' form")
+    try:
+        decoded = label[4:].encode("ascii").decode("punycode")
+    except UnicodeError:
+        raise ValueError(f"DNS name {shown}: label {label!r} is not a valid A-label") from None
+    if not decoded or decoded.isascii():
+        raise ValueError(f"DNS name {shown}: label {label!r} is not a valid A-label")

@@ -33,6 +33,9 @@ class Profile:
     name: str
     kind: Kind
     validity: dt.timedelta
+    # Fixed subject attributes after the CN, as (short name, value): ("O", "Contoso").
+    # The issued subject is CN = device id plus these; nothing is copied from a CSR.
+    subject: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.validity <= dt.timedelta(0):

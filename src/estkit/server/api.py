@@ -20,13 +20,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from estkit.ca.authority import Authority, Issued
-from estkit.ca.errors import BadRequest, CaError, Forbidden, NotFound, Unauthenticated
+from estkit.ca.errors import Code, Refusal
 from estkit.ca.secrets import API_TOKEN_PREFIX
 from estkit.ca.tokens import TokenService
+from estkit.durations import parse_duration
 from estkit.pki.certs import certs_to_pem, fingerprint, parse_serial, serial_hex
 from estkit.pki.revocation import REASONS
-from estkit.server.config import ConfigError, ServerConfig, parse_duration
-from estkit.server.errors import error_response
+from estkit.server.config import ServerConfig
+from estkit.server.errors import refusal_response
 from estkit.server.oidc import InvalidToken, OidcVerifier
 from estkit.store import (
     AuditEvent,
@@ -36,6 +37,7 @@ from estkit.store import (
     DeviceStatus,
     PendingRequest,
     PendingStatus,
+    SqlStore,
 )
 
 RevocationReason = Literal[
@@ -85,7 +87,9 @@ class ProvisionIn(BaseModel):
         default=None, max_length=16, description="may shorten the profile's, e.g. 365d"
     )
     sans: list[Annotated[str, Field(min_length=1, max_length=253)]] | None = Field(
-        default=None, max_length=20, description="DNS names (default: the CSR's SANs)"
+        default=None,
+        max_length=100,
+        description="DNS names (default: the CSR's SANs); at most the label's max_sans",
     )
 
 
@@ -148,6 +152,11 @@ class DeviceIn(BaseModel):
     enrollment_secret: bool = Field(
         default=False, description="also return a one-time EST enrollment secret (HTTP Basic)"
     )
+    rotate_secret: bool = Field(
+        default=False,
+        description="the device exists: give it a new enrollment secret; its unused one stops "
+        "working (without this, an existing device is a 409)",
+    )
 
 
 class DeviceCreated(BaseModel):
@@ -204,24 +213,8 @@ class DecisionIn(BaseModel):
 
 
 def _cert_out(r: CertificateRecord) -> CertificateOut:
-    return CertificateOut(
-        serial=r.serial,
-        device_id=r.device_id,
-        ca=r.ca,
-        label=r.label,
-        profile=r.profile,
-        subject=r.subject,
-        sans=list(r.sans),
-        not_before=r.not_before,
-        not_after=r.not_after,
-        status=r.status,
-        revoked_at=r.revoked_at,
-        revocation_reason=r.revocation_reason,
-        requested_via=r.requested_via,
-        requested_by=r.requested_by,
-        issued_at=r.issued_at,
-        replaces=r.replaces,
-    )
+    # CertificateOut's fields are CertificateRecord's but the DER (a test pins that).
+    return CertificateOut(**{name: getattr(r, name) for name in CertificateOut.model_fields})
 
 
 def _device_out(d: Device) -> DeviceOut:
@@ -270,14 +263,14 @@ def _serial(text: str) -> str:
     try:
         return serial_hex(parse_serial(text))
     except ValueError as exc:
-        raise BadRequest(str(exc)) from None
+        raise Refusal(Code.BAD_REQUEST, str(exc)) from None
 
 
 def _int_cursor(cursor: str | None) -> int | None:
     if cursor is None:
         return None
     if not cursor.isdigit() or len(cursor) > 18:
-        raise BadRequest("cursor: use the `next` value of the previous page")
+        raise Refusal(Code.BAD_REQUEST, "cursor: use the `next` value of the previous page")
     return int(cursor)
 
 
@@ -318,9 +311,8 @@ class ApiAuthentication:
             request = Request(scope)
             try:
                 caller = await run_in_threadpool(self._authenticate, request)
-            except CaError as exc:
-                response = error_response(request, 401, str(exc))
-                await response(scope, receive, send)
+            except Refusal as refusal:
+                await refusal_response(request, refusal)(scope, receive, send)
                 return
             scope.setdefault("state", {})[_CALLER] = caller
         await self.app(scope, receive, send)
@@ -329,7 +321,7 @@ class ApiAuthentication:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise Unauthenticated("bearer token required")
+            raise Refusal(Code.TOKEN_INVALID, "bearer token required")
         use = f"{request.method} {request.url.path}"
         now = self._clock()
         if token.startswith(API_TOKEN_PREFIX) or self._oidc is None:
@@ -339,7 +331,7 @@ class ApiAuthentication:
                 actor, scopes = self._oidc.verify(token)
             except InvalidToken as exc:
                 self._tokens.audit_refusal(actor="oidc", detail=f"{exc} ({use})", now=now)
-                raise Unauthenticated(str(exc)) from None
+                raise Refusal(Code.TOKEN_INVALID, str(exc)) from None
             self._tokens.audit_use(actor=actor, detail=use, now=now)
         return ApiCaller(actor=actor, scopes=scopes)
 
@@ -357,14 +349,10 @@ def make_auth(
         ) -> ApiCaller:
             caller: ApiCaller | None = getattr(request.state, _CALLER, None)
             if caller is None:  # only if the middleware is missing: fail closed
-                raise Unauthenticated("bearer token required")
-            if scope not in caller.scopes and "admin" not in caller.scopes:
-                tokens.audit_refusal(
-                    actor=caller.actor,
-                    detail=f"scope {scope} needed for {request.url.path}",
-                    now=clock(),
-                )
-                raise Forbidden(f"this API client lacks the {scope!r} scope")
+                raise Refusal(Code.TOKEN_INVALID, "bearer token required")
+            tokens.require_scope(
+                caller.scopes, scope, actor=caller.actor, use=request.url.path, now=clock()
+            )
             return caller
 
         return dependency
@@ -377,7 +365,8 @@ def make_auth(
 
 def api_router(
     *,
-    authority: Authority,
+    authority: Authority[SqlStore],
+    store: SqlStore,
     config: ServerConfig,
     tokens: TokenService,
     clock: Callable[[], dt.datetime],
@@ -386,7 +375,6 @@ def api_router(
     Reader = Annotated[ApiCaller, Depends(auth("read"))]
     Provisioner = Annotated[ApiCaller, Depends(auth("provision"))]
     Admin = Annotated[ApiCaller, Depends(auth("admin"))]
-    store = authority.store
     router = APIRouter(prefix=API_PREFIX)
 
     @router.get("/cas", tags=["CAs"], summary="CAs and EST labels with chains and fingerprints")
@@ -426,11 +414,11 @@ def api_router(
         try:
             csr = x509.load_pem_x509_csr(body.csr.encode())
         except ValueError:
-            raise BadRequest("csr: not a PEM PKCS#10 certification request") from None
+            raise Refusal(Code.BAD_CSR, "csr: not a PEM PKCS#10 certification request") from None
         try:
-            validity = parse_duration(body.validity, "validity") if body.validity else None
-        except ConfigError as exc:
-            raise BadRequest(str(exc)) from None
+            validity = parse_duration(body.validity) if body.validity else None
+        except ValueError as exc:
+            raise Refusal(Code.BAD_REQUEST, f"validity: {exc}") from None
         if label != "bootstrap":
             authority.label(label)
         issued: Issued = authority.provision(
@@ -472,7 +460,11 @@ def api_router(
     )
     def add_device(body: DeviceIn, caller: Provisioner) -> DeviceCreated:
         secret = authority.register_device(
-            body.device_id, actor=caller.actor, now=clock(), with_secret=body.enrollment_secret
+            body.device_id,
+            actor=caller.actor,
+            now=clock(),
+            with_secret=body.enrollment_secret,
+            rotate_secret=body.rotate_secret,
         )
         device = store.get_device(body.device_id)
         assert device is not None
@@ -482,7 +474,7 @@ def api_router(
     def get_device(device_id: str, _: Reader) -> DeviceDetail:
         device = store.get_device(device_id)
         if device is None:
-            raise NotFound(f"no device {device_id!r}")
+            raise Refusal(Code.NOT_FOUND, f"no device {device_id!r}")
         certs = [_cert_out(c) for c in store.certificates_of(device_id)]
         return DeviceDetail(**_device_out(device).model_dump(), certificates=certs)
 
@@ -541,7 +533,7 @@ def api_router(
     def get_certificate(serial: str, _: Reader) -> CertificateDetail:
         record = store.get_certificate(_serial(serial))
         if record is None:
-            raise NotFound(f"no certificate {serial}")
+            raise Refusal(Code.NOT_FOUND, f"no certificate {serial}")
         pem = x509.load_der_x509_certificate(record.der).public_bytes(Encoding.PEM).decode()
         return CertificateDetail(**_cert_out(record).model_dump(), pem=pem)
 
@@ -588,7 +580,7 @@ def api_router(
     def _decision_route(approve: bool) -> Callable[..., PendingOut]:
         def decide(request_id: int, caller: Admin, body: DecisionIn | None = None) -> PendingOut:
             if not 1 <= request_id < 2**62:
-                raise NotFound(f"no pending request {request_id}")
+                raise Refusal(Code.NOT_FOUND, f"no pending request {request_id}")
             request = authority.decide(
                 request_id,
                 approve=approve,

@@ -8,8 +8,11 @@ each worker process; the data directory travels in ``ESTKIT_DATA_DIR``.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import functools
+import logging
 import os
+import socket
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -38,6 +41,7 @@ from estkit.server.crl_http import (
 )
 from estkit.server.errors import HANDLERS, text_response
 from estkit.server.est import EstApp, EstRoutes
+from estkit.server.limits import MAX_CONNECTIONS_PER_ADDRESS, AddressSlots
 from estkit.server.oidc import OidcVerifier, parse_oidc_config
 from estkit.server.tls import (
     client_ca_path,
@@ -47,7 +51,12 @@ from estkit.server.tls import (
 )
 from estkit.server.tls_openssl import TlsServerProtocol
 from estkit.server.wiring import build_authority, crl_publisher, open_store
+from estkit.store import SqlStore
 
+# uvicorn's default listen backlog.
+BACKLOG = 2048
+# uvicorn's exit status when its server did not start.
+STARTUP_FAILURE = 3
 # Swagger UI's files, served locally: the API page works without internet access.
 SWAGGER_STATIC = Path(fastapi_offline.__file__).parent / "static"
 
@@ -69,7 +78,7 @@ def create_app(config: ServerConfig) -> EstApp:
     return _build(config)[0]
 
 
-def _build(config: ServerConfig) -> tuple[EstApp, Authority]:
+def _build(config: ServerConfig) -> tuple[EstApp, Authority[SqlStore]]:
     store = open_store(config)
     authority = build_authority(config, store)
     est = EstRoutes(
@@ -89,7 +98,9 @@ def _build(config: ServerConfig) -> tuple[EstApp, Authority]:
         exception_handlers=HANDLERS,  # type: ignore[arg-type]
     )
     tokens = TokenService(store)
-    app.include_router(api_router(authority=authority, config=config, tokens=tokens, clock=utcnow))
+    app.include_router(
+        api_router(authority=authority, store=store, config=config, tokens=tokens, clock=utcnow)
+    )
     app.add_middleware(ApiAuthentication, tokens=tokens, oidc=_oidc(config), clock=utcnow)
     app.mount("/api/static", StaticFiles(directory=SWAGGER_STATIC), name="api-static")
     app.add_route("/api/docs", _swagger_page, methods=["GET"], include_in_schema=False)
@@ -130,9 +141,17 @@ def https_from_env(
     """uvicorn's ``http=`` factory, called per connection in each worker process.
 
     Workers are spawned, not forked, so like ``app_from_env`` it finds the
-    config through the environment; the TLS context is built once per worker.
+    config through the environment; the TLS context is built once per worker,
+    and so is its count of open connections per address (``limits.AddressSlots``).
     """
-    return https_protocol(_worker_tls_context(), config, server_state, app_state, _loop)
+    return https_protocol(
+        _worker_tls_context(), config, server_state, app_state, _loop, slots=_worker_slots()
+    )
+
+
+@functools.cache
+def _worker_slots() -> AddressSlots:
+    return AddressSlots(MAX_CONNECTIONS_PER_ADDRESS)
 
 
 @functools.cache
@@ -151,25 +170,75 @@ def client_ca_bundle(config: ServerConfig) -> Path:
     return path
 
 
-def serve(config: ServerConfig, *, host: str, port: int, workers: int) -> None:
-    import uvicorn
+class ListenError(Exception):
+    """A port cannot be listened on; the message names the address, port and setting."""
 
-    # Fail before binding if the config, keys or schema are wrong.
+
+def listen(host: str, port: int, *, setting: str) -> socket.socket:
+    """A listening TCP socket on ``host:port``, or ``ListenError`` naming ``setting``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(_listen_failure(address, setting, exc)) from None
+    sock.set_inheritable(True)  # handed to uvicorn's spawned workers
+    return sock
+
+
+def _listen_failure(address: str, setting: str, exc: OSError) -> str:
+    why = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        why = "address already in use by another process"
+    return f"cannot listen on {address} ({setting}): {why}"
+
+
+def serve(
+    config: ServerConfig,
+    *,
+    host: str,
+    port: int,
+    workers: int,
+    port_setting: str = "server.port",
+) -> None:
+    """Check everything the configuration names, then listen, then serve until stopped.
+
+    No port is bound before the CA keys, the schema, the client-CA bundle and the
+    TLS certificate and key have been checked: a broken config is reported as
+    itself, not as whatever a busy port says. uvicorn gets the bound socket
+    (``sockets=``), so the one place a port error is raised and worded is here;
+    ``port_setting`` says where ``port`` came from (``server.port``, ``--port``).
+    """
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
     _, authority = _build(config)
-    publisher = crl_publisher(config, authority)
-    publisher.refresh_due(now=utcnow())
-    if config.crl.http_port:
-        start_crl_listener(config.crl.directory, config.crl.http_host, config.crl.http_port)
-    start_crl_refresher(publisher, utcnow, stop=threading.Event())
-    os.environ[DATA_DIR_ENV] = str(config.data_dir)
     client_ca_bundle(config)
     server_tls_context(config)  # a bad TLS certificate or key fails here, not per connection
-    uvicorn.run(
+    publisher = crl_publisher(config, authority)
+    publisher.refresh_due(now=utcnow())
+
+    sock = listen(host, port, setting=port_setting)
+    if config.crl.http_port:
+        try:
+            start_crl_listener(config.crl.directory, config.crl.http_host, config.crl.http_port)
+        except OSError as exc:
+            sock.close()
+            address = f"{config.crl.http_host}:{config.crl.http_port}"
+            raise ListenError(_listen_failure(address, "crl.http_port", exc)) from None
+    start_crl_refresher(publisher, utcnow, stop=threading.Event())
+    os.environ[DATA_DIR_ENV] = str(config.data_dir)
+    uv_config = uvicorn.Config(
         "estkit.server.app:app_from_env",
         factory=True,
         host=host,
         port=port,
         workers=workers,
+        backlog=BACKLOG,
         http=https_from_env,  # type: ignore[arg-type]  # a factory, as uvicorn calls it
         # Not "auto": that switches to uvloop wherever it happens to be installed. The TLS
         # layer runs on it too, but the asyncio loop is the one tested and soaked, and
@@ -181,3 +250,20 @@ def serve(config: ServerConfig, *, host: str, port: int, workers: int) -> None:
         access_log=config.access_log,
         lifespan="off",
     )
+    shown = f"[{host}]" if ":" in host else host
+    # uvicorn logs this line only for sockets it binds itself; tests and people wait for it.
+    logging.getLogger("uvicorn.error").info(
+        "Uvicorn running on https://%s:%d (Press CTRL+C to quit)", shown, port
+    )
+    server = uvicorn.Server(uv_config)
+    try:
+        if workers > 1:
+            Multiprocess(uv_config, sockets=[sock]).run()
+        else:
+            server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    if workers == 1 and not server.started:
+        raise SystemExit(STARTUP_FAILURE)

@@ -1,21 +1,25 @@
 """Server configuration: ``estkit.toml`` in the data directory, loaded once and validated.
 
-A bad config fails at start with the field name and the reason.
+A bad config fails at start with the field name and the reason; a key the
+server does not know is refused by name (a typo in a security setting must
+not silently leave it off).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
-from estkit.ca.authority import SAN_TYPES
+from estkit import durations
+from estkit.ca.policy import DEFAULT_MAX_SANS, SAN_TYPES, SUBJECT_ATTRIBUTES
 from estkit.pki.profiles import Kind, Profile
 
 CONFIG_NAME = "estkit.toml"
@@ -23,27 +27,55 @@ CONFIG_NAME = "estkit.toml"
 # (uvicorn's worker processes are spawned, not forked).
 DATA_DIR_ENV = "ESTKIT_DATA_DIR"
 CA_NAMES = ("root", "devices", "bootstrap")
+DEFAULT_PORT = 8443
+MAX_SANS_LIMIT = 100
+SUBJECT_VALUE_MAX = 64
+
+# Every key the server reads, per section. ``[cas.X]``, ``[profiles.X]`` and
+# ``[labels.X]`` are tables of named tables; ``[api.oidc]`` checks its own keys
+# (``server/oidc.py``), ``[profiles.X.subject]`` its attribute names.
+SECTION_KEYS: Mapping[str, frozenset[str]] = {
+    "server": frozenset(
+        {"host", "port", "workers", "public_url", "max_request_bytes", "access_log"}
+    ),
+    "tls": frozenset({"cert", "key"}),
+    "database": frozenset({"url"}),
+    "est": frozenset({"default_label"}),
+    "enrollment": frozenset({"secret_validity"}),
+    "crl": frozenset({"directory", "url", "validity", "http_host", "http_port"}),
+    "api": frozenset({"oidc"}),
+}
+NAMED_SECTION_KEYS: Mapping[str, frozenset[str]] = {
+    "cas": frozenset({"cert", "key", "signer"}),
+    "profiles": frozenset({"kind", "validity", "subject"}),
+    "labels": frozenset(
+        {
+            "ca",
+            "profile",
+            "base64_line_length",
+            "permitted_san_types",
+            "max_sans",
+            "dns_wildcards",
+            "csrattrs",
+            "approval",
+            "approval_retry_after",
+        }
+    ),
+}
 
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the field."""
 
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
 def parse_duration(value: object, field: str) -> dt.timedelta:
-    """``"30d"``, ``"12h"``, ``"90s"``, ``"10m"``, ``"2w"`` or an integer number of seconds."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        seconds = value
-    elif isinstance(value, str) and (m := _DURATION.match(value)):
-        seconds = int(m.group(1)) * _UNITS[m.group(2)]
-    else:
-        raise ConfigError(f"{field}: expected a duration like '30d', '12h', '90s', got {value!r}")
-    if seconds <= 0:
-        raise ConfigError(f"{field}: duration must be positive")
-    return dt.timedelta(seconds=seconds)
+    """A duration in ``estkit.durations``' grammar; the error names ``field``."""
+    if value is None:
+        raise ConfigError(f"{field}: required")
+    try:
+        return durations.parse_duration(value)
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {exc}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +96,10 @@ class LabelConfig:
     csrattrs: tuple[x509.ObjectIdentifier, ...]
     approval: bool = False
     retry_after: int = 60
+    # At most this many subjectAltNames per certificate, on EST and the API alike.
+    max_sans: int = DEFAULT_MAX_SANS
+    # Whether a DNS SAN may be a wildcard (``*.example.com``).
+    dns_wildcards: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,11 +136,54 @@ class ServerConfig:
         return f"{self.public_url.rstrip('/')}/.well-known/est"
 
 
+def unknown_keys(data: Mapping[str, Any]) -> list[str]:
+    """Every key of ``data`` the server does not read, dotted, with a guess at the meant one."""
+    found: list[str] = []
+
+    def check(
+        table: Mapping[str, Any],
+        known: frozenset[str] | Mapping[str, Any],
+        at: str,
+        hint: str | None = None,
+    ) -> None:
+        for key in table:
+            if key not in known:
+                guess = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+                if hint is None and guess:
+                    found.append(f"{at}{key} (did you mean {guess[0]}?)")
+                else:
+                    found.append(f"{at}{key}{hint or ''}")
+
+    check(data, {**SECTION_KEYS, **NAMED_SECTION_KEYS}, "")
+    for section, known in SECTION_KEYS.items():
+        if isinstance(table := data.get(section), Mapping):
+            check(table, known, f"{section}.")
+    for section, known in NAMED_SECTION_KEYS.items():
+        if not isinstance(tables := data.get(section), Mapping):
+            continue
+        for name, table in tables.items():
+            if isinstance(table, Mapping):
+                check(table, known, f"{section}.{name}.")
+                if section == "profiles" and isinstance(subject := table.get("subject"), Mapping):
+                    attributes = ", ".join(SUBJECT_ATTRIBUTES)
+                    hint = f" (one of {attributes}; the CN is always the device id)"
+                    check(subject, SUBJECT_ATTRIBUTES, f"{section}.{name}.subject.", hint)
+    return found
+
+
 def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
     value = data.get(name, {})
     if not isinstance(value, Mapping):
         raise ConfigError(f"[{name}]: expected a table")
     return value
+
+
+def _named_tables(data: Mapping[str, Any], name: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """``[name.X]`` tables: each X with its table."""
+    for key, table in _section(data, name).items():
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{name}.{key}: expected a table ([{name}.{key}])")
+        yield key, table
 
 
 def _get(table: Mapping[str, Any], key: str, kind: type, field: str, default: Any = None) -> Any:
@@ -131,6 +210,9 @@ def load_config(data_dir: Path) -> ServerConfig:
 
 
 def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
+    if unknown := unknown_keys(data):
+        plural = "s" if len(unknown) > 1 else ""
+        raise ConfigError(f"{CONFIG_NAME}: unknown key{plural} {', '.join(unknown)}")
     base = data_dir.resolve()
 
     def path_of(value: str) -> Path:
@@ -138,7 +220,7 @@ def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
         return p if p.is_absolute() else base / p
 
     server = _section(data, "server")
-    port = _get(server, "port", int, "server.port", 8443)
+    port = _get(server, "port", int, "server.port", DEFAULT_PORT)
     if not 0 < port < 65536:
         raise ConfigError("server.port: must be 1-65535")
     workers = _get(server, "workers", int, "server.workers", 1)
@@ -152,7 +234,7 @@ def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
         db_url = f"sqlite:///{path_of(db_url.removeprefix('sqlite:///'))}"
 
     cas: dict[str, CaConfig] = {}
-    for name, table in _section(data, "cas").items():
+    for name, table in _named_tables(data, "cas"):
         f = f"cas.{name}"
         signer = _get(table, "signer", str, f"{f}.signer", "file")
         if signer != "file":
@@ -167,49 +249,13 @@ def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
         if name not in cas:
             raise ConfigError(f"cas.{name}: required")
 
-    profiles: dict[str, Profile] = {}
-    for name, table in _section(data, "profiles").items():
-        f = f"profiles.{name}"
-        kind_name = _get(table, "kind", str, f"{f}.kind")
-        try:
-            kind = Kind(kind_name)
-        except ValueError:
-            raise ConfigError(f"{f}.kind: one of operational, bootstrap") from None
-        validity = parse_duration(table.get("validity"), f"{f}.validity")
-        profiles[name] = Profile(name=name, kind=kind, validity=validity)
+    profiles = {name: _profile(name, table) for name, table in _named_tables(data, "profiles")}
     if "bootstrap" not in profiles:
         raise ConfigError("profiles.bootstrap: required")
-
-    labels: dict[str, LabelConfig] = {}
-    for name, table in _section(data, "labels").items():
-        f = f"labels.{name}"
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
-            raise ConfigError(f"{f}: label names are 1-64 letters, digits, '-' or '_'")
-        ca = _get(table, "ca", str, f"{f}.ca")
-        if ca not in cas:
-            raise ConfigError(f"{f}.ca: unknown CA {ca!r}")
-        profile = _get(table, "profile", str, f"{f}.profile")
-        if profile not in profiles:
-            raise ConfigError(f"{f}.profile: unknown profile {profile!r}")
-        line = _get(table, "base64_line_length", int, f"{f}.base64_line_length", 0)
-        if line < 0 or line % 4:
-            raise ConfigError(f"{f}.base64_line_length: 0 or a positive multiple of 4")
-        sans = _get(table, "permitted_san_types", list, f"{f}.permitted_san_types", ["dns", "uri"])
-        unknown = set(sans) - set(SAN_TYPES)
-        if unknown:
-            raise ConfigError(f"{f}.permitted_san_types: unknown {sorted(unknown)}")
-        oids = _get(table, "csrattrs", list, f"{f}.csrattrs", [])
-        try:
-            csrattrs = tuple(x509.ObjectIdentifier(o) for o in oids)
-        except (ValueError, TypeError):
-            raise ConfigError(f"{f}.csrattrs: dotted OIDs expected") from None
-        approval = _get(table, "approval", bool, f"{f}.approval", False)
-        retry_after = _get(table, "approval_retry_after", int, f"{f}.approval_retry_after", 60)
-        if not 1 <= retry_after <= 86400:
-            raise ConfigError(f"{f}.approval_retry_after: 1-86400 seconds")
-        labels[name] = LabelConfig(
-            name, ca, profile, line, frozenset(sans), csrattrs, approval, retry_after
-        )
+    labels = {
+        name: _label(name, table, cas=cas, profiles=profiles)
+        for name, table in _named_tables(data, "labels")
+    }
     est = _section(data, "est")
     default_label = _get(est, "default_label", str, "est.default_label", "devices")
     if default_label not in labels:
@@ -252,6 +298,77 @@ def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
             validity=parse_duration(crl.get("validity", "7d"), "crl.validity"),
         ),
         api=_section(data, "api"),
+    )
+
+
+def _profile(name: str, table: Mapping[str, Any]) -> Profile:
+    f = f"profiles.{name}"
+    kind_name = _get(table, "kind", str, f"{f}.kind")
+    try:
+        kind = Kind(kind_name)
+    except ValueError:
+        raise ConfigError(f"{f}.kind: one of operational, bootstrap") from None
+    validity = parse_duration(table.get("validity"), f"{f}.validity")
+    subject: list[tuple[str, str]] = []
+    for attribute, value in _get(table, "subject", Mapping, f"{f}.subject", {}).items():
+        where = f"{f}.subject.{attribute}"
+        if not isinstance(value, str) or not value.strip() or len(value) > SUBJECT_VALUE_MAX:
+            raise ConfigError(
+                f"{where}: expected a non-empty string of at most {SUBJECT_VALUE_MAX} "
+                f"characters, got {value!r}"
+            )
+        if attribute == "C" and not re.fullmatch(r"[A-Z]{2}", value):
+            raise ConfigError(f"{where}: a two-letter country code (ISO 3166), got {value!r}")
+        subject.append((attribute, value))
+    return Profile(name=name, kind=kind, validity=validity, subject=tuple(subject))
+
+
+def _label(
+    name: str,
+    table: Mapping[str, Any],
+    *,
+    cas: Mapping[str, CaConfig],
+    profiles: Mapping[str, Profile],
+) -> LabelConfig:
+    f = f"labels.{name}"
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise ConfigError(f"{f}: label names are 1-64 letters, digits, '-' or '_'")
+    ca = _get(table, "ca", str, f"{f}.ca")
+    if ca not in cas:
+        raise ConfigError(f"{f}.ca: unknown CA {ca!r}")
+    profile = _get(table, "profile", str, f"{f}.profile")
+    if profile not in profiles:
+        raise ConfigError(f"{f}.profile: unknown profile {profile!r}")
+    line = _get(table, "base64_line_length", int, f"{f}.base64_line_length", 0)
+    if line < 0 or line % 4:
+        raise ConfigError(f"{f}.base64_line_length: 0 or a positive multiple of 4")
+    sans = _get(table, "permitted_san_types", list, f"{f}.permitted_san_types", ["dns", "uri"])
+    if not all(isinstance(s, str) for s in sans):
+        raise ConfigError(f"{f}.permitted_san_types: a list of {', '.join(SAN_TYPES)}")
+    if unknown := set(sans) - set(SAN_TYPES):
+        raise ConfigError(f"{f}.permitted_san_types: unknown {sorted(unknown)}")
+    max_sans = _get(table, "max_sans", int, f"{f}.max_sans", DEFAULT_MAX_SANS)
+    if not 0 <= max_sans <= MAX_SANS_LIMIT:
+        raise ConfigError(f"{f}.max_sans: 0-{MAX_SANS_LIMIT}, got {max_sans}")
+    oids = _get(table, "csrattrs", list, f"{f}.csrattrs", [])
+    try:
+        csrattrs = tuple(x509.ObjectIdentifier(o) for o in oids)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{f}.csrattrs: dotted OIDs expected") from None
+    retry_after = _get(table, "approval_retry_after", int, f"{f}.approval_retry_after", 60)
+    if not 1 <= retry_after <= 86400:
+        raise ConfigError(f"{f}.approval_retry_after: 1-86400 seconds")
+    return LabelConfig(
+        name=name,
+        ca=ca,
+        profile=profile,
+        base64_line_length=line,
+        permitted_san_types=frozenset(sans),
+        csrattrs=csrattrs,
+        approval=_get(table, "approval", bool, f"{f}.approval", False),
+        retry_after=retry_after,
+        max_sans=max_sans,
+        dns_wildcards=_get(table, "dns_wildcards", bool, f"{f}.dns_wildcards", False),
     )
 
 
@@ -302,10 +419,14 @@ cert = "ca/bootstrap.pem"
 key = "ca/bootstrap.key"
 signer = "file"
 
-# Certificate profiles. validity: "30d", "12h", "90s", ... (seconds are fine for tests).
+# Certificate profiles. validity: "30d", "12h", "1.5h", "90s", "2w", "10y"
+# (seconds are fine for tests).
 [profiles.operational]
 kind = "operational"
 validity = "30d"
+# The issued subject is CN = device id plus these fixed attributes (C, ST, L, O,
+# OU), in this order; nothing of a CSR's subject is copied.
+# subject = {{ O = "Contoso", OU = "Sensors" }}
 
 [profiles.bootstrap]
 kind = "bootstrap"
@@ -324,6 +445,10 @@ profile = "operational"
 base64_line_length = 0
 # subjectAltName types a CSR may ask for: dns, uri, email, ip.
 permitted_san_types = ["dns", "uri"]
+# At most this many subjectAltNames per certificate (EST and API alike; 0-100).
+# max_sans = 10
+# Whether a DNS name may be a wildcard such as *.example.com.
+# dns_wildcards = false
 # OIDs announced by /csrattrs (here: ecdsa-with-SHA256). Empty: 204.
 csrattrs = ["1.2.840.10045.4.3.2"]
 # Manual approval: requests answer 202 + Retry-After until an operator approves

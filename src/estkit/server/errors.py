@@ -1,27 +1,62 @@
-"""The one place where decisions become HTTP statuses: a ``text/plain`` one-line reason."""
+"""The one place where decisions become HTTP: a status per refusal code.
+
+EST (and every path outside ``/api/``): a ``text/plain`` one-line reason and the
+code in the ``Estkit-Refusal-Code`` header. The REST API: RFC 9457
+``application/problem+json`` with the same code in its ``code`` member.
+"""
 
 from __future__ import annotations
+
+from http import HTTPStatus
 
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from estkit.ca import errors as ca
+from estkit.ca.errors import Code, Refusal
+from estkit.ca.ports import translated
+from estkit.store.errors import StoreError
 
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="estkit"'}
+CODE_HEADER = "Estkit-Refusal-Code"
+PROBLEM_JSON = "application/problem+json"
+PROBLEM_TYPE = "urn:estkit:refusal:"
+# Sent with 503 when the refusal names no delay of its own.
+DEFAULT_RETRY_AFTER = 5
 
-_STATUS: dict[type[ca.CaError], int] = {
-    ca.BadRequest: 400,
-    ca.Unauthenticated: 401,
-    ca.Forbidden: 403,
-    ca.NotFound: 404,
-    ca.Conflict: 409,
+STATUS: dict[Code, int] = {
+    Code.BAD_CSR: 400,
+    Code.KEY_NOT_PERMITTED: 400,
+    Code.BAD_REQUEST: 400,
+    Code.AUTHENTICATION_REQUIRED: 401,
+    Code.SECRET_INVALID: 401,
+    Code.TOKEN_INVALID: 401,
+    Code.CERTIFICATE_REQUIRED: 403,
+    Code.UNKNOWN_CERTIFICATE: 403,
+    Code.WRONG_CA: 403,
+    Code.EXPIRED: 403,
+    Code.NOT_YET_VALID: 403,
+    Code.REVOKED: 403,
+    Code.NOT_REGISTERED: 403,
+    Code.DISABLED: 403,
+    Code.DECOMMISSIONED: 403,
+    Code.NAME_MISMATCH: 403,
+    Code.SUBJECT_CHANGED: 403,
+    Code.SAN_NOT_PERMITTED: 403,
+    Code.SCOPE_MISSING: 403,
+    Code.APPROVAL_DENIED: 403,
+    Code.APPROVAL_PENDING: 202,
+    Code.NOT_FOUND: 404,
+    Code.CONFLICT: 409,
+    Code.RATE_LIMITED: 429,
+    Code.UNAVAILABLE: 503,
 }
+assert set(STATUS) == set(Code)
 
 
 class RequestError(Exception):
-    """An HTTP-level refusal (media type, size) before the authority is asked."""
+    """An HTTP-level refusal (method, media type, size) before the authority is asked."""
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
@@ -36,30 +71,89 @@ def text_response(status: int, reason: str, headers: dict[str, str] | None = Non
     return PlainTextResponse(one_line(reason), status_code=status, headers=headers)
 
 
-def error_response(
-    request: Request, status: int, reason: str, headers: dict[str, str] | None = None
+def _is_api(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def problem_response(
+    status: int, reason: str, code: str | None, headers: dict[str, str] | None = None
 ) -> Response:
-    """EST and the rest: text/plain, one line. The JSON API: ``{"detail": reason}``."""
-    if request.url.path.startswith("/api/"):
+    """RFC 9457 problem details; ``code`` also in ``type`` (a URN) for generic consumers."""
+    try:
+        title = HTTPStatus(status).phrase
+    except ValueError:
+        title = "Error"
+    body: dict[str, object] = {
+        "type": f"{PROBLEM_TYPE}{code}" if code else "about:blank",
+        "title": title,
+        "status": status,
+        "detail": one_line(reason).strip(),
+    }
+    if code:
+        body["code"] = code
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def error_response(
+    request: Request,
+    status: int,
+    reason: str,
+    headers: dict[str, str] | None = None,
+    *,
+    code: str | None = None,
+) -> Response:
+    """EST and the rest: text/plain, one line, the code in a header. The API: problem+json."""
+    headers = dict(headers or {})
+    if code:
+        headers[CODE_HEADER] = code
+    if _is_api(request):
         if status == 401:
-            headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="estkit"'}
-        return JSONResponse(
-            {"detail": one_line(reason).strip()}, status_code=status, headers=headers
-        )
+            headers["WWW-Authenticate"] = 'Bearer realm="estkit"'
+        return problem_response(status, reason, code, headers)
     return text_response(status, reason, headers)
 
 
+def refusal_headers(refusal: Refusal, status: int) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if status == 401:
+        headers.update(CHALLENGE)
+    if status in (202, 429, 503):
+        delay = refusal.retry_after if refusal.retry_after is not None else DEFAULT_RETRY_AFTER
+        headers["Retry-After"] = str(max(0, int(delay)))
+    return headers
+
+
+def refusal_response(request: Request, refusal: Refusal) -> Response:
+    status = STATUS[refusal.code]
+    return error_response(
+        request,
+        status,
+        refusal.reason,
+        refusal_headers(refusal, status),
+        code=refusal.code.value,
+    )
+
+
 async def ca_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ca.CaError)
-    if isinstance(exc, ca.Pending):
-        return text_response(202, str(exc), {"Retry-After": str(int(exc.retry_after))})
-    status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
-    return error_response(request, status, str(exc), CHALLENGE if status == 401 else None)
+    assert isinstance(exc, Refusal)
+    return refusal_response(request, exc)
+
+
+async def store_error(request: Request, exc: Exception) -> Response:
+    """A store error from a route that reads the store directly (the API's lists):
+    translated the one way the authority does it (``ca.ports.translated``)."""
+    assert isinstance(exc, StoreError)
+    try:
+        with translated():
+            raise exc
+    except Refusal as refusal:
+        return refusal_response(request, refusal)
+    raise exc  # not a refusal (a schema error): a bug, let it be a 500
 
 
 async def request_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestError)
-    return error_response(request, exc.status, str(exc), CHALLENGE if exc.status == 401 else None)
+    return error_response(request, exc.status, str(exc))
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -76,11 +170,12 @@ async def validation_error(request: Request, exc: Exception) -> Response:
     reason = f"{where}: {first.get('msg', 'invalid input')}"
     if len(problems) > 1:
         reason += f" (and {len(problems) - 1} more)"
-    return error_response(request, 422, reason)
+    return error_response(request, 422, reason, code=Code.BAD_REQUEST.value)
 
 
 HANDLERS = {
-    ca.CaError: ca_error,
+    Refusal: ca_error,
+    StoreError: store_error,
     RequestError: request_error,
     HTTPException: http_error,
     RequestValidationError: validation_error,

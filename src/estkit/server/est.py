@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import datetime as dt
+import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
@@ -19,18 +20,23 @@ from typing import Any, Protocol
 
 from cryptography import x509
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from estkit.ca.authority import Issued, Label, Principal
-from estkit.ca.errors import CaError
+from estkit.ca.errors import CaError, Code, Refusal
 from estkit.pki import wire
 from estkit.pki.certs import certs_to_pem
 from estkit.pki.cms import encode_certs_only
 from estkit.pki.csrattrs import encode_csrattrs
 from estkit.pki.errors import DecodeError
 from estkit.server.errors import RequestError, ca_error, request_error, text_response
+from estkit.server.limits import BASIC_REFUSAL_DELAY, BasicCheckPool, BasicLimits
+
+log = logging.getLogger(__name__)
+# Basic refusals answered after ``refusal_delay`` (limits.BASIC_REFUSAL_DELAY).
+_SLOWED = frozenset({Code.RATE_LIMITED, Code.UNAVAILABLE})
 
 PREFIX = "/.well-known/est"
 Handler = Callable[[Request, str | None], Awaitable[Response]]
@@ -69,13 +75,15 @@ def basic_credentials(request: Request) -> tuple[str, str] | None:
         return None
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "basic":
-        raise RequestError(401, "only HTTP Basic or a client certificate are accepted")
+        raise Refusal(
+            Code.AUTHENTICATION_REQUIRED, "only HTTP Basic or a client certificate are accepted"
+        )
     try:
         user, sep, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
     except (binascii.Error, UnicodeDecodeError):
-        raise RequestError(401, "malformed Basic credentials") from None
+        raise Refusal(Code.AUTHENTICATION_REQUIRED, "malformed Basic credentials") from None
     if not sep or not user:
-        raise RequestError(401, "malformed Basic credentials")
+        raise Refusal(Code.AUTHENTICATION_REQUIRED, "malformed Basic credentials")
     return user, password
 
 
@@ -87,11 +95,19 @@ class EstRoutes:
         default_label: str,
         max_request_bytes: int,
         clock: Callable[[], dt.datetime],
+        basic_pool: BasicCheckPool | None = None,
+        basic_limits: BasicLimits | None = None,
+        refusal_delay: float = BASIC_REFUSAL_DELAY,
     ) -> None:
+        """``basic_pool``, ``basic_limits`` and ``refusal_delay`` (``server/limits.py``):
+        the defaults there unless given."""
         self._authority = authority
         self._default_label = default_label
         self._max = max_request_bytes
         self._clock = clock
+        self._basic_pool = basic_pool if basic_pool is not None else BasicCheckPool()
+        self._basic_limits = basic_limits if basic_limits is not None else BasicLimits()
+        self._refusal_delay = refusal_delay
         # Per-label response bodies, encoded on first use (labels are fixed at start).
         self._cacerts: dict[str, bytes] = {}
         self._csrattrs: dict[str, bytes] = {}
@@ -159,26 +175,63 @@ class EstRoutes:
         cert = client_certificate(request)
         basic = None if cert is not None else basic_credentials(request)
         if cert is None and basic is None:
-            raise RequestError(401, "authentication required: client certificate or HTTP Basic")
+            raise Refusal(
+                Code.AUTHENTICATION_REQUIRED,
+                "authentication required: client certificate or HTTP Basic",
+            )
+        if basic is not None and reenroll:
+            raise Refusal(
+                Code.CERTIFICATE_REQUIRED, "re-enroll needs the client certificate being renewed"
+            )
+        # Everything cheap is checked before a Basic secret costs an scrypt.
         if wire.media_type(request.headers.get("content-type")) != wire.PKCS10:
             raise RequestError(415, "expected Content-Type application/pkcs10")
         body = await self._read_body(request)
         try:
             csr_der = wire.decode_base64_body(body)
         except DecodeError as exc:
-            raise RequestError(400, str(exc)) from None
+            raise Refusal(Code.BAD_CSR, str(exc)) from None
         now = self._clock()
-        if cert is not None and not label.approval:
+        if basic is not None:
+            issued = await self._decide_basic(request, label, csr_der, basic, now)
+        elif not label.approval:
+            assert cert is not None
             issued = await self._decide_on_loop(label, csr_der, cert, now, reenroll)
         else:
-            # A secret's scrypt check (~50 ms) and the approval bookkeeping, which
-            # reads back what it writes, run on a worker thread.
+            # The approval bookkeeping reads back what it writes: on a worker thread.
             issued = await run_in_threadpool(
-                self._decide, label, csr_der, cert, basic, now, reenroll
+                self._decide, label, csr_der, cert, None, now, reenroll
             )
         der = encode_certs_only([issued.certificate])
         body = wire.encode_base64_body(der, line_length=label.base64_line_length)
         return _base64_response(body, wire.ENROLL_CONTENT_TYPE)
+
+    async def _decide_basic(
+        self,
+        request: Request,
+        label: Label,
+        csr_der: bytes,
+        basic: tuple[str, str],
+        now: dt.datetime,
+    ) -> Issued:
+        """A secret's scrypt check (~50 ms, 16 MiB) and the enrollment, on the Basic pool;
+        refused before it when the username or the source failed too often lately, or
+        when the pool is full (``server/limits.py``)."""
+        username = basic[0]
+        source = request.client.host if request.client else None
+        try:
+            self._basic_limits.check(username, source)
+            issued = await self._basic_pool.run(
+                lambda: self._decide(label, csr_der, None, basic, now, False)
+            )
+        except Refusal as refusal:
+            if refusal.code is Code.SECRET_INVALID:
+                self._basic_limits.failed(username, source)
+            elif refusal.code in _SLOWED and self._refusal_delay > 0:
+                await asyncio.sleep(self._refusal_delay)
+            raise
+        self._basic_limits.succeeded(username)
+        return issued
 
     def _decide(
         self,
@@ -189,15 +242,13 @@ class EstRoutes:
         now: dt.datetime,
         reenroll: bool,
     ) -> Issued:
-        """Authenticate and issue (signature, database): on a worker thread, or on the loop
-        inside ``deferred_writes``."""
+        """Authenticate and issue (signature, database): on a worker thread (the Basic
+        pool, or the shared one for approval), or on the loop inside ``deferred_writes``."""
         authority = self._authority
         if cert is not None:
             who = authority.authenticate_certificate(cert, now=now)
         else:
-            assert basic is not None
-            if reenroll:
-                raise RequestError(403, "re-enroll needs the client certificate being renewed")
+            assert basic is not None and not reenroll
             who = authority.authenticate_secret(basic[0], basic[1], now=now)
         if reenroll:
             return authority.reenroll(label, csr_der, who, now=now)
@@ -243,7 +294,7 @@ class EstRoutes:
     async def health_certificate(self, request: Request, _label: str | None) -> Response:
         cert = client_certificate(request)
         if cert is None:
-            raise RequestError(401, "no client certificate was presented")
+            raise Refusal(Code.AUTHENTICATION_REQUIRED, "no client certificate was presented")
         return Response(certs_to_pem([cert]), media_type="application/x-pem-file")
 
     async def health(self, _request: Request, _label: str | None) -> Response:
@@ -263,6 +314,19 @@ class EstApp:
         self.api = api
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._serve(scope, receive, send)
+        except ClientDisconnect:
+            # Nobody is left to answer; one line instead of uvicorn's traceback (the
+            # API's framework re-raises it too, after its 500 went nowhere).
+            log.warning(
+                "%s disconnected before sending the whole request (%s %s)",
+                _client_name(scope),
+                scope.get("method", "?"),
+                scope.get("path", "?"),
+            )
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         target = self.routes.resolve(scope["path"]) if scope["type"] == "http" else None
         if target is None:
             await self.api(scope, receive, send)
@@ -280,6 +344,11 @@ class EstApp:
             except RequestError as exc:
                 response = await request_error(request, exc)
         await response(scope, receive, send)
+
+
+def _client_name(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"client {client[0]}:{client[1]}" if client else "a client"
 
 
 def _base64_response(body: bytes, content_type: str) -> Response:

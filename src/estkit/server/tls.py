@@ -8,6 +8,14 @@ The TLS handshake is complete when the HTTP protocol's ``connection_made``
 runs, so the peer certificate is read there, once per connection, and
 attached to every request's scope as ``scope["extensions"]["tls"]`` in the
 shape the ASGI TLS extension specifies.
+
+uvicorn's httptools protocol has no limit on a request's head and no read
+timeout: ``TlsExtensionProtocol`` adds both (``limits.ConnectionLimits``). A
+head over the size or field count gets 431 and the connection is closed; a head
+not complete ``head_timeout`` seconds after the handshake (or after its first
+byte, on a kept-alive connection), or a body not complete ``body_timeout``
+seconds after its head, gets 408 and the connection is closed. Idle keep-alive
+is uvicorn's own timeout.
 """
 
 from __future__ import annotations
@@ -21,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from estkit.server.config import ConfigError, ServerConfig
+from estkit.server.limits import AddressSlots, ConnectionLimits
 from estkit.server.tls_openssl import TlsServerProtocol, server_context
 
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
@@ -31,9 +40,30 @@ _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
 
 class TlsExtensionProtocol(HttpToolsProtocol):
     _tls: dict[str, Any] | None = None
+    # The head being read: raw bytes and line ends since it began (a head cut in
+    # pieces is measured before the parser has it whole).
+    _reading_head = True
+    _head_bytes = 0
+    _head_lines = 0
+    _refused = False
+    _deadline = 0.0  # loop time by which the head or the body must be complete
+    _read_timer: asyncio.TimerHandle | None = None
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        limits: ConnectionLimits,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._limits = limits
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self._expect_by(self._limits.head_timeout)
         ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
         if ssl_object is None:
             return
@@ -48,19 +78,121 @@ class TlsExtensionProtocol(HttpToolsProtocol):
             "cipher_suite": cipher[0] if cipher else None,
         }
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._reading_head:
+            self._head_bytes += len(data)
+            self._head_lines += data.count(b"\n")
+        super().data_received(data)
+        # A head still incomplete after all it was sent: measured on the raw bytes, so
+        # the parser never holds more than the limit and one read.
+        if self._reading_head and not self._refused:
+            limits = self._limits
+            if self._head_bytes > limits.max_header_bytes:
+                self._refuse(431, f"request header fields over {limits.max_header_bytes} bytes")
+            elif self._head_lines > limits.max_header_count + 1:
+                self._refuse(431, f"more than {limits.max_header_count} request header fields")
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         if self._tls is not None:
             self.scope["extensions"] = {"tls": self._tls}  # type: ignore[dict-item]
+        if self._read_timer is None:  # the next request on a kept-alive connection
+            self._expect_by(self._limits.head_timeout)
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        limits = self._limits
+        headers = self.headers
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in headers)
+        if len(headers) > limits.max_header_count:
+            self._refuse(431, f"more than {limits.max_header_count} request header fields")
+            return
+        if size > limits.max_header_bytes:
+            self._refuse(431, f"request header fields over {limits.max_header_bytes} bytes")
+            return
+        self._reading_head = False
+        self._head_bytes = self._head_lines = 0
+        self._deadline = self.loop.time() + limits.body_timeout
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._refused:
+            return
+        self._reading_head = True
+        self._stop_timer()  # until the next request's first byte
+        super().on_message_complete()
+
+    def _expect_by(self, seconds: float) -> None:
+        self._deadline = self.loop.time() + seconds
+        if self._read_timer is None:
+            self._read_timer = self.loop.call_at(self._deadline, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self._read_timer = None
+        if self._refused:
+            return
+        left = self._deadline - self.loop.time()
+        if left > 0:  # moved on from the head to the body since the timer was set
+            self._read_timer = self.loop.call_later(left, self._on_deadline)
+            return
+        what = "request head" if self._reading_head else "request body"
+        self._refuse(408, f"{what} not received in time")
+
+    def _stop_timer(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """Answer ``status`` with a one-line reason and close; read nothing more.
+
+        Not logged: a client can cause this as often as it connects.
+        """
+        self._refused = True
+        self._stop_timer()
+        transport = self.transport
+        if transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is None or not cycle.response_started or cycle.response_complete:
+            # Not in the middle of a response. (An app still waiting for the body hears
+            # of the close when it is lost; what it writes after this is dropped.)
+            body = f"{reason}\n".encode()
+            transport.write(
+                STATUS_LINE[status]
+                + b"Content-Type: text/plain; charset=utf-8\r\n"
+                + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+                + body
+            )
+        transport.close()
 
 
 def https_protocol(
-    context: SSL.Context, config: Any, server_state: Any, app_state: Any, _loop: Any = None
+    context: SSL.Context,
+    config: Any,
+    server_state: Any,
+    app_state: Any,
+    _loop: Any = None,
+    *,
+    limits: ConnectionLimits | None = None,
+    slots: AddressSlots | None = None,
 ) -> TlsServerProtocol:
     """One connection: TLS (``tls_openssl``) around ``TlsExtensionProtocol``.
 
     uvicorn itself runs without ``ssl``; its ``http=`` factory (``app.https_from_env``)
-    calls this with the worker's context and uvicorn's own arguments.
+    calls this with the worker's context, its connection count per address
+    (``slots``) and uvicorn's own arguments. ``limits``: ``limits``' defaults unless given.
     """
     inner = functools.partial(
         TlsExtensionProtocol,
@@ -68,8 +200,9 @@ def https_protocol(
         server_state=server_state,
         app_state=app_state,
         _loop=_loop,
+        limits=limits or ConnectionLimits(),
     )
-    return TlsServerProtocol(context, inner)
+    return TlsServerProtocol(context, inner, slots=slots)
 
 
 def server_tls_context(config: ServerConfig) -> SSL.Context:

@@ -10,7 +10,8 @@ asyncio's general SSL transport (bench/README.md has the figures).
 it runs the handshake over memory BIOs, then hands the HTTP protocol a
 transport (``TlsTransport``) that encrypts what it writes. The peer
 certificate is offered through ``get_extra_info("ssl_object")`` in the shape
-``server/tls.py`` reads from the stdlib ``ssl`` object.
+``server/tls.py`` reads from the stdlib ``ssl`` object. Connections from one
+address beyond ``limits.AddressSlots``' limit are closed before their handshake.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from OpenSSL import SSL, crypto
+
+from estkit.server.limits import AddressSlots
 
 # OpenSSL's X509_V_FLAG_NO_CHECK_TIME: the handshake accepts an expired client
 # certificate so that the application can refuse it with a 403 and a reason
@@ -140,17 +143,35 @@ class TlsTransport(asyncio.Transport):
 class TlsServerProtocol(asyncio.Protocol):
     """Handshake, then relay plaintext between the socket and ``inner`` (uvicorn's protocol)."""
 
-    def __init__(self, context: SSL.Context, inner_factory: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(
+        self,
+        context: SSL.Context,
+        inner_factory: Callable[[], asyncio.Protocol],
+        *,
+        slots: AddressSlots | None = None,
+    ) -> None:
+        """``slots``: open connections per source address; one over its limit is closed
+        before its handshake costs anything."""
         self.context = context
         self._inner_factory = inner_factory
         self.inner: asyncio.Protocol | None = None
         self._raw: asyncio.Transport | None = None
         self._conn: SSL.Connection | None = None
         self._timeout: asyncio.TimerHandle | None = None
+        self._slots = slots
+        self._address: str | None = None  # counted in ``slots`` until connection_lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport; not always an asyncio.Transport subclass (uvloop's is not).
-        self._raw = cast(asyncio.Transport, transport)
+        raw = cast(asyncio.Transport, transport)
+        if self._slots is not None:
+            peer = raw.get_extra_info("peername")
+            address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+            if not self._slots.acquire(address):
+                raw.abort()  # closed at once: no TLS state, no handshake
+                return
+            self._address = address
+        self._raw = raw
         # Set here for every worker count: uvicorn's shared-socket path (workers >= 2)
         # skips it (uvicorn #3149), and each response then waited ~40 ms for the
         # client's delayed ACK.
@@ -261,6 +282,9 @@ class TlsServerProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timeout is not None:
             self._timeout.cancel()
+        if self._address is not None and self._slots is not None:
+            self._slots.release(self._address)
+            self._address = None
         # Drop every link of the cycle this layer closes (uvicorn's protocol -> our
         # transport -> this protocol -> uvicorn's protocol), as asyncio's SSL protocol
         # does: left to the cyclic GC, each connection's garbage waited for a full

@@ -17,7 +17,7 @@ def open_store(config: ServerConfig) -> SqlStore:
     return store
 
 
-def build_authority(config: ServerConfig, store: SqlStore) -> Authority:
+def build_authority(config: ServerConfig, store: SqlStore) -> Authority[SqlStore]:
     """The authority, with CRLs republished after every revocation it makes."""
     cas = load_cas({n: (c.signer, c.cert, c.key) for n, c in config.cas.items()})
     crl = _crl_publisher(config, cas, store)
@@ -27,6 +27,8 @@ def build_authority(config: ServerConfig, store: SqlStore) -> Authority:
             ca=lc.ca,
             profile=config.profiles[lc.profile],
             permitted_san_types=lc.permitted_san_types,
+            max_sans=lc.max_sans,
+            dns_wildcards=lc.dns_wildcards,
             base64_line_length=lc.base64_line_length,
             csrattrs=lc.csrattrs,
             approval=lc.approval,
@@ -45,7 +47,7 @@ def build_authority(config: ServerConfig, store: SqlStore) -> Authority:
     )
 
 
-def crl_publisher(config: ServerConfig, authority: Authority) -> CrlPublisher:
+def crl_publisher(config: ServerConfig, authority: Authority[SqlStore]) -> CrlPublisher:
     return _crl_publisher(config, authority.cas, authority.store)
 
 

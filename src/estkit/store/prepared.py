@@ -20,12 +20,15 @@ statement is executed as usual.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
 from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement, Executable
+
+from estkit.store.unavailable import classify
 
 _NO_DEFAULT = object()
 
@@ -89,5 +92,11 @@ class Prepared:
             compiled = self._sqlite = _Compiled(self.statement, conn.dialect, self._columns)
         driver = conn.connection.driver_connection
         assert driver is not None
-        cursor: Cursor = driver.execute(compiled.sql, compiled.values(params))
+        try:
+            cursor: Cursor = driver.execute(compiled.sql, compiled.values(params))
+        except sqlite3.Error as exc:  # SQLAlchemy's handle_error hook does not see these
+            unavailable = classify(exc)
+            if unavailable is not None:
+                raise unavailable from exc
+            raise
         return cursor

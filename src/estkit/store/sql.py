@@ -9,6 +9,7 @@ the same transaction that records the certificate they paid for.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from collections.abc import Callable, Iterator, Sequence
@@ -24,7 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from estkit.store import schema
 from estkit.store.audit_chain import GENESIS, entry_hash
-from estkit.store.errors import Conflict, NotFound, SchemaError
+from estkit.store.errors import Conflict, NotApproved, NotFound, SchemaError, SecretUsed
 from estkit.store.models import (
     ApiToken,
     AuditEvent,
@@ -39,6 +40,7 @@ from estkit.store.models import (
     PresentedCertificate,
 )
 from estkit.store.prepared import Prepared
+from estkit.store.unavailable import translate_unavailable
 from estkit.store.writer import GroupCommitter
 
 HEAD_REVISION = "0002"
@@ -118,6 +120,7 @@ class SqlStore:
         engine = sa.create_engine(url, future=True, pool_pre_ping=not url.startswith("sqlite"))
         if engine.dialect.name == "sqlite":
             sa.event.listen(engine, "connect", _sqlite_pragmas)
+        sa.event.listen(engine, "handle_error", translate_unavailable)
         return cls(engine)
 
     def migrate(self) -> None:
@@ -313,7 +316,7 @@ class SqlStore:
                     .values(used_at=record.issued_at)
                 )
                 if res.rowcount != 1:
-                    raise Conflict("enrollment secret already used")
+                    raise SecretUsed("enrollment secret already used")
             self._ensure_device(conn, record.device_id, record.issued_at)
             _INSERT_CERT.execute(conn, _cert_row(record))
             if pending_id is not None:
@@ -324,7 +327,7 @@ class SqlStore:
                     .values(status=PendingStatus.ISSUED.value, serial=record.serial)
                 )
                 if res.rowcount != 1:
-                    raise Conflict("pending request is no longer approved")
+                    raise NotApproved("pending request is no longer approved")
             _insert_audit(conn, audit)
 
         self._write_or_defer(job)
@@ -614,9 +617,19 @@ class SqlStore:
         now: dt.datetime,
         expires_at: dt.datetime,
         audit: AuditEvent,
+        replace: bool = False,
     ) -> int:
+        """Store a new enrollment secret's hash; ``replace`` expires the device's others."""
+
         def job(conn: Connection) -> int:
             self._ensure_device(conn, device_id, now)
+            if replace:  # the new secret is the only usable one
+                t = schema.enrollment_secrets
+                conn.execute(
+                    t.update()
+                    .where(t.c.device_id == device_id, t.c.used_at.is_(None), t.c.expires_at > now)
+                    .values(expires_at=now)
+                )
             res = conn.execute(
                 schema.enrollment_secrets.insert().values(
                     device_id=device_id,
@@ -780,46 +793,21 @@ def _device(row: Any) -> Device:
     return Device(row.device_id, DeviceStatus(row.status), row.created_at, row.updated_at)
 
 
+# The record's fields are the table's columns; only these differ in how they are stored.
+_CERT_FIELDS = tuple(f.name for f in dataclasses.fields(CertificateRecord))
+
+
 def _cert_row(r: CertificateRecord) -> dict[str, Any]:
-    return {
-        "serial": r.serial,
-        "device_id": r.device_id,
-        "ca": r.ca,
-        "label": r.label,
-        "profile": r.profile,
-        "subject": r.subject,
-        "sans": json.dumps(list(r.sans)),
-        "not_before": r.not_before,
-        "not_after": r.not_after,
-        "status": r.status.value,
-        "requested_via": r.requested_via,
-        "requested_by": r.requested_by,
-        "issued_at": r.issued_at,
-        "der": r.der,
-        "revoked_at": r.revoked_at,
-        "revocation_reason": r.revocation_reason,
-        "replaces": r.replaces,
-    }
+    row = {name: getattr(r, name) for name in _CERT_FIELDS}
+    row["sans"] = json.dumps(list(r.sans))
+    row["status"] = r.status.value
+    return row
 
 
 def _cert(row: Any) -> CertificateRecord:
+    values = {name: getattr(row, name) for name in _CERT_FIELDS}
     sans: Sequence[str] = json.loads(row.sans)
-    return CertificateRecord(
-        serial=row.serial,
-        device_id=row.device_id,
-        ca=row.ca,
-        label=row.label,
-        profile=row.profile,
-        subject=row.subject,
-        sans=tuple(sans),
-        not_before=row.not_before,
-        not_after=row.not_after,
-        status=CertStatus(row.status),
-        requested_via=row.requested_via,
-        requested_by=row.requested_by,
-        issued_at=row.issued_at,
-        der=bytes(row.der),
-        revoked_at=row.revoked_at,
-        revocation_reason=row.revocation_reason,
-        replaces=row.replaces,
-    )
+    values["sans"] = tuple(sans)
+    values["status"] = CertStatus(row.status)
+    values["der"] = bytes(row.der)
+    return CertificateRecord(**values)

@@ -1,0 +1,68 @@
+"""Which database errors mean "cannot take the request now" (``Unavailable``).
+
+A full disk, a read-only or locked database, an I/O error or a lost
+connection are not the request's fault and not a bug: the caller answers
+503 + Retry-After and writes nothing. Everything else stays what it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from typing import Any
+
+from estkit.store.errors import Unavailable
+
+log = logging.getLogger("estkit.store")
+
+# SQLite primary result codes (the low byte of extended codes).
+_SQLITE = {
+    5: "database is locked (busy)",
+    6: "database table is locked",
+    7: "out of memory",
+    8: "database is read-only",
+    10: "disk I/O error",
+    13: "database or disk is full",
+    14: "database file cannot be opened",
+}
+# PostgreSQL SQLSTATE classes and codes (Appendix A of its manual).
+_PG_CLASSES = {
+    "08": "connection lost",
+    "53": "insufficient resources (disk, memory or connections)",
+    "57": "server shutting down or not accepting connections",
+}
+_PG_CODES = {
+    "25006": "database is read-only",
+    "55P03": "lock not available",
+    "40001": "serialization failure",
+    "40P01": "deadlock detected",
+}
+
+
+def classify(exc: BaseException) -> Unavailable | None:
+    """An ``Unavailable`` for ``exc`` (a DB-API error, possibly wrapped), or None."""
+    orig = getattr(exc, "orig", None) or exc
+    if isinstance(orig, sqlite3.Error):
+        code = getattr(orig, "sqlite_errorcode", None)
+        what = _SQLITE.get(code & 0xFF) if isinstance(code, int) else None
+        if what is None and isinstance(orig, sqlite3.OperationalError):
+            text = str(orig).lower()
+            if "disk is full" in text or "readonly" in text or "locked" in text:
+                what = str(orig)
+        return Unavailable(what) if what else None
+    sqlstate = getattr(orig, "sqlstate", None)
+    if isinstance(sqlstate, str) and len(sqlstate) == 5:
+        what = _PG_CODES.get(sqlstate) or _PG_CLASSES.get(sqlstate[:2])
+        return Unavailable(what) if what else None
+    if getattr(exc, "connection_invalidated", False):
+        return Unavailable("connection lost")
+    return None
+
+
+def translate_unavailable(context: Any) -> None:
+    """SQLAlchemy's ``handle_error`` hook: raise ``Unavailable`` in place of such errors."""
+    unavailable = classify(context.original_exception)
+    if unavailable is None and context.is_disconnect:
+        unavailable = Unavailable("connection lost")
+    if unavailable is not None:
+        raise unavailable from context.original_exception
