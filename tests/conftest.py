@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from estkit.store import SqlStore
 from estserver import DEFAULT_PORTS, EstServer, hold_port, make_server
 
 
@@ -57,3 +58,12 @@ def device_id(request: pytest.FixtureRequest) -> str:
     """A device id unique within the session, readable in logs."""
     name = re.sub(r"[^A-Za-z0-9-]", "-", request.node.name)[:40].strip("-")
     return f"{name}-{os.getpid()}-{next(_counter)}"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqlStore]:
+    """A migrated SQLite store in ``tmp_path / "estkit.db"``, no server."""
+    s = SqlStore.open(f"sqlite:///{tmp_path / 'estkit.db'}")
+    s.migrate()
+    yield s
+    s.close()

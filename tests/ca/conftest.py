@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -18,14 +16,6 @@ from estkit.store import SqlStore
 @pytest.fixture(scope="session")
 def cas() -> Cas:
     return make_cas()
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqlStore]:
-    s = SqlStore.open(f"sqlite:///{tmp_path / 'estkit.db'}")
-    s.migrate()
-    yield s
-    s.close()
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from estkit.ca.limits import FAILURES_PER_USERNAME
 from estkit.server.limits import (
-    FAILURES_PER_USERNAME,
     HEAD_TIMEOUT,
     MAX_CONNECTIONS_PER_ADDRESS,
     MAX_HEADER_BYTES,

@@ -1,98 +1,13 @@
-"""server/limits.py on its own: the failure windows, the Basic pool, connections per address."""
+"""server/limits.py on its own: the Basic pool, connections per address (the failure
+windows are ca/limits.py, tested in tests/ca/test_attempt_limits.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 
-import pytest
-
 from estkit.ca.errors import Code, Refusal
-from estkit.server.limits import (
-    AddressSlots,
-    BasicCheckPool,
-    BasicLimits,
-    FailureLimiter,
-    source_key,
-)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_failures_are_limited_in_a_sliding_window() -> None:
-    limiter = FailureLimiter(limit=3, window=60, max_entries=10)
-    for t in (0.0, 10.0, 20.0):
-        assert limiter.retry_after("dev-1", now=t) is None
-        limiter.record("dev-1", now=t)
-    # The third failure fills the window: free again when the first one leaves it.
-    assert limiter.retry_after("dev-1", now=20.0) == 40
-    assert limiter.retry_after("dev-1", now=59.5) == 1
-    assert limiter.retry_after("dev-1", now=60.0) is None
-    limiter.record("dev-1", now=60.0)  # 10, 20, 60 are now in the window
-    assert limiter.retry_after("dev-1", now=60.0) == 10
-    assert limiter.retry_after("dev-2", now=60.0) is None  # keys are apart
-
-
-def test_failure_memory_is_bounded_and_forgets_the_oldest_key_first() -> None:
-    limiter = FailureLimiter(limit=2, window=300, max_entries=100)
-    limiter.record("kept", now=0.0)
-    limiter.record("kept", now=0.0)
-    for i in range(1000):
-        if i == 50:
-            limiter.record("kept", now=1.0)  # a failure counts as use
-        limiter.record(f"user-{i}", now=1.0)
-        assert len(limiter) <= 100
-    assert limiter.retry_after("user-999", now=2.0) is None  # remembered, one failure
-    assert limiter.retry_after("kept", now=2.0) is None  # forgotten after 99 newer keys
-    assert limiter.retry_after("user-0", now=2.0) is None
-
-
-@pytest.mark.parametrize(
-    ("host", "key"),
-    [
-        ("192.0.2.7", "192.0.2.7"),
-        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
-        ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
-        ("::ffff:192.0.2.7", "192.0.2.7"),
-        (None, "?"),
-    ],
-    ids=["ipv4", "ipv6-64", "ipv6-same-64", "ipv4-mapped", "none"],
-)
-def test_sources_are_counted_by_address_or_ipv6_slash_64(host: str | None, key: str) -> None:
-    assert source_key(host) == key
-
-
-def test_basic_limits_refuse_a_username_or_a_source_with_retry_after() -> None:
-    clock = Clock()
-    limits = BasicLimits(per_username=2, per_source=3, window=300, clock=clock)
-    limits.failed("dev-1", "192.0.2.1")
-    limits.failed("dev-1", "192.0.2.1")
-    with pytest.raises(Refusal) as refused:
-        limits.check("dev-1", "192.0.2.99")  # the username, from anywhere
-    assert refused.value.code is Code.RATE_LIMITED and refused.value.retry_after == 300
-    limits.check("dev-2", "192.0.2.99")
-    limits.failed("dev-2", "192.0.2.1")
-    clock.now += 100
-    with pytest.raises(Refusal) as refused:
-        limits.check("dev-3", "192.0.2.1")  # the source, whatever the username
-    assert refused.value.code is Code.RATE_LIMITED and refused.value.retry_after == 200
-    clock.now += 200
-    limits.check("dev-3", "192.0.2.1")
-    limits.check("dev-1", "192.0.2.1")
-
-
-def test_a_success_clears_the_usernames_failures() -> None:
-    limits = BasicLimits(per_username=2, per_source=100, window=300, clock=Clock())
-    limits.failed("dev-1", "192.0.2.1")
-    limits.succeeded("dev-1")
-    limits.failed("dev-1", "192.0.2.1")
-    limits.check("dev-1", "192.0.2.1")
+from estkit.server.limits import AddressSlots, BasicCheckPool
 
 
 def test_basic_pool_refuses_at_once_when_threads_and_queue_are_full() -> None:

@@ -193,6 +193,18 @@ class Authority(Generic[StoreT]):
         assert match is not None
         return Principal(device_id=device_id, actor=actor, secret_id=match.id)
 
+    def audit_rate_limit(
+        self, engaged: Sequence[str], *, actor: str, window: float, now: dt.datetime
+    ) -> None:
+        """Audit that failed attempts put a username or a source under its limit: once
+        when it engages, not per refused attempt (a flood must not write per request)."""
+        refusal = Refusal(
+            Code.RATE_LIMITED,
+            f"too many failed attempts from {', '.join(engaged)}; "
+            f"further attempts refused for up to {window:g} s",
+        )
+        self._audit_refusal(actor, "authenticate", refusal, now)
+
     # -- enrollment --------------------------------------------------------------
 
     def enroll(self, label: Label, csr_der: bytes, who: Principal, *, now: dt.datetime) -> Issued:

@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import NoEncryption, pkcs12
 from cryptography.x509.oid import NameOID
 
-from estkit.cli.args import non_negative_int, positive_number
+from estkit.cli.args import add_retry_options
 from estkit.cli.errors import CliError
 from estkit.cli.files import OutputFile, write_files_atomically
 from estkit.client import (
@@ -132,23 +132,7 @@ def _server_options() -> argparse.ArgumentParser:
         metavar="SHA256",
         help="SHA-256 fingerprint of the CA to trust, checked against /cacerts (RFC 7030 4.1.1)",
     )
-    g.add_argument(
-        "--timeout",
-        type=positive_number,
-        default=20.0,
-        metavar="S",
-        help="per attempt (default: %(default)g)",
-    )
-    g.add_argument(
-        "--total-timeout",
-        type=positive_number,
-        default=60.0,
-        metavar="S",
-        help="across all retries (default: %(default)g)",
-    )
-    g.add_argument(
-        "--retries", type=non_negative_int, default=3, metavar="N", help="default: %(default)s"
-    )
+    add_retry_options(g, total="across all retries")
     return p
 
 

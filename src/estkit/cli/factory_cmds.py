@@ -29,7 +29,7 @@ import httpx
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from estkit.cli.args import non_negative_int, positive_number
+from estkit.cli.args import add_retry_options
 from estkit.cli.errors import CliError
 from estkit.cli.files import OutputFile, write_files_atomically
 from estkit.client import (
@@ -312,23 +312,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "and the chain's own root)",
     )
     g.add_argument("--label", default="bootstrap", help="CA label (default: %(default)s)")
-    g.add_argument(
-        "--timeout",
-        type=positive_number,
-        default=20.0,
-        metavar="S",
-        help="per attempt (default: %(default)g)",
-    )
-    g.add_argument(
-        "--total-timeout",
-        type=positive_number,
-        default=60.0,
-        metavar="S",
-        help="per device, across its retries (default: %(default)g)",
-    )
-    g.add_argument(
-        "--retries", type=non_negative_int, default=3, metavar="N", help="default: %(default)s"
-    )
+    add_retry_options(g, total="per device, across its retries")
 
     d = p.add_argument_group("devices")
     which = d.add_mutually_exclusive_group(required=True)

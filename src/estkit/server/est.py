@@ -12,8 +12,9 @@ import asyncio
 import base64
 import binascii
 import datetime as dt
+import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
@@ -54,6 +55,9 @@ class EstAuthority(Protocol):
     def authenticate_secret(
         self, device_id: str, secret: str, *, now: dt.datetime
     ) -> Principal: ...
+    def audit_rate_limit(
+        self, engaged: Sequence[str], *, actor: str, window: float, now: dt.datetime
+    ) -> None: ...
     def enroll(
         self, label: Label, csr_der: bytes, who: Principal, *, now: dt.datetime
     ) -> Issued: ...
@@ -226,7 +230,17 @@ class EstRoutes:
             )
         except Refusal as refusal:
             if refusal.code is Code.SECRET_INVALID:
-                self._basic_limits.failed(username, source)
+                engaged = self._basic_limits.failed(username, source)
+                if engaged:
+                    await run_in_threadpool(
+                        functools.partial(
+                            self._authority.audit_rate_limit,
+                            engaged,
+                            actor=f"secret:{username}",
+                            window=self._basic_limits.window,
+                            now=now,
+                        )
+                    )
             elif refusal.code in _SLOWED and self._refusal_delay > 0:
                 await asyncio.sleep(self._refusal_delay)
             raise

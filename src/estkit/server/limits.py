@@ -6,11 +6,11 @@ Two kinds live here, both per worker process:
   and 16 MiB each) run on a few threads of their own, never on the shared
   thread pool; when those threads and a short queue are full the answer is
   ``Refusal(UNAVAILABLE)`` (503 + Retry-After) without running scrypt.
-- ``FailureLimiter`` / ``BasicLimits``: failed Basic attempts per username and
-  per source address in a sliding window; over the limit the answer is
-  ``Refusal(RATE_LIMITED)`` (429 + Retry-After), decided before scrypt and
-  before the store is asked, so an unknown user and a wrong secret are refused
-  alike and equally fast. The limiter only refuses; the authority audits.
+- ``BasicLimits`` (from ``ca/limits.py``, where the policy lives): failed Basic
+  attempts per username and per source address in a sliding window; over the
+  limit the answer is ``Refusal(RATE_LIMITED)`` (429 + Retry-After), decided
+  before scrypt and before the store is asked, so an unknown user and a wrong
+  secret are refused alike and equally fast.
 
 The connection-level limits (header count and size, read timeouts, connections
 per address) are enforced by the HTTP protocol in ``server/tls.py`` and the TLS
@@ -24,19 +24,25 @@ needs others can have them wired into ``[server]`` later.
 from __future__ import annotations
 
 import asyncio
-import collections
 import ctypes
-import ipaddress
-import math
 import os
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
 from estkit.ca.errors import Code, Refusal
+from estkit.ca.limits import BasicLimits, FailureLimiter, source_key
+
+__all__ = [
+    "BASIC_BUSY_RETRY_AFTER",
+    "BASIC_REFUSAL_DELAY",
+    "BasicCheckPool",
+    "BasicLimits",
+    "FailureLimiter",
+    "source_key",
+]
 
 T = TypeVar("T")
 
@@ -64,18 +70,7 @@ BASIC_QUEUE = 4 * BASIC_THREADS
 # Retry-After of that 503: a few checks' time, plus room for the others waiting.
 BASIC_BUSY_RETRY_AFTER = 2
 
-# Failed Basic attempts (wrong, used or unknown secret) in a sliding window. Five per
-# device id is plenty for a device with a typo'd or used secret and nothing for
-# guessing a 128-bit secret; twenty per source leaves room for a factory station
-# provisioning many devices from one address.
-FAILURE_WINDOW = 300.0  # seconds
-FAILURES_PER_USERNAME = 5
-FAILURES_PER_SOURCE = 20
-# Usernames and sources remembered (each): past this the oldest is forgotten, so
-# memory stays bounded (≈ 1 KB per entry) whatever an attacker sends.
-FAILURE_ENTRIES = 4096
-# Usernames are remembered by at most this many characters (device ids have 64).
-USERNAME_KEY_LENGTH = 128
+# Failed Basic attempts per username and source: ca/limits.py (a policy, pure).
 
 # -- HTTP, per connection (server/tls.py and server/tls_openssl.py) ------------------------
 
@@ -213,104 +208,3 @@ def unmap_large_allocations() -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
     except (OSError, AttributeError):  # not glibc: its own policy stands
         pass
-
-
-class FailureLimiter:
-    """At most ``limit`` failures per key in any ``window`` seconds, for ``max_entries`` keys.
-
-    Each key keeps the times of its last ``limit`` failures (a sliding window);
-    the least recently failed key is forgotten when there are too many.
-    """
-
-    def __init__(self, *, limit: int, window: float, max_entries: int) -> None:
-        if limit < 1 or window <= 0 or max_entries < 1:
-            raise ValueError("limit and max_entries must be >= 1 and window > 0")
-        self.limit = limit
-        self.window = window
-        self.max_entries = max_entries
-        self._failures: collections.OrderedDict[str, collections.deque[float]] = (
-            collections.OrderedDict()
-        )
-
-    def __len__(self) -> int:
-        return len(self._failures)
-
-    def retry_after(self, key: str, *, now: float) -> int | None:
-        """Whole seconds until ``key`` may try again, or None if it may now."""
-        times = self._failures.get(key)
-        if times is None or len(times) < self.limit:
-            return None
-        wait = times[0] + self.window - now
-        return max(1, math.ceil(wait)) if wait > 0 else None
-
-    def record(self, key: str, *, now: float) -> None:
-        times = self._failures.get(key)
-        if times is None:
-            times = self._failures[key] = collections.deque(maxlen=self.limit)
-            if len(self._failures) > self.max_entries:
-                self._failures.popitem(last=False)
-        else:
-            self._failures.move_to_end(key)
-        times.append(now)
-
-    def forget(self, key: str) -> None:
-        self._failures.pop(key, None)
-
-
-def source_key(host: str | None) -> str:
-    """What a source address is counted by: the address, or for IPv6 its /64."""
-    if not host:
-        return "?"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        return str(ipaddress.IPv6Network((address, 64), strict=False))
-    return host
-
-
-class BasicLimits:
-    """Failed Basic attempts per username and per source; used on the event loop only."""
-
-    def __init__(
-        self,
-        *,
-        per_username: int = FAILURES_PER_USERNAME,
-        per_source: int = FAILURES_PER_SOURCE,
-        window: float = FAILURE_WINDOW,
-        max_entries: int = FAILURE_ENTRIES,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.usernames = FailureLimiter(limit=per_username, window=window, max_entries=max_entries)
-        self.sources = FailureLimiter(limit=per_source, window=window, max_entries=max_entries)
-        self._clock = clock
-
-    def check(self, username: str, source: str | None) -> None:
-        """``Refusal(RATE_LIMITED)`` if either has failed too often lately."""
-        now = self._clock()
-        waits = [
-            self.usernames.retry_after(_username_key(username), now=now),
-            self.sources.retry_after(source_key(source), now=now),
-        ]
-        wait = max((w for w in waits if w is not None), default=None)
-        if wait is not None:
-            raise Refusal(
-                Code.RATE_LIMITED,
-                "too many failed HTTP Basic attempts; retry later",
-                retry_after=wait,
-            )
-
-    def failed(self, username: str, source: str | None) -> None:
-        now = self._clock()
-        self.usernames.record(_username_key(username), now=now)
-        self.sources.record(source_key(source), now=now)
-
-    def succeeded(self, username: str) -> None:
-        self.usernames.forget(_username_key(username))
-
-
-def _username_key(username: str) -> str:
-    return username[:USERNAME_KEY_LENGTH]
