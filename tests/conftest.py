@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,21 +13,25 @@ import pytest
 from estkit.store import SqlStore
 from estserver import DEFAULT_PORTS, EstServer, hold_port, make_server
 
+_HELD = pytest.StashKey[list[socket.socket]]()
 
-@pytest.fixture(scope="session", autouse=True)
-def default_ports_taken() -> Iterator[None]:
+
+def pytest_configure(config: pytest.Config) -> None:
     """8443 and 8444 are taken for the whole run, as when `make run` serves beside it.
 
-    Any test that binds or connects to a default port then fails here too, not
-    only on a developer's machine. With xdist each worker tries; one holds the
-    ports, the others (or all, when `make run` already serves) just proceed.
+    Held by the one process that lives for the whole run: the xdist controller (its
+    workers skip this), or pytest itself without xdist. Any test that binds or
+    connects to a default port then fails here too, not only on a developer's
+    machine. When the ports are already taken (`make run` serves) nothing is held.
     """
-    held = [sock for port in DEFAULT_PORTS if (sock := hold_port(port)) is not None]
-    try:
-        yield
-    finally:
-        for sock in held:
-            sock.close()
+    if hasattr(config, "workerinput"):
+        return
+    config.stash[_HELD] = [s for port in DEFAULT_PORTS if (s := hold_port(port)) is not None]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for sock in config.stash.get(_HELD, []):
+        sock.close()
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (bound together, so none is handed out twice)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def hold_port(port: int, host: str = "127.0.0.1") -> socket.socket | None:
     """A socket listening on ``host:port`` (never accepting), or None when it is taken."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

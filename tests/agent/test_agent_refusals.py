@@ -129,6 +129,11 @@ CASES = [
     ("text/revoked", 403, None, "client certificate is revoked", "final"),
     ("text/expired", 403, None, "client certificate is expired or not yet valid", "fallback"),
     ("text/other", 403, None, "device is disabled", "other"),
+    # Only 401/403 refuse credentials: an error page elsewhere never stops or diverts.
+    ("other/502-page-says-revoked", 502, None, "upstream TLS: peer certificate revoked", "other"),
+    ("other/500-page-says-decommissioned", 500, None, "decommissioned backend", "other"),
+    ("other/404-says-expired", 404, None, "route expired", "other"),
+    ("other/503-with-final-code", 503, "revoked", "maintenance", "other"),
 ]
 
 

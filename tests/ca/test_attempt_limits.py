@@ -63,37 +63,53 @@ def test_sources_are_counted_by_address_or_ipv6_slash_64(host: str | None, key: 
     assert source_key(host) == key
 
 
-def test_basic_limits_refuse_a_username_or_a_source_with_retry_after() -> None:
+def _limited(limits: BasicLimits, username: str, source: str) -> int | None:
+    try:
+        limits.check(username, source)
+    except Refusal as refused:
+        assert refused.code is Code.RATE_LIMITED
+        return refused.retry_after
+    return None
+
+
+def test_basic_limits_per_pair_username_and_source_with_retry_after() -> None:
     clock = Clock()
-    limits = BasicLimits(per_username=2, per_source=3, window=300, clock=clock)
+    limits = BasicLimits(
+        per_username_and_source=2, per_username=3, per_source=4, window=300, clock=clock
+    )
     limits.failed("dev-1", "192.0.2.1")
     limits.failed("dev-1", "192.0.2.1")
-    with pytest.raises(Refusal) as refused:
-        limits.check("dev-1", "192.0.2.99")  # the username, from anywhere
-    assert refused.value.code is Code.RATE_LIMITED and refused.value.retry_after == 300
-    limits.check("dev-2", "192.0.2.99")
-    limits.failed("dev-2", "192.0.2.1")
+    assert _limited(limits, "dev-1", "192.0.2.1") == 300  # this device from this source
+    assert _limited(limits, "dev-1", "192.0.2.99") is None  # a stranger cannot lock it out
+    limits.failed("dev-1", "192.0.2.2")
+    assert _limited(limits, "dev-1", "192.0.2.99") == 300  # but guessing from many is capped
     clock.now += 100
-    with pytest.raises(Refusal) as refused:
-        limits.check("dev-3", "192.0.2.1")  # the source, whatever the username
-    assert refused.value.code is Code.RATE_LIMITED and refused.value.retry_after == 200
+    limits.failed("dev-2", "192.0.2.3")
+    limits.failed("dev-3", "192.0.2.3")
+    limits.failed("dev-4", "192.0.2.3")
+    assert _limited(limits, "dev-5", "192.0.2.3") is None
+    limits.failed("dev-6", "192.0.2.3")
+    assert _limited(limits, "dev-7", "192.0.2.3") == 300  # the source, whatever the username
     clock.now += 200
-    limits.check("dev-3", "192.0.2.1")
-    limits.check("dev-1", "192.0.2.1")
+    assert _limited(limits, "dev-1", "192.0.2.1") is None  # the first failures left the window
+    assert _limited(limits, "dev-7", "192.0.2.3") == 100
 
 
-def test_a_success_clears_the_usernames_failures() -> None:
-    limits = BasicLimits(per_username=2, per_source=100, window=300, clock=Clock())
+def test_a_success_clears_the_devices_failures_from_its_source() -> None:
+    limits = BasicLimits(per_username_and_source=2, window=300, clock=Clock())
     limits.failed("dev-1", "192.0.2.1")
-    limits.succeeded("dev-1")
+    limits.succeeded("dev-1", "192.0.2.1")
     limits.failed("dev-1", "192.0.2.1")
-    limits.check("dev-1", "192.0.2.1")
+    assert _limited(limits, "dev-1", "192.0.2.1") is None
 
 
 def test_failed_says_once_which_limit_engaged() -> None:
     """One audit entry when a limit engages, not one per refused attempt."""
-    limits = BasicLimits(per_username=2, per_source=3, window=300, clock=Clock())
+    limits = BasicLimits(
+        per_username_and_source=2, per_username=3, per_source=4, window=300, clock=Clock()
+    )
     assert limits.failed("dev-1", "192.0.2.1") == ()
+    assert limits.failed("dev-1", "192.0.2.1") == ("username dev-1 from 192.0.2.1",)
     assert limits.failed("dev-1", "192.0.2.1") == ("username dev-1",)
     assert limits.failed("dev-1", "192.0.2.1") == ("source 192.0.2.1",)
     assert limits.failed("dev-1", "192.0.2.1") == ()

@@ -71,6 +71,16 @@ def test_secret_invalid_for_wrong_unknown_and_used_secrets(
     refused(Code.SECRET_INVALID, lambda: authority.authenticate_secret("dev-1", secret, now=NOW))
 
 
+def test_a_basic_username_that_is_no_device_id_is_refused_without_being_stored(
+    authority: Auth, store: SqlStore
+) -> None:
+    long_name = "x" * 30_000
+    refused(Code.SECRET_INVALID, lambda: authority.authenticate_secret(long_name, "s", now=NOW))
+    entry = store.list_audit(limit=1000).items[-1]
+    assert (entry.actor, entry.device_id, entry.outcome) == ("secret:?", None, "refused")
+    assert long_name not in entry.detail
+
+
 @pytest.mark.parametrize(
     ("status", "code"),
     [(DeviceStatus.DISABLED, Code.DISABLED), (DeviceStatus.DECOMMISSIONED, Code.DECOMMISSIONED)],
@@ -120,7 +130,7 @@ def test_add_device_twice_needs_rotate_secret(authority: Auth, store: SqlStore) 
     refused(Code.BAD_REQUEST, lambda: authority.add_device("c:d", actor="t", now=NOW))
 
 
-def test_bootstrap_twice_needs_replace_which_revokes_the_old(
+def test_bootstrap_twice_needs_replace_and_the_old_is_superseded_after(
     authority: Auth, store: SqlStore
 ) -> None:
     old, _ = bootstrap(authority)
@@ -130,6 +140,10 @@ def test_bootstrap_twice_needs_replace_which_revokes_the_old(
         lambda: authority.issue_bootstrap(csr, device_id="dev-1", actor="t", now=NOW),
     )
     new = authority.issue_bootstrap(csr, device_id="dev-1", actor="t", now=NOW, replace=True)
+    assert new.replaces_serials == (f"{old.serial_number:X}",)
+    # Still valid until the caller has stored the new key and certificate.
+    authority.authenticate_certificate(old, now=NOW)
+    authority.supersede(new.replaces_serials, actor="t", now=NOW)
     old_record = store.get_certificate(f"{old.serial_number:X}")
     assert old_record is not None and old_record.status is CertStatus.REVOKED
     assert old_record.revocation_reason == "superseded"
@@ -164,7 +178,10 @@ def test_approved_certificate_revoked_before_pickup(authority: Auth, key: Privat
     issued = authority.enroll(label, csr, who, now=NOW)
     assert authority.enroll(label, csr, who, now=NOW).record.serial == issued.record.serial
     authority.revoke(issued.record.serial, reason="unspecified", actor="op", now=NOW)
-    refused(Code.REVOKED, lambda: authority.enroll(label, csr, who, now=NOW))
+    # Only this request is spent (conflict), not the device's credentials (revoked).
+    refused(Code.CONFLICT, lambda: authority.enroll(label, csr, who, now=NOW))
+    other = make_csr(generate_key("ec-p256"))
+    refused(Code.APPROVAL_PENDING, lambda: authority.enroll(label, other, who, now=NOW))
 
 
 def test_tokens_refuse_with_codes(store: SqlStore) -> None:

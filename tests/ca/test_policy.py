@@ -254,6 +254,10 @@ DNS = x509.DNSName
         ([DNS("good.com\x00.evil")], {}),
         ([DNS("-bad.example.com")], {}),
         ([DNS("xn--zz.example.com")], {}),
+        ([DNS("xn--ab.example.com")], {}),  # decodes to a C1 control character
+        ([DNS("xn--1ug.example.com")], {}),  # a zero-width non-joiner
+        ([DNS("xn--a-ecp.example.com")], {}),  # holds an ideographic full stop
+        ([DNS("xn--ls8h.example.com")], {}),  # an emoji (IDNA2008 disallows symbols)
         ([DNS("1.2.3.4")], {}),
         ([DNS(f"d{i}.example.com") for i in range(11)], {}),
         ([DNS(f"d{i}.example.com") for i in range(3)], {"max_sans": 2}),
@@ -267,6 +271,10 @@ DNS = x509.DNSName
         "nul",
         "leading-hyphen",
         "bad-a-label",
+        "a-label-control",
+        "a-label-zwnj",
+        "a-label-separator",
+        "a-label-symbol",
         "ip-as-dns",
         "over-default-cap",
         "over-label-cap",

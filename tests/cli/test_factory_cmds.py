@@ -736,6 +736,26 @@ def test_batch_rows_with_bad_ids_fail_alone(
     assert not (tmp_path / "escape").exists()
 
 
+def test_batch_rows_that_would_clash_on_disk_or_in_a_spreadsheet(
+    cli: Cli, api: FakeApi, anchor: Path, tmp_path: Path
+) -> None:
+    batch = _batch_file(tmp_path, 'device_id\nDev-1\ndev-1\nresults.csv\n"=SUM(1,2)"\n@x\n')
+    out = tmp_path / "out"
+    run = cli("--api", API, "--trust-anchor", anchor, "--batch", batch, "--out", out)
+    assert run.status == 1
+    assert api.devices() == ["Dev-1", "=SUM(1,2)", "@x"]
+    rows = _results(out / "results.csv")
+    assert [(r["device_id"], r["status"]) for r in rows] == [
+        ("Dev-1", "ok"),
+        ("dev-1", "failed"),  # one directory on a case-insensitive file system
+        ("results.csv", "failed"),  # its directory would be the results file
+        ("'=SUM(1,2)", "ok"),  # shown as text by a spreadsheet, never run
+        ("'@x", "ok"),
+    ]
+    assert rows[1]["error"] == "line 3: duplicate device id"
+    assert (out / "=SUM(1,2)" / "cert.pem").exists()
+
+
 def test_batch_stops_when_the_token_is_refused(
     cli: Cli, api: FakeApi, anchor: Path, tmp_path: Path
 ) -> None:

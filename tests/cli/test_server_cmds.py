@@ -203,6 +203,27 @@ def test_device_bootstrap_refuses_a_second_certificate_unless_forced(
     assert (out / "key.pem").read_bytes() != key
 
 
+def test_device_bootstrap_force_that_cannot_write_keeps_the_old_certificate(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """The old certificate is revoked only once the new key and certificate are on disk."""
+    out = tmp_path / "bootstrap"
+    run_estkit("device", "bootstrap", "--data-dir", data_dir, "dev-nowrite", "--out", out)
+    (old,) = _bootstrap_certificates(data_dir, "dev-nowrite")
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    failed = run_estkit(
+        "device", "bootstrap", "--data-dir", data_dir, "dev-nowrite", "--force",
+        "--out", blocked / "sub", check=False,
+    )  # fmt: skip
+    assert failed.returncode == 1
+    assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+    assert "the old one is unchanged" in failed.stderr
+    certificates = _bootstrap_certificates(data_dir, "dev-nowrite")
+    assert certificates.pop(old) == "valid"
+    assert list(certificates.values()) == ["revoked"]  # the one whose key was lost
+
+
 def _ports(data_dir: Path) -> tuple[int, str, int, str]:
     import tomllib
 

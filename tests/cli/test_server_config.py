@@ -156,6 +156,10 @@ def test_a_whole_label_of_unknown_keys_is_refused() -> None:
         ({("profiles", "operational", "validity"): "0s"}, "profiles.operational.validity:"),
         ({("crl", "validity"): "-1d"}, "crl.validity:"),
         ({("enrollment", "secret_validity"): False}, "enrollment.secret_validity:"),
+        ({("labels", "devices", "ca"): "bootstrap"}, "labels.devices.ca: an EST label"),
+        ({("labels", "devices", "ca"): "root"}, "labels.devices.ca: an EST label"),
+        ({("server", "max_request_bytes"): 0}, "server.max_request_bytes: 4096-"),
+        ({("server", "port"): 9443, ("crl", "http_port"): 9443}, "crl.http_port: 9443 is"),
     ],
     ids=[
         "fail/ca-not-a-table",
@@ -175,6 +179,10 @@ def test_a_whole_label_of_unknown_keys_is_refused() -> None:
         "fail/validity-zero",
         "fail/crl-validity-negative",
         "fail/secret-validity-bool",
+        "fail/label-from-bootstrap-ca",
+        "fail/label-from-root",
+        "fail/max-request-bytes-zero",
+        "fail/crl-port-is-server-port",
     ],
 )
 def test_bad_values_are_refused_naming_the_field(

@@ -5,13 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import random
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 from client_fakes import FakeClock
 
-from estkit.client import tls
+from estkit.client import retry, tls
 from estkit.client.breaker import CircuitBreaker, State
 from estkit.client.http import (
     MIN_PENDING_DELAY,
@@ -398,3 +398,52 @@ def test_retry_policy_defaults_are_the_resilience_handlers() -> None:
     assert (policy.timeout, policy.total_timeout) == (20.0, 60.0)
     breaker = CircuitBreaker()
     assert (breaker.threshold, breaker.window, breaker.cooldown) == (5, 60.0, 30.0)
+
+
+def test_a_body_dribbled_past_the_deadline_is_cut() -> None:
+    """httpx bounds each read; the core bounds the whole answer by the operation's deadline."""
+    clock = FakeClock()
+
+    def dribble(request: httpx.Request) -> httpx.Response:
+        def chunks() -> Iterator[bytes]:
+            for _ in range(1000):
+                clock.now += 19  # each byte within the read timeout, the whole far beyond
+                yield b"x"
+
+        return httpx.Response(200, content=chunks())
+
+    core, http = _core(Script(dribble), clock, retries=0, timeout=20, total_timeout=60)
+    start = clock.now
+    with http, pytest.raises(ConnectionFailure, match="timed out"):
+        core.send(http, "GET", URL)
+    assert clock.now - start < 60 + 2 * 19  # cut at the first chunk past the deadline
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("120", 120.0),
+        ("\u00b2", None),  # a superscript two: a digit to str.isdigit, not to int()
+        ("9" * 400, 86400.0),
+        ("9" * 5000, 86400.0),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+        ("Fri, 31 Dec 9999 23:59:59 GMT", 86400.0),
+        ("soon", None),
+    ],
+    ids=["seconds", "unicode-digit", "huge", "huger", "past-date", "far-date", "garbage"],
+)
+def test_retry_after_is_parsed_safely_and_capped(value: str, seconds: float | None) -> None:
+    now = dt.datetime(2026, 12, 4, tzinfo=dt.UTC)
+    assert retry.parse_retry_after(value, now=now) == seconds
+
+
+def test_429_does_not_open_the_breaker() -> None:
+    """A server that asks for patience is up: rate limiting is not an outage."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(clock=clock, threshold=2)
+    script = Script(_status(429, **{"Retry-After": "1"}))
+    core, http = _core(script, clock, breaker=breaker, retries=5, total_timeout=60)
+    with http:
+        assert core.send(http, "GET", URL).status == 429
+    assert breaker.state is State.CLOSED
+    assert len(script.requests) == 6

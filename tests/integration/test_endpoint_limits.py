@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from estkit.ca.limits import FAILURES_PER_USERNAME
+from estkit.ca.limits import FAILURES_PER_SOURCE, FAILURES_PER_USERNAME_AND_SOURCE
 from estkit.server.limits import (
     HEAD_TIMEOUT,
     MAX_CONNECTIONS_PER_ADDRESS,
@@ -64,10 +64,10 @@ def _read_all(tls: ssl.SSLSocket) -> bytes:
     return reply
 
 
-def _answer_so_far(tls: ssl.SSLSocket) -> bytes | None:
-    """What the server has answered without waiting: None if nothing yet (a TLS 1.3
+def _answer_so_far(tls: ssl.SSLSocket, wait: float = 0) -> bytes | None:
+    """What the server has answered within ``wait`` seconds: None if nothing yet (a TLS 1.3
     session ticket makes the socket readable without any answer), b"" if it closed."""
-    if not select.select([tls], [], [], 0)[0]:
+    if not select.select([tls], [], [], wait)[0]:
         return None
     tls.setblocking(False)
     try:
@@ -81,8 +81,12 @@ def _answer_so_far(tls: ssl.SSLSocket) -> bytes | None:
         tls.settimeout(10)
 
 
-def _send_until_answered(tls: ssl.SSLSocket, chunks: Iterable[bytes]) -> tuple[bytes, int]:
-    """Send ``chunks`` until the server answers or closes; its answer and the bytes sent."""
+def _send_until_answered(
+    tls: ssl.SSLSocket, chunks: Iterable[bytes], *, wait: float = 0
+) -> tuple[bytes, int]:
+    """Send ``chunks`` until the server answers or closes; its answer and the bytes sent.
+    ``wait``: how long to give the server after each chunk (on a loaded machine it may
+    answer later than the client can fill the socket buffers)."""
     sent = 0
     for chunk in chunks:
         try:
@@ -90,7 +94,7 @@ def _send_until_answered(tls: ssl.SSLSocket, chunks: Iterable[bytes]) -> tuple[b
         except OSError:
             break
         sent += len(chunk)
-        answer = _answer_so_far(tls)
+        answer = _answer_so_far(tls, wait)
         if answer is not None:
             return answer + (_read_all(tls) if answer else b""), sent
     return _read_all(tls), sent
@@ -143,7 +147,7 @@ def test_oversized_headers_get_431_before_the_server_holds_them(
             yield b"\r\n\r\n"
 
     with _connect(server) as tls:
-        reply, sent = _send_until_answered(tls, chunks())
+        reply, sent = _send_until_answered(tls, chunks(), wait=0.05)
     _assert_one_line_refusal(reply, 431)
     # Answered once the limit was passed, not after the 8 MB.
     assert sent < MAX_HEADER_BYTES + 1024 * 1024
@@ -231,12 +235,55 @@ def test_repeated_wrong_secrets_get_429_with_retry_after(
                 headers={"Content-Type": "application/pkcs10"},
                 auth=(device_id, f"guess-{i}"),
             )
-            for i in range(FAILURES_PER_USERNAME + 2)
+            for i in range(FAILURES_PER_USERNAME_AND_SOURCE + 2)
         ]
     statuses = [a.status_code for a in answers]
-    assert statuses == [401] * FAILURES_PER_USERNAME + [429] * 2
+    assert statuses == [401] * FAILURES_PER_USERNAME_AND_SOURCE + [429] * 2
     assert int(answers[-1].headers["retry-after"]) > 0
     assert answers[-1].headers["estkit-refusal-code"] == "rate-limited"
+
+
+def _client_from(server: EstServer, source: str) -> httpx.Client:
+    transport = httpx.HTTPTransport(verify=_context(server), local_address=source)
+    return httpx.Client(transport=transport, timeout=30)
+
+
+def test_a_stranger_cannot_lock_a_device_out(server: EstServer, device_id: str) -> None:
+    """Failures are counted per (device id, source): five guesses from elsewhere leave the
+    device's own enrollment with its secret alone."""
+    secret = server.cli("device", "add", device_id).stdout.strip()
+    body = base64.b64encode(csr_der(new_key(), device_id))
+    headers = {"Content-Type": "application/pkcs10"}
+    with _client_from(server, "127.0.0.21") as stranger:
+        statuses = [
+            stranger.post(
+                f"{server.url}/simpleenroll", content=body, headers=headers, auth=(device_id, "x")
+            ).status_code
+            for _ in range(FAILURES_PER_USERNAME_AND_SOURCE + 1)
+        ]
+    assert statuses[-1] == 429
+    with _client_from(server, "127.0.0.22") as device:
+        answer = device.post(
+            f"{server.url}/simpleenroll", content=body, headers=headers, auth=(device_id, secret)
+        )
+    assert answer.status_code == 200, answer.text
+
+
+def test_x_forwarded_for_does_not_name_the_source(server: EstServer) -> None:
+    """estkit terminates TLS itself: a client's own X-Forwarded-For must not let it
+    escape the per-source limit."""
+    body = base64.b64encode(csr_der(new_key(), "nobody"))
+    with _client_from(server, "127.0.0.23") as client:
+        statuses = [
+            client.post(
+                f"{server.url}/simpleenroll",
+                content=body,
+                headers={"Content-Type": "application/pkcs10", "X-Forwarded-For": f"10.0.0.{i}"},
+                auth=(f"nobody-{i}", "x"),
+            ).status_code
+            for i in range(FAILURES_PER_SOURCE + 1)
+        ]
+    assert statuses == [401] * FAILURES_PER_SOURCE + [429]
 
 
 # -- finding 7: a client gone mid-body -----------------------------------------------------
@@ -271,3 +318,4 @@ def test_a_client_gone_mid_body_leaves_at_most_one_log_line(
     new = _log_lines(server)[before:]
     assert not any("Traceback" in line or "Exception" in line for line in new), new
     assert len(new) <= len(requests), new
+    assert sum("disconnected" in line for line in new) == 1, new  # the EST request's line

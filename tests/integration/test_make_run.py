@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from estserver import free_port, run_estkit
+from estserver import free_ports, run_estkit
 from estutil import Identity
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_make_run_serves_and_its_printed_commands_enroll_a_device(tmp_path: Path) -> None:
     """Also on a second run with other ports: PORT and CRL_PORT are honoured every time."""
     data_dir = tmp_path / "var" / "estkit"
-    run_estkit("server", "init", "--data-dir", data_dir, "--port", str(free_port()))
-    port, crl_port = free_port(), free_port()
+    first, port, crl_port = free_ports(3)
+    run_estkit("server", "init", "--data-dir", data_dir, "--port", str(first))
     log = tmp_path / "make-run.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(

@@ -116,3 +116,13 @@ def test_the_server_serves_on_the_socket_it_bound_itself(tmp_path: Path) -> None
     finally:
         server.stop()
     assert not is_listening(server.port)
+
+
+def test_the_default_ports_are_taken_while_the_suite_runs() -> None:
+    """tests/conftest.py holds 8443 and 8444 for the run (or `make run` does): every test
+    here passes with them taken, so none can depend on them."""
+    for port in DEFAULT_PORTS:
+        sock = hold_port(port)
+        if sock is not None:
+            sock.close()
+        assert sock is None, f"port {port} was free during the run"

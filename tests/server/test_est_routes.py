@@ -267,7 +267,7 @@ def test_repeated_wrong_secrets_get_429_before_scrypt(authority: Authority, know
         authority.add_device(device, actor="test", now=dt.datetime.now(dt.UTC))
     counting = CountingAuthority(authority)
     body = _csr_body(device)
-    with client_for(counting, basic_limits=BasicLimits(per_username=5)) as client:
+    with client_for(counting, basic_limits=BasicLimits(per_username_and_source=5)) as client:
         answers = [
             client.post(ENROLL, content=body, headers=PKCS10, auth=(device, f"guess-{i}"))
             for i in range(8)
@@ -283,7 +283,7 @@ def test_repeated_wrong_secrets_get_429_before_scrypt(authority: Authority, know
 
 def test_one_source_is_limited_across_usernames(authority: Authority) -> None:
     counting = CountingAuthority(authority)
-    limits = BasicLimits(per_username=5, per_source=3)
+    limits = BasicLimits(per_username_and_source=5, per_source=3)
     with client_for(counting, basic_limits=limits) as client:
         statuses = [
             client.post(ENROLL, content=_csr_body(f"nobody-{i}"), headers=PKCS10,
@@ -299,7 +299,7 @@ def test_a_limited_basic_request_is_answered_after_the_refusal_delay(
 ) -> None:
     """A client that waits for its answers sends one limited request per connection per
     delay, not thousands a second (bench/README.md, the Basic flood)."""
-    limits = BasicLimits(per_username=1)
+    limits = BasicLimits(per_username_and_source=1)
     body = _csr_body("dev-slowed")
     with client_for(authority, basic_limits=limits, refusal_delay=0.3) as client:
         first = client.post(ENROLL, content=body, headers=PKCS10, auth=("dev-slowed", "x"))
@@ -382,7 +382,7 @@ def test_a_full_basic_pool_answers_503_without_scrypt(authority: Authority) -> N
         max_request_bytes=65536,
         clock=lambda: dt.datetime.now(dt.UTC),
         basic_pool=pool,
-        basic_limits=BasicLimits(per_username=100, per_source=100),
+        basic_limits=BasicLimits(per_username_and_source=100, per_username=100, per_source=100),
         refusal_delay=0.0,
     )
     app = EstApp(routes, Starlette())

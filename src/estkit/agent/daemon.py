@@ -417,12 +417,17 @@ class Agent:
         return RenewOnce(renewal=renewal, current=renewal.version, due=None)
 
 
+RETRY_AFTER_CAP = 3600.0
+
+
 def _retry_after(
     exc: RenewalError, failures: int, config: AgentConfig, rng: random.Random
 ) -> float:
     r = config.renewal
     if exc.retry_after is not None:
-        return max(1.0, exc.retry_after)
+        # The server's Retry-After, but never longer than an hour or retry_max: a wrong
+        # or hostile value must not keep a device from renewing for long.
+        return min(max(1.0, exc.retry_after), max(r.retry_max, RETRY_AFTER_CAP))
     if exc.slow:
         return r.retry_max
     return retry_delay(failures, minimum=r.retry_min, maximum=r.retry_max, rng=rng)

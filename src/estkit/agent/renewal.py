@@ -283,9 +283,11 @@ class Renewer:
         try:
             return operation(current)
         except EstHttpError as exc:
-            kind = classify_refusal(exc.code, exc.reason)
-            if isinstance(exc, EstAuthError) or kind is not Refusal.OTHER:
-                raise _Refused(exc, kind) from exc
+            # Only a refusal of the credentials (401/403) can stop the agent or send it
+            # back to its bootstrap certificate: a proxy's 502 page that happens to say
+            # "revoked" must not end a device's renewals for good.
+            if isinstance(exc, EstAuthError):
+                raise _Refused(exc, classify_refusal(exc.code, exc.reason)) from exc
             raise RenewalError(
                 str(exc), retry_after=exc.retry_after, slow=exc.status < 500
             ) from exc

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
+from dataclasses import replace as replace_issued
 from typing import Any, Generic, NoReturn, TypeVar
 
 from cryptography import x509
@@ -70,6 +71,8 @@ class Issued:
     certificate: x509.Certificate
     record: CertificateRecord
     chain: tuple[x509.Certificate, ...]  # issuing CA first, root last
+    # Valid certificates this one is to replace (``Authority.supersede`` revokes them).
+    replaces_serials: tuple[str, ...] = ()
 
 
 RevocationListener = Callable[[Sequence[str], dt.datetime], None]
@@ -162,6 +165,16 @@ class Authority(Generic[StoreT]):
         Unknown devices, wrong secrets and used ones cost one scrypt each and get the
         same refusal, so neither the answer nor its timing tells them apart.
         """
+        if not _valid_id(device_id):
+            # Not a device id: nothing to look up and no scrypt to spend; the audit keeps
+            # no attacker-chosen name (it may be kilobytes long).
+            self._refuse(
+                "secret:?",
+                "authenticate",
+                Refusal(Code.SECRET_INVALID, "enrollment secret not valid for this device"),
+                now,
+                detail="Basic username is not a device id",
+            )
         with translated():
             candidates = self.store.usable_secrets(device_id, now=now)
         match = None
@@ -264,14 +277,16 @@ class Authority(Generic[StoreT]):
         """The local factory path (``estkit device bootstrap``).
 
         A device keeps one bootstrap certificate: while it has a valid one, a new one
-        is refused unless ``replace``, which revokes the old (``superseded``) once the
-        new one is recorded, so no key that was replaced still opens the EST server.
+        is refused unless ``replace``. The replaced ones stay valid until the caller has
+        stored the new key and certificate and calls ``supersede`` with
+        ``issued.replaces_serials``: a failed write must not leave the device with a
+        revoked certificate and a lost key.
         """
-        existing = [
-            r
+        existing = tuple(
+            r.serial
             for r in self._certificates_of(device_id)
             if r.ca == "bootstrap" and r.status is CertStatus.VALID and r.not_after > now
-        ]
+        )
         if existing and not replace:
             self._refuse(
                 actor,
@@ -279,7 +294,7 @@ class Authority(Generic[StoreT]):
                 Refusal(
                     Code.CONFLICT,
                     f"device {device_id} already has a valid bootstrap certificate "
-                    f"(serial {existing[0].serial}); replacing it revokes it",
+                    f"(serial {existing[0]}); replacing it revokes it",
                 ),
                 now,
                 device_id=device_id,
@@ -287,9 +302,12 @@ class Authority(Generic[StoreT]):
         issued = self.provision(
             "bootstrap", csr_der, device_id=device_id, actor=actor, now=now, via="cli-bootstrap"
         )
-        for old in existing:
-            self.revoke(old.serial, reason="superseded", actor=actor, now=now)
-        return issued
+        return replace_issued(issued, replaces_serials=existing)
+
+    def supersede(self, serials: Sequence[str], *, actor: str, now: dt.datetime) -> None:
+        """Revoke (``superseded``) the certificates a new one replaces, once it is in place."""
+        for serial in serials:
+            self.revoke(serial, reason="superseded", actor=actor, now=now)
 
     def provision(
         self,
@@ -564,7 +582,13 @@ class Authority(Generic[StoreT]):
             self._refuse(
                 who.actor,
                 operation,
-                Refusal(Code.REVOKED, "the certificate issued for this request is revoked"),
+                # Not "revoked": that code tells a device its own credentials are gone for
+                # good; here only this request is spent, and a new one may be made.
+                Refusal(
+                    Code.CONFLICT,
+                    f"the certificate issued for request {pending.id} was revoked; "
+                    "send a new request",
+                ),
                 now,
                 device_id=who.device_id,
                 serial=pending.serial,

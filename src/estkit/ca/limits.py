@@ -18,12 +18,15 @@ from collections.abc import Callable
 
 from estkit.ca.errors import Code, Refusal
 
-# Failed Basic attempts (wrong, used or unknown secret) in a sliding window. Five per
-# device id is plenty for a device with a typo'd or used secret and nothing for
-# guessing a 128-bit secret; twenty per source leaves room for a factory station
-# provisioning many devices from one address.
+# Failed Basic attempts (wrong, used or unknown secret) in a sliding window, counted
+# three ways. Five per device id from one source is plenty for a device with a typo'd
+# or used secret and nothing for guessing a 192-bit secret; counting per (device id,
+# source) means a stranger elsewhere cannot lock a device out with five guesses.
+# Fifty per device id from anywhere caps a guess spread over many addresses, and
+# twenty per source caps one address trying many device ids.
 FAILURE_WINDOW = 300.0  # seconds
-FAILURES_PER_USERNAME = 5
+FAILURES_PER_USERNAME_AND_SOURCE = 5
+FAILURES_PER_USERNAME = 50
 FAILURES_PER_SOURCE = 20
 # Usernames and sources remembered (each): past this the oldest is forgotten, so
 # memory stays bounded (≈ 1 KB per entry) whatever an attacker sends.
@@ -90,28 +93,43 @@ def source_key(host: str | None) -> str:
 
 
 class BasicLimits:
-    """Failed Basic attempts per username and per source; used on the event loop only."""
+    """Failed Basic attempts per (username, source), per username and per source;
+    used on the event loop only."""
 
     def __init__(
         self,
         *,
+        per_username_and_source: int = FAILURES_PER_USERNAME_AND_SOURCE,
         per_username: int = FAILURES_PER_USERNAME,
         per_source: int = FAILURES_PER_SOURCE,
         window: float = FAILURE_WINDOW,
         max_entries: int = FAILURE_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.usernames = FailureLimiter(limit=per_username, window=window, max_entries=max_entries)
-        self.sources = FailureLimiter(limit=per_source, window=window, max_entries=max_entries)
+        def limiter(limit: int) -> FailureLimiter:
+            return FailureLimiter(limit=limit, window=window, max_entries=max_entries)
+
+        self.pairs = limiter(per_username_and_source)
+        self.usernames = limiter(per_username)
+        self.sources = limiter(per_source)
         self.window = window
         self._clock = clock
 
+    def _keys(
+        self, username: str, source: str | None
+    ) -> tuple[tuple[FailureLimiter, str, str], ...]:
+        user, src = _username_key(username), source_key(source)
+        return (
+            (self.pairs, f"{user} {src}", f"username {user} from {src}"),
+            (self.usernames, user, f"username {user}"),
+            (self.sources, src, f"source {src}"),
+        )
+
     def check(self, username: str, source: str | None) -> None:
-        """``Refusal(RATE_LIMITED)`` if either has failed too often lately."""
+        """``Refusal(RATE_LIMITED)`` if any of the three has failed too often lately."""
         now = self._clock()
         waits = [
-            self.usernames.retry_after(_username_key(username), now=now),
-            self.sources.retry_after(source_key(source), now=now),
+            limiter.retry_after(key, now=now) for limiter, key, _ in self._keys(username, source)
         ]
         wait = max((w for w in waits if w is not None), default=None)
         if wait is not None:
@@ -123,22 +141,20 @@ class BasicLimits:
 
     def failed(self, username: str, source: str | None) -> tuple[str, ...]:
         """Count a failure; returns what this failure put under the limit
-        (``"username dev-1"``, ``"source 192.0.2.7"``), for one audit entry each time
-        a limit engages rather than one per refused attempt."""
+        (``"username dev-1 from 192.0.2.7"``, ``"source 192.0.2.7"``), for one audit
+        entry each time a limit engages rather than one per refused attempt."""
         now = self._clock()
         engaged: list[str] = []
-        for limiter, key, kind in (
-            (self.usernames, _username_key(username), "username"),
-            (self.sources, source_key(source), "source"),
-        ):
+        for limiter, key, name in self._keys(username, source):
             limited = limiter.retry_after(key, now=now) is not None
             limiter.record(key, now=now)
             if not limited and limiter.retry_after(key, now=now) is not None:
-                engaged.append(f"{kind} {key}")
+                engaged.append(name)
         return tuple(engaged)
 
-    def succeeded(self, username: str) -> None:
-        self.usernames.forget(_username_key(username))
+    def succeeded(self, username: str, source: str | None) -> None:
+        """A device that got in: its own failures from there are forgotten."""
+        self.pairs.forget(f"{_username_key(username)} {source_key(source)}")
 
 
 def _username_key(username: str) -> str:

@@ -230,8 +230,14 @@ def results_csv(outcomes: Sequence[Outcome]) -> bytes:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(RESULT_FIELDS)
     for o in outcomes:
-        writer.writerow([o.device_id, o.status, o.serial, o.not_after, o.error])
+        writer.writerow([_cell(v) for v in (o.device_id, o.status, o.serial, o.not_after, o.error)])
     return buffer.getvalue().encode("utf-8")
+
+
+def _cell(value: str) -> str:
+    """A CSV cell a spreadsheet shows as text: device ids may start with '=', '@', '-'
+    or '+', which spreadsheets would otherwise run as a formula (CSV injection)."""
+    return f"'{value}" if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
 
 
 def write_results(path: Path, outcomes: Sequence[Outcome]) -> None:
@@ -499,8 +505,8 @@ def _batch(
     stopped: str | None = None
     try:
         for request in devices:
-            outcome, stop = _batch_one(api, request, out, args, anchors, seen)
-            seen.add(request.device_id)
+            outcome, stop = _batch_one(api, request, out, args, anchors, seen, result)
+            seen.add(request.device_id.casefold())
             outcomes.append(outcome)
             progress.update(outcome)
             if stop:
@@ -527,6 +533,7 @@ def _batch_one(
     args: argparse.Namespace,
     anchors: Sequence[x509.Certificate] | None,
     seen: set[str],
+    result: Path,
 ) -> tuple[Outcome, bool]:
     """The outcome for one row, and whether the whole batch must stop (every later
     device would fail the same way: the token or the label is wrong, or the API keeps
@@ -538,9 +545,13 @@ def _batch_one(
             check_dns_name(name)
     except ValueError as exc:
         return Outcome(request.device_id, "failed", error=f"{where}{exc}"), False
-    if request.device_id in seen:
+    # Case-insensitively: on a case-insensitive file system Dev-1 and dev-1 share a directory.
+    if request.device_id.casefold() in seen:
         return Outcome(request.device_id, "failed", error=f"{where}duplicate device id"), False
     directory = out / request.device_id
+    if directory.resolve() == result.resolve():
+        error = f"{where}its directory would be the results file {result}"
+        return Outcome(request.device_id, "failed", error=error), False
     if not args.force and (existing := existing_outcome(request, directory)) is not None:
         return existing, False
     try:

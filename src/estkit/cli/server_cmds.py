@@ -415,7 +415,6 @@ def cmd_device_bootstrap(args: argparse.Namespace) -> int:
     from estkit.pki.certs import certs_to_pem, serial_hex
     from estkit.pki.csr import build_csr
     from estkit.pki.keys import generate_key, key_to_pem
-    from estkit.store import CertStatus
 
     try:
         check_device_id(args.device_id)
@@ -423,11 +422,6 @@ def cmd_device_bootstrap(args: argparse.Namespace) -> int:
         raise _ca_error(exc) from None
     authority = _authority(args)
     now = _now()
-    replaced = [
-        r.serial
-        for r in authority.store.certificates_of(args.device_id)
-        if r.ca == "bootstrap" and r.status is CertStatus.VALID and r.not_after > now
-    ]
     key = generate_key(args.key_type)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, args.device_id)])
     csr = build_csr(key, subject=subject)
@@ -443,10 +437,30 @@ def cmd_device_bootstrap(args: argparse.Namespace) -> int:
         hint = "; --force issues a new one and revokes it"
         raise _ca_error(exc, hint=_hint(exc, hint)) from None
     out: Path = args.out
-    write_atomic(out / "key.pem", key_to_pem(key), mode=0o600)
-    write_atomic(out / "cert.pem", certs_to_pem([issued.certificate]))
-    # chain.pem: what a TLS client sends after its certificate (the issuing CA), no root.
-    write_atomic(out / "chain.pem", certs_to_pem(issued.chain[:-1]))
+    serial = issued.record.serial
+    try:
+        write_atomic(out / "key.pem", key_to_pem(key), mode=0o600)
+        write_atomic(out / "cert.pem", certs_to_pem([issued.certificate]))
+        # chain.pem: what a TLS client sends after its certificate (the issuing CA), no root.
+        write_atomic(out / "chain.pem", certs_to_pem(issued.chain[:-1]))
+    except OSError as exc:
+        # The new key is lost: its certificate must not stay valid, and the one it was
+        # to replace stays in service.
+        authority.revoke(serial, reason="cessationOfOperation", actor=_operator(), now=now)
+        raise CliError(
+            f"cannot write {out}: {exc.strerror or exc}; the new certificate {serial} was "
+            "revoked, the old one is unchanged"
+        ) from None
+    try:
+        authority.supersede(issued.replaces_serials, actor=_operator(), now=now)
+    except CaError as exc:
+        left = ", ".join(issued.replaces_serials)
+        raise _ca_error(
+            exc,
+            hint=f"; the new certificate {serial} is in {out}, but {left} is still valid: "
+            f"run `estkit cert revoke SERIAL --reason superseded` for it",
+        ) from None
+    replaced = issued.replaces_serials
     print(
         f"bootstrap certificate for {args.device_id}: serial "
         f"{serial_hex(issued.certificate.serial_number)}, valid until "

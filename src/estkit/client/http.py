@@ -190,7 +190,13 @@ class HttpCore:
             self._admit(url)
             try:
                 answer = self._attempt(
-                    http, method, url, content, headers, timeout=min(self.policy.timeout, remaining)
+                    http,
+                    method,
+                    url,
+                    content,
+                    headers,
+                    timeout=min(self.policy.timeout, remaining),
+                    deadline=deadline,
                 )
             except httpx.TransportError as exc:
                 detail = connection_detail(exc)
@@ -207,7 +213,9 @@ class HttpCore:
             except BaseException:
                 self.breaker.release()
                 raise
-            if answer.status in retry.TRANSIENT_STATUSES:
+            # A 429 comes from a server that is up and asks for patience (its Retry-After
+            # is honoured below): it does not count towards opening the breaker.
+            if answer.status in retry.TRANSIENT_STATUSES and answer.status != 429:
                 self.breaker.record_failure(f"HTTP {answer.status}")
             else:
                 self.breaker.record_success()
@@ -252,6 +260,7 @@ class HttpCore:
         headers: Mapping[str, str] | None,
         *,
         timeout: float,
+        deadline: float,
     ) -> Response:
         request = http.build_request(
             method, url, content=content, headers=headers, timeout=httpx.Timeout(timeout)
@@ -260,6 +269,10 @@ class HttpCore:
         try:
             body = bytearray()
             for chunk in response.iter_bytes():
+                # httpx's timeout bounds each read, not the whole body: a peer that sends a
+                # byte now and then would otherwise hold the operation far past its deadline.
+                if body and self._clock() >= deadline:
+                    raise httpx.ReadTimeout("answer not complete by the deadline", request=request)
                 body += chunk
                 if len(body) > self._max_body:
                     raise BodyFailure(

@@ -19,20 +19,26 @@ def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) 
     return rng.uniform(0.0, min(cap, base * 2.0 ** min(attempt, 32)))
 
 
+# A Retry-After longer than this is taken as this: a server's typo or a hostile peer
+# must not park a device for years.
+MAX_RETRY_AFTER = 86400.0
+
+
 def parse_retry_after(value: str | None, *, now: dt.datetime) -> float | None:
-    """Seconds to wait from a Retry-After value (delta-seconds or HTTP-date), None if unusable."""
+    """Seconds to wait from a Retry-After value (delta-seconds or HTTP-date), at most
+    ``MAX_RETRY_AFTER``; None if unusable."""
     if value is None:
         return None
     text = value.strip()
-    if text.isdigit():
-        return float(int(text))
+    if text.isascii() and text.isdigit():
+        return min(MAX_RETRY_AFTER, float(int(text[:12])))
     try:
         when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:  # "-0000" in the date: RFC 5322 says UTC
         when = when.replace(tzinfo=dt.UTC)
-    return max(0.0, (when - now).total_seconds())
+    return min(MAX_RETRY_AFTER, max(0.0, (when - now).total_seconds()))
 
 
 def tls_failure(exc: BaseException) -> ssl.SSLError | None:

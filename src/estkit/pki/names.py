@@ -11,6 +11,7 @@ insignificant whitespace, RFC 4518).
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -134,12 +135,20 @@ def check_dns_name(name: str, *, wildcard: bool = False) -> None:
 
 
 def _check_a_label(label: str, shown: str) -> None:
-    """'??--' labels are reserved (RFC 5890 2.3.1); only IDNA A-labels ('xn--') may use them."""
+    """'??--' labels are reserved (RFC 5890 2.3.1); only IDNA A-labels ('xn--') may use
+    them, and only those that decode to a U-label which encodes back to the same A-label
+    (Python's IDNA codec, RFC 3490 with Nameprep): that refuses control and zero-width
+    characters, label separators such as '。', unassigned code points and labels that
+    do not round-trip."""
     if label[:4].lower() != "xn--":
         raise ValueError(f"DNS name {shown}: label {label!r} uses the reserved '--' form")
     try:
         decoded = label[4:].encode("ascii").decode("punycode")
+        again = decoded.encode("idna").decode("ascii") if not decoded.isascii() else ""
     except UnicodeError:
-        raise ValueError(f"DNS name {shown}: label {label!r} is not a valid A-label") from None
-    if not decoded or decoded.isascii():
-        raise ValueError(f"DNS name {shown}: label {label!r} is not a valid A-label")
+        again, decoded = "", ""
+    # IDNA2008 (RFC 5892) leaves letters, marks and digits valid; symbols (emoji),
+    # punctuation and the rest are disallowed.
+    disallowed = any(c != "-" and unicodedata.category(c)[0] not in "LMN" for c in decoded)
+    if again.lower() != label.lower() or disallowed:
+        raise ValueError(f"DNS name {shown}: label {label!r} is not a valid IDNA A-label")

@@ -41,7 +41,12 @@ from estkit.server.crl_http import (
 )
 from estkit.server.errors import HANDLERS, text_response
 from estkit.server.est import EstApp, EstRoutes
-from estkit.server.limits import MAX_CONNECTIONS_PER_ADDRESS, AddressSlots
+from estkit.server.limits import (
+    MAX_CONNECTIONS_PER_ADDRESS,
+    AddressSlots,
+    BasicCheckPool,
+    basic_threads,
+)
 from estkit.server.oidc import OidcVerifier, parse_oidc_config
 from estkit.server.tls import (
     client_ca_path,
@@ -81,11 +86,13 @@ def create_app(config: ServerConfig) -> EstApp:
 def _build(config: ServerConfig) -> tuple[EstApp, Authority[SqlStore]]:
     store = open_store(config)
     authority = build_authority(config, store)
+    threads = basic_threads(config.workers)
     est = EstRoutes(
         authority,
         default_label=config.default_label,
         max_request_bytes=config.max_request_bytes,
         clock=utcnow,
+        basic_pool=BasicCheckPool(threads=threads, queue=4 * threads),
     )
     app = FastAPI(
         title="estkit",
@@ -245,6 +252,11 @@ def serve(
         # uvloop measured no clear gain per enrollment (bench/README.md).
         loop="asyncio",
         server_header=False,
+        # estkit terminates TLS itself, so a proxy in front passes raw TCP and every
+        # client would arrive from its address: X-Forwarded-For would then let any
+        # client name its own source (and so escape the per-source limits).
+        proxy_headers=False,
+        forwarded_allow_ips="",
         log_level="info",
         log_config=uvicorn_log_config(),
         access_log=config.access_log,

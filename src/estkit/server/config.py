@@ -227,6 +227,8 @@ def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
     if workers < 1:
         raise ConfigError("server.workers: must be at least 1")
     max_bytes = _get(server, "max_request_bytes", int, "server.max_request_bytes", 65536)
+    if not 4096 <= max_bytes <= 16 * 1024 * 1024:
+        raise ConfigError("server.max_request_bytes: 4096-16777216 (a CSR is a few KB)")
     tls = _section(data, "tls")
     db = _section(data, "database")
     db_url = _get(db, "url", str, "database.url", "sqlite:///estkit.db")
@@ -265,6 +267,8 @@ def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
     crl_port = _get(crl, "http_port", int, "crl.http_port", 0)
     if not 0 <= crl_port < 65536:
         raise ConfigError("crl.http_port: must be 0-65535")
+    if crl_port == port:
+        raise ConfigError(f"crl.http_port: {crl_port} is server.port too; give it another")
     crl_url = _get(crl, "url", str, "crl.url", "")
     if crl_url and not crl_url.startswith(("http://", "https://")):
         raise ConfigError(
@@ -336,6 +340,10 @@ def _label(
     ca = _get(table, "ca", str, f"{f}.ca")
     if ca not in cas:
         raise ConfigError(f"{f}.ca: unknown CA {ca!r}")
+    if ca in ("root", "bootstrap"):
+        # The root signs only CAs; the bootstrap CA's certificates are for the factory,
+        # and a label issuing from it would take bootstrap certificates for operational ones.
+        raise ConfigError(f"{f}.ca: an EST label issues from an issuing CA, not {ca!r}")
     profile = _get(table, "profile", str, f"{f}.profile")
     if profile not in profiles:
         raise ConfigError(f"{f}.profile: unknown profile {profile!r}")

@@ -244,7 +244,7 @@ class EstRoutes:
             elif refusal.code in _SLOWED and self._refusal_delay > 0:
                 await asyncio.sleep(self._refusal_delay)
             raise
-        self._basic_limits.succeeded(username)
+        self._basic_limits.succeeded(username, source)
         return issued
 
     def _decide(

@@ -56,9 +56,17 @@ def _cores() -> int:
 
 # -- HTTP Basic ---------------------------------------------------------------------------
 
-# scrypt threads per worker: half the cores, so that a Basic flood leaves the other
-# half to the event loop (TLS handshakes, mTLS enrollment). 16 MiB each at most.
+# scrypt threads of the whole server: half the cores, so that a Basic flood leaves the
+# other half to the event loops (TLS handshakes, mTLS enrollment). 16 MiB each at most.
+# Each of W workers gets its share (``basic_threads``), at least one.
 BASIC_THREADS = max(1, _cores() // 2)
+
+
+def basic_threads(workers: int) -> int:
+    """One worker's share of ``BASIC_THREADS`` (at least 1)."""
+    return max(1, BASIC_THREADS // max(1, workers))
+
+
 # A Basic request refused as rate-limited or busy is answered after this many seconds:
 # a client that waits for its answer (one request at a time per connection, and
 # at most MAX_CONNECTIONS_PER_ADDRESS connections) sends one such request per
