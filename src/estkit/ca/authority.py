@@ -162,11 +162,11 @@ class Authority(Generic[StoreT]):
     def authenticate_secret(self, device_id: str, secret: str, *, now: dt.datetime) -> Principal:
         """Accept a device's one-time enrollment secret (HTTP Basic); constant-time.
 
-        Unknown devices, wrong secrets and used ones cost one scrypt each and get the
+        Unknown devices, wrong secrets and used ones cost one digest check each and get the
         same refusal, so neither the answer nor its timing tells them apart.
         """
         if not _valid_id(device_id):
-            # Not a device id: nothing to look up and no scrypt to spend; the audit keeps
+            # Not a device id: nothing to look up and no check to spend; the audit keeps
             # no attacker-chosen name (it may be kilobytes long).
             self._refuse(
                 "secret:?",

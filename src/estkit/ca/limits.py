@@ -2,7 +2,7 @@
 
 Pure like the rest of the policy: the clock is injected, nothing is stored
 (the counts live in the memory of one server process, bounded). The server
-asks ``check`` before it spends a secret check (scrypt) and reports each
+asks ``check`` before it spends a secret check and reports each
 outcome; a limited attempt is refused with ``rate-limited`` and a
 ``Retry-After`` whether or not its username exists, so the answer and its
 timing tell nothing about which device ids exist.

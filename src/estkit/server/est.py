@@ -187,7 +187,7 @@ class EstRoutes:
             raise Refusal(
                 Code.CERTIFICATE_REQUIRED, "re-enroll needs the client certificate being renewed"
             )
-        # Everything cheap is checked before a Basic secret costs an scrypt.
+        # Everything cheap is checked before a Basic secret is looked up and checked.
         if wire.media_type(request.headers.get("content-type")) != wire.PKCS10:
             raise RequestError(415, "expected Content-Type application/pkcs10")
         body = await self._read_body(request)
@@ -218,7 +218,7 @@ class EstRoutes:
         basic: tuple[str, str],
         now: dt.datetime,
     ) -> Issued:
-        """A secret's scrypt check (~50 ms, 16 MiB) and the enrollment, on the Basic pool;
+        """A secret's check and the enrollment, on the Basic pool (bounded);
         refused before it when the username or the source failed too often lately, or
         when the pool is full (``server/limits.py``)."""
         username = basic[0]

@@ -2,14 +2,15 @@
 
 Two kinds live here, both per worker process:
 
-- ``BasicCheckPool``: HTTP Basic enrollment decisions (an scrypt check of ~50 ms
-  and 16 MiB each) run on a few threads of their own, never on the shared
-  thread pool; when those threads and a short queue are full the answer is
-  ``Refusal(UNAVAILABLE)`` (503 + Retry-After) without running scrypt.
+- ``BasicCheckPool``: HTTP Basic enrollment decisions (a digest check, a store
+  lookup and the enrollment; an scrypt check of ~50 ms and 16 MiB for secrets
+  stored by earlier versions) run on a few threads of their own, never on the
+  shared thread pool; when those threads and a short queue are full the answer
+  is ``Refusal(UNAVAILABLE)`` (503 + Retry-After) without checking anything.
 - ``BasicLimits`` (from ``ca/limits.py``, where the policy lives): failed Basic
   attempts per username and per source address in a sliding window; over the
   limit the answer is ``Refusal(RATE_LIMITED)`` (429 + Retry-After), decided
-  before scrypt and before the store is asked, so an unknown user and a wrong
+  before the secret is checked and before the store is asked, so an unknown user and a wrong
   secret are refused alike and equally fast.
 
 The connection-level limits (header count and size, read timeouts, connections
