@@ -11,7 +11,7 @@ PORT      ?=
 CRL_PORT  ?=
 PORT_ARGS := $(if $(PORT),--port $(PORT)) $(if $(CRL_PORT),--crl-port $(CRL_PORT))
 # Debian packages the tests use as independent peers and tools.
-TEST_DEBS := strongswan-pki libstrongswan-standard-plugins libstrongswan-extra-plugins curl openssl mosquitto
+TEST_DEBS := strongswan-pki libstrongswan-standard-plugins libstrongswan-extra-plugins curl openssl mosquitto default-jdk-headless libbcprov-java libbcpkix-java libbcutil-java
 
 .PHONY: run test lint typecheck deps-test demo bench clean
 

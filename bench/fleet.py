@@ -58,6 +58,15 @@ def init_server(data_dir: Path, *, port: int, crl_port: int) -> None:
     )
 
 
+def enable_serverkeygen(data_dir: Path, label: str = "devices") -> None:
+    """``serverkeygen = true`` on ``[labels.<label>]`` (its key type: the default, P-256)."""
+    path = data_dir / "estkit.toml"
+    text = path.read_text()
+    head = f"[labels.{label}]\n"
+    start = text.index(head) + len(head)
+    path.write_text(text[:start] + "serverkeygen = true\n" + text[start:])
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (the benchmark never listens elsewhere)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

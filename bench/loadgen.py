@@ -39,10 +39,11 @@ PATHS = {
     "cacerts": "/.well-known/est/cacerts",
     "simpleenroll": "/.well-known/est/simpleenroll",
     "simplereenroll": "/.well-known/est/simplereenroll",
+    "serverkeygen": "/.well-known/est/serverkeygen",
     "health": "/health/certificate",
 }
 # Operations that send a CSR; all but ``cacerts`` present a client certificate.
-WITH_CSR = frozenset({"simpleenroll", "simplereenroll"})
+WITH_CSR = frozenset({"simpleenroll", "simplereenroll", "serverkeygen"})
 READY_TIMEOUT = 120.0
 
 

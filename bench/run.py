@@ -1,7 +1,8 @@
 """``make bench``: start an estkit server, load it, print a table, write bench/results/<time>.json.
 
 Scenarios: ``cacerts`` (plain TLS), ``simpleenroll`` (bootstrap certificate,
-mTLS) and ``simplereenroll`` (operational certificate, mTLS) at each
+mTLS), ``simplereenroll`` (operational certificate, mTLS) and ``serverkeygen``
+(bootstrap certificate, mTLS, the server makes a P-256 key) at each
 concurrency, with each number of server workers; then the same enrollment
 run with ``--scale`` certificates already stored and the operator queries at
 that size; a soak run that watches the server's RSS across many handshakes;
@@ -32,7 +33,7 @@ from bench import fleet, loadgen
 from bench.procstat import RssSampler, Snapshot
 
 RESULTS = Path(__file__).parent / "results"
-OPERATIONS = ("cacerts", "simpleenroll", "simplereenroll")
+OPERATIONS = ("cacerts", "simpleenroll", "simplereenroll", "serverkeygen")
 MB = 1024 * 1024
 # The scale comparison's alternating slices per side (see ``measure_interleaved``).
 SCALE_ROUNDS = 6
@@ -352,7 +353,8 @@ class Bench:
 
     def plan(self, operation: str, concurrency: int, requests: int, seconds: float) -> loadgen.Plan:
         assert self.pool is not None
-        devices = self.pool.bootstrap if operation == "simpleenroll" else self.pool.operational
+        bootstrap = operation in ("simpleenroll", "serverkeygen")
+        devices = self.pool.bootstrap if bootstrap else self.pool.operational
         procs = self.args.processes or os.cpu_count() or 1
         return loadgen.Plan(
             port=self.port,
@@ -374,6 +376,7 @@ class Bench:
     def setup(self) -> None:
         t0 = time.monotonic()
         fleet.init_server(self.data_dir, port=self.port, crl_port=fleet.free_port())
+        fleet.enable_serverkeygen(self.data_dir)
         self.pool = fleet.make_pool(self.data_dir, self.work / "devices", self.args.devices)
         print(
             f"setup: server data and {self.args.devices} devices (bootstrap + operational "
@@ -390,7 +393,34 @@ class Bench:
                     for c in a.concurrency:
                         plan = self.plan(operation, c, a.requests, a.seconds)
                         self.record(measure(server, plan, scenario="empty store", store_rows=0))
+        self.serverkeygen_summary()
         print("PostgreSQL: not available yet", flush=True)
+
+    def serverkeygen_summary(self) -> None:
+        """Server CPU per request of serverkeygen next to simpleenroll's, per (w, c)."""
+        rows = {(r.operation, r.workers, r.concurrency): r for r in self.rows}
+        pairs = []
+        for (operation, workers, c), keygen in rows.items():
+            enroll = rows.get(("simpleenroll", workers, c))
+            if operation != "serverkeygen" or enroll is None:
+                continue
+            pairs.append(
+                {
+                    "workers": workers,
+                    "concurrency": c,
+                    "simpleenroll_server_cpu_ms": enroll.server_cpu_ms,
+                    "serverkeygen_server_cpu_ms": keygen.server_cpu_ms,
+                    "difference_ms": round(keygen.server_cpu_ms - enroll.server_cpu_ms, 3),
+                }
+            )
+            print(
+                f"serverkeygen vs simpleenroll (w={workers}, c={c}): server CPU "
+                f"{keygen.server_cpu_ms:.2f} vs {enroll.server_cpu_ms:.2f} ms per request "
+                f"({keygen.server_cpu_ms - enroll.server_cpu_ms:+.2f} ms)",
+                flush=True,
+            )
+        if pairs:
+            self.report["serverkeygen"] = pairs
 
     def soak(self) -> None:
         """RSS across many handshakes on one server: growth after warm-up (the first 10 %)."""

@@ -15,7 +15,7 @@ def test_a_small_bench_run_measures_every_scenario(tmp_path: Path) -> None:
     proc = subprocess.run(
         [
             sys.executable, "-m", "bench.run",
-            "--operations", "cacerts", "simpleenroll", "simplereenroll",
+            "--operations", "cacerts", "simpleenroll", "simplereenroll", "serverkeygen",
             "--concurrency", "2", "--workers", "1", "--devices", "4",
             "--requests", "20", "--seconds", "120",
             "--scale", "2000", "--soak", "1000", "--soak-seconds", "120",
@@ -30,12 +30,18 @@ def test_a_small_bench_run_measures_every_scenario(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
     rows = {(r["scenario"], r["operation"]): r for r in report["rows"]}
-    for operation in ("cacerts", "simpleenroll", "simplereenroll"):
+    for operation in ("cacerts", "simpleenroll", "simplereenroll", "serverkeygen"):
         row = rows[("empty store", operation)]
         assert (row["requests"], row["errors"]) == (20, 0), row
         assert row["server_cpu_ms"] > 0 and row["client_cpu_ms"] > 0
         assert 0 < row["p50_ms"] <= row["p99_ms"]
         assert 0 < row["rss_before_mb"] <= row["rss_peak_mb"]
+    (keygen,) = report["serverkeygen"]
+    assert (
+        keygen["serverkeygen_server_cpu_ms"]
+        == rows[("empty store", "serverkeygen")]["server_cpu_ms"]
+    )
+    assert "serverkeygen vs simpleenroll" in proc.stdout
     # The scale comparison: a baseline copy without the bulk rows, interleaved.
     base, scaled = rows[("scale baseline", "simpleenroll")], rows[("scale", "simpleenroll")]
     assert base["errors"] == scaled["errors"] == 0

@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from estkit.cli import client_cmds
 from estkit.cli.errors import CliError
 from estkit.client import EstClient
-from estkit.pki import certs, csrattrs, keys, names, wire
+from estkit.pki import certs, cms, csrattrs, keys, names, serverkeygen, wire
 
 PREFIX = "/.well-known/est/devices"
 
@@ -148,7 +148,11 @@ def test_enroll_completes_the_chain_from_cacerts_when_the_response_has_only_the_
     server.on(f"{PREFIX}/cacerts", pkcs7_response([ca.issuing, ca.root]))
     out = tmp_path / "out"
     cli(*_basic_enroll(anchor_file, out))
-    assert server.paths() == [f"POST {PREFIX}/simpleenroll", f"GET {PREFIX}/cacerts"]
+    assert server.paths() == [
+        f"GET {PREFIX}/csrattrs",  # asks whether to bind the CSR to the connection
+        f"POST {PREFIX}/simpleenroll",
+        f"GET {PREFIX}/cacerts",
+    ]
     assert certs.load_pem_certificates((out / "chain.pem").read_bytes()) == [ca.issuing]
 
 
@@ -190,21 +194,23 @@ def test_enroll_failures_are_one_line_and_write_nothing(
 @pytest.mark.parametrize(
     ("auth", "message"),
     [
-        ([], "authenticate with --cert/--key or --user/--password"),
+        ([], "authenticate with --cert/--key, --user/--password, or both"),
         (["--cert", "c.pem"], "--cert and --key go together"),
         (["--user", "u"], "--user needs --password"),
         (["--password", "p"], "--password needs --user"),
-        (["--cert", "c.pem", "--key", "k.pem", "--user", "u", "--password", "p"], "not both"),
+        (["--cert", "c.pem", "--key", "k.pem", "--user", "u"], "--user needs --password"),
+        (["--user", "a:b", "--password", "p"], "cannot contain ':'"),
     ],
     ids=[
         "fail/none",
         "fail/cert-without-key",
         "fail/user-without-password",
         "fail/password-only",
-        "fail/both",
+        "fail/cert-and-user-without-password",
+        "fail/colon-in-user",
     ],
 )
-def test_enroll_needs_exactly_one_way_to_authenticate(
+def test_enroll_needs_complete_credentials(
     cli: Any, server: Server, anchor_file: Path, tmp_path: Path, auth: list[str], message: str
 ) -> None:
     with pytest.raises(CliError, match=message):
@@ -253,7 +259,8 @@ def test_reenroll_keeps_subject_and_san_encoding_and_writes_new_files(
     assert keys.public_keys_match(old_key.public_key(), new_key.public_key()) is keep_key
     (new_cert,) = certs.load_pem_certificates((out / "cert.pem").read_bytes())
     assert keys.public_keys_match(new_cert.public_key(), new_key.public_key())
-    assert server.requests[0].url.path == f"{PREFIX}/simplereenroll"
+    assert server.paths()[-1] == f"POST {PREFIX}/simplereenroll"
+    assert "authorization" not in server.requests[-1].headers
 
 
 def test_reenroll_refuses_a_key_that_is_not_the_certificates(
@@ -340,3 +347,132 @@ def test_health_prints_the_certificate_the_server_saw(
     captured = capsys.readouterr()
     assert certs.load_pem_certificates(captured.out.encode()) == [seen]
     assert captured.err == f"server sees CN=dev-1 serial {certs.serial_hex(seen.serial_number)}\n"
+
+
+# -- Basic beside a certificate; serverkeygen -------------------------------------------
+
+
+def _demanding_basic(answer: Any) -> Any:
+    """``answer`` for requests with Basic dev-1:pw; 401 + challenge otherwise."""
+    expected = "Basic " + base64.b64encode(b"dev-1:pw").decode()
+
+    def gate(request: httpx.Request) -> httpx.Response:
+        if request.headers.get("authorization") != expected:
+            return text_response(401, "", **{"WWW-Authenticate": 'Basic realm="est"'})
+        result: httpx.Response = answer(request)
+        return result
+
+    return gate
+
+
+def test_reenroll_answers_a_basic_challenge_with_user_and_password(
+    cli: Any, server: Server, ca: Pki, anchor_file: Path, tmp_path: Path
+) -> None:
+    cert_path, key_path = _bootstrap_files(tmp_path, ca, x509.Name([]))
+    server.on(f"{PREFIX}/simplereenroll", _demanding_basic(_issuer(ca, extra=(ca.issuing,))))
+    out = tmp_path / "new"
+    argv = _argv(
+        "reenroll", anchor_file, "--cert", cert_path, "--key", key_path,
+        "--user", "dev-1", "--password", "pw", "--out", out,
+    )  # fmt: skip
+    assert cli(*argv) == 0
+    posts = [r for r in server.requests if r.method == "POST"]
+    assert [r.headers.get("authorization") is not None for r in posts] == [False, True]
+    assert (out / "cert.pem").exists()
+
+
+def test_enroll_takes_a_certificate_and_a_password_file_together(
+    cli: Any, server: Server, ca: Pki, anchor_file: Path, tmp_path: Path
+) -> None:
+    cert_path, key_path = _bootstrap_files(tmp_path, ca, x509.Name([]))
+    server.on(f"{PREFIX}/simpleenroll", _demanding_basic(_issuer(ca, extra=(ca.issuing,))))
+    (tmp_path / "pw").write_text("pw\n")
+    out = tmp_path / "op"
+    argv = _argv(
+        "enroll", anchor_file, "--device-id", "dev-1", "--cert", cert_path, "--key", key_path,
+        "--user", "dev-1", "--password-file", tmp_path / "pw", "--out", out,
+    )  # fmt: skip
+    assert cli(*argv) == 0
+    assert server.paths() == [
+        f"GET {PREFIX}/csrattrs",
+        f"POST {PREFIX}/simpleenroll",
+        f"POST {PREFIX}/simpleenroll",
+    ]
+
+
+def _serverkeygen_answer(
+    ca: Pki, *, key_first: bool = True, newline: bytes = b"\r\n", wrong_key: bool = False
+) -> Any:
+    """A serverkeygen that makes a key and certifies it (or, wrongly, another key)."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        csr = x509.load_der_x509_csr(wire.decode_base64_body(request.content))
+        key = keys.generate_key("ec-p256")
+        certified = keys.generate_key("ec-p256") if wrong_key else key
+        leaf = ca.issue(certified.public_key(), subject=csr.subject)
+        key_part = (serverkeygen.KEY_PART, serverkeygen.private_key_der(key))
+        body = serverkeygen.encode_multipart(
+            [key_part, (serverkeygen.CERT_PART, cms.encode_certs_only([leaf, ca.issuing]))][
+                :: 1 if key_first else -1
+            ]
+        )
+        return httpx.Response(
+            200,
+            content=body.replace(b"\r\n", newline),
+            headers={"Content-Type": serverkeygen.CONTENT_TYPE},
+        )
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("key_first", "newline"),
+    [(True, b"\r\n"), (False, b"\n")],
+    ids=["ok/key-first-crlf", "ok/certs-first-lf"],
+)
+def test_serverkeygen_writes_the_server_made_key_0600_with_its_certificates(
+    cli: Any,
+    server: Server,
+    ca: Pki,
+    anchor_file: Path,
+    tmp_path: Path,
+    capsys: Any,
+    key_first: bool,
+    newline: bytes,
+) -> None:
+    server.on(
+        f"{PREFIX}/serverkeygen",
+        _demanding_basic(_serverkeygen_answer(ca, key_first=key_first, newline=newline)),
+    )
+    out = tmp_path / "out"
+    argv = _argv(
+        "serverkeygen", anchor_file, "--device-id", "dev-1", "--user", "dev-1",
+        "--password", "pw", "--out", out,
+    )  # fmt: skip
+    assert cli(*argv) == 0
+    assert _mode(out / "key.pem") == 0o600
+    key = keys.load_private_key_pem((out / "key.pem").read_bytes())
+    assert (out / "key.pem").read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS#8
+    (cert,) = certs.load_pem_certificates((out / "cert.pem").read_bytes())
+    assert keys.public_keys_match(cert.public_key(), key.public_key())
+    assert names.common_name(cert.subject) == "dev-1"
+    assert certs.load_pem_certificates((out / "chain.pem").read_bytes()) == [ca.issuing]
+    (post,) = [r for r in server.requests if r.method == "POST"]
+    sent = x509.load_der_x509_csr(wire.decode_base64_body(post.content))
+    assert sent.is_signature_valid and names.common_name(sent.subject) == "dev-1"
+    assert not keys.public_keys_match(sent.public_key(), key.public_key())
+    assert "dev-1" in capsys.readouterr().out
+
+
+def test_serverkeygen_refuses_a_certificate_for_another_key(
+    cli: Any, server: Server, ca: Pki, anchor_file: Path, tmp_path: Path
+) -> None:
+    server.on(f"{PREFIX}/serverkeygen", _serverkeygen_answer(ca, wrong_key=True))
+    out = tmp_path / "out"
+    argv = _argv(
+        "serverkeygen", anchor_file, "--device-id", "dev-1", "--user", "dev-1",
+        "--password", "pw", "--out", out,
+    )  # fmt: skip
+    with pytest.raises(CliError, match="no certificate in the response is for the key sent"):
+        cli(*argv)
+    assert not out.exists()

@@ -401,7 +401,8 @@ def test_error_status_is_not_retried_and_carries_the_server_reason(
     assert type(caught.value) is error
     assert caught.value.status == status
     assert caught.value.reason == reason
-    assert str(caught.value).endswith(f": {reason}")
+    hint = " (the server asks for HTTP Basic: a user name and password)" if status == 401 else ""
+    assert str(caught.value).endswith(f": {reason}{hint}")
     assert f"POST {BASE_URL}/simpleenroll: HTTP {status}" in str(caught.value)
     assert len(server.requests) == 1
     assert clock.sleeps == []
@@ -746,10 +747,10 @@ class _ContextSpy:
             self.events.append("unverified-tls")
             return real_bootstrap()
 
-        def verified(anchors: Any, client_cert: Any = None) -> ssl.SSLContext:
+        def verified(anchors: Any, client_cert: Any = None, **options: Any) -> ssl.SSLContext:
             self.events.append("verified-tls")
             self.anchors.append(tuple(anchors))
-            return real_verified(anchors, client_cert)
+            return real_verified(anchors, client_cert, **options)
 
         monkeypatch.setattr(est_module.tls, "bootstrap_context", bootstrap)
         monkeypatch.setattr(est_module.tls, "verified_context", verified)

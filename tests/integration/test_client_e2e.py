@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import stat
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
 from estkit.pki.certs import fingerprint
-from estserver import EstServer, run_estkit
+from estserver import EstServer, make_server, run_estkit
 from estutil import Identity, assert_openssl_verifies
 
 
@@ -213,3 +214,44 @@ def test_unreachable_server_fails_with_one_line(tmp_path: Path, est_server: EstS
     )
     assert proc.returncode != 0
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def bound_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
+    """A server whose ``bound`` label requires channel binding and offers serverkeygen."""
+    server = make_server(tmp_path_factory.mktemp("client-bound"))
+    with (server.data_dir / "estkit.toml").open("a") as config:
+        config.write(
+            '\n[labels.bound]\nca = "devices"\nprofile = "operational"\n'
+            "require_channel_binding = true\nserverkeygen = true\n"
+        )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_enroll_reenroll_and_serverkeygen_bind_their_csrs_where_the_label_requires_it(
+    bound_server: EstServer, tmp_path: Path
+) -> None:
+    device_id = "dev-bound-1"
+    bound_server.cli("device", "bootstrap", device_id, "--out", tmp_path / "bootstrap")
+    url = f"{bound_server.url}/bound"
+    anchor = ("--trust-anchor", bound_server.root_pem)
+    bootstrap = ("--cert", tmp_path / "bootstrap" / "cert.pem")
+    bootstrap += ("--key", tmp_path / "bootstrap" / "key.pem")
+    op, keygen = tmp_path / "op", tmp_path / "keygen"
+    run_estkit("enroll", "--url", url, *anchor, "--device-id", device_id, *bootstrap, "--out", op)
+    run_estkit(
+        "reenroll", "--url", url, *anchor, "--cert", op / "cert.pem", "--key", op / "key.pem",
+        "--out", op,
+    )  # fmt: skip
+    run_estkit(
+        "serverkeygen", "--url", url, *anchor, "--device-id", device_id, *bootstrap,
+        "--out", keygen,
+    )  # fmt: skip
+    assert stat.S_IMODE((keygen / "key.pem").stat().st_mode) == 0o600
+    issued = Identity.load(keygen)
+    assert issued.cert.subject.rfc4514_string() == f"CN={device_id}"
+    assert_openssl_verifies(bound_server.root_pem, keygen)

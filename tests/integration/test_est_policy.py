@@ -38,7 +38,7 @@ def test_bootstrap_cert_enrolls_operational_cert_with_profile_extensions(
     cert = issued_cert(response)
     assert response.headers["content-type"].startswith("application/pkcs7-mime")
     assert response.headers["content-transfer-encoding"] == "base64"
-    assert b"\n" not in response.content
+    assert max(map(len, response.content.splitlines())) == 64  # not pki: wrapped (quirks.py)
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == device_id
     assert cert.public_key() == key.public_key()
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value

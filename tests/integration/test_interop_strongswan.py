@@ -3,9 +3,13 @@
 What the peer does (FIELD-NOTES "EST peers"): it appends
 ``/.well-known/est/<op>`` to ``--url`` and has no label option, so it reaches
 only the default label; it sends one-line base64 and Basic credentials up
-front; ``--cert/--key`` always means ``/simplereenroll``; it cannot decode
-wrapped base64 responses. It prints TPM plugin noise on stderr, and on a
-refusal ``EST request failed: HTTP <status>``, which the tests read.
+front; ``--cert/--key`` always means ``/simplereenroll`` (so it cannot enroll
+with a bootstrap certificate: estkit's 403 is right); it cannot decode wrapped
+base64 responses, so estkit recognises its requests and answers them in one
+line while every other client gets 64-column lines (``server/quirks.py``;
+``test_est_wire.py`` and ``test_interop_curl.py`` decode the same default server's
+bodies with ``openssl base64 -d``). It prints TPM plugin noise on stderr, and on
+a refusal ``EST request failed: HTTP <status>``, which the tests read.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import (
 from estkit.pki.certs import serial_hex
 from estkit.server.config import load_config
 from estkit.store import SqlStore
+from estserver import set_config
 from estutil import openssl_verify
 
 PKI = "/usr/bin/pki"
@@ -335,3 +340,33 @@ def test_pki_reenroll_is_refused_without_a_live_operational_certificate(
     assert out.refused_with == 403
     assert out.stdout == b""
     assert issued_serials(est_server, device_id) == before
+
+
+# -- base64_line_length set in the config overrides the per-client choice ---------------
+
+
+@pytest.mark.parametrize(
+    ("line_length", "pki_reads_it", "openssl_reads_it"),
+    [("64", False, True), ("0", True, False)],
+    ids=["override/64-for-everyone", "override/one-line-for-everyone"],
+)
+def test_a_configured_line_length_applies_to_every_client(
+    fresh_server, tmp_path, line_length, pki_reads_it, openssl_reads_it
+):
+    set_config(fresh_server.data_dir, "labels.devices", "base64_line_length", line_length)
+    fresh_server.start()
+    root = fresh_server.root_pem
+
+    by_pki = pki("--estca", "--url", fresh_server.origin, "--cacert", root, "--outform", "pem")
+    fetched = subprocess.run(
+        ["curl", "-sS", "--max-time", "30", "--cacert", root, f"{fresh_server.url}/cacerts"],
+        capture_output=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    by_openssl = subprocess.run(
+        ["openssl", "base64", "-d"], input=fetched, capture_output=True, timeout=30, check=False
+    ).stdout
+
+    assert (by_pki.returncode == 0) is pki_reads_it, by_pki.stderr
+    if not pki_reads_it:
+        assert "unknown format" in by_pki.stderr
+    assert bool(by_openssl) is openssl_reads_it

@@ -14,7 +14,7 @@ import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from dataclasses import replace as replace_issued
 from typing import Any, Generic, NoReturn, TypeVar
 
@@ -26,10 +26,13 @@ from estkit.ca.errors import Code, Refusal
 from estkit.ca.policy import SAN_TYPES, Grant, Label, Principal, check_device_id
 from estkit.ca.ports import AuthorityStore, translated, translated_future
 from estkit.pki.certs import serial_hex
-from estkit.pki.keys import PrivateKey
+from estkit.pki.csr import CertificationRequest
+from estkit.pki.errors import DecodeError
+from estkit.pki.keys import PrivateKey, generate_key
 from estkit.pki.names import common_name
 from estkit.pki.profiles import Profile, issue_leaf
 from estkit.pki.revocation import REASONS
+from estkit.pki.serverkeygen import decrypt_key_identifier
 from estkit.store import (
     AuditEvent,
     CertificateRecord,
@@ -47,6 +50,7 @@ __all__ = [
     "IssuingCa",
     "Label",
     "Principal",
+    "ServerGenerated",
     "check_device_id",
 ]
 
@@ -75,6 +79,17 @@ class Issued:
     replaces_serials: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class ServerGenerated:
+    """Server-side key generation's result: the key is handed to the caller, never kept."""
+
+    issued: Issued
+    key: PrivateKey = field(repr=False)
+    # The device's certificate whose key the private key is to be encrypted to (RFC 7030
+    # 4.4.1.2), or None: returned unencrypted, inside TLS.
+    encrypt_to: x509.Certificate | None = None
+
+
 RevocationListener = Callable[[Sequence[str], dt.datetime], None]
 """Told which CAs revoked something (after the commit), e.g. to republish their CRLs."""
 
@@ -96,6 +111,11 @@ class Authority(Generic[StoreT]):
         for label in labels.values():
             if label.ca not in cas:
                 raise ValueError(f"label {label.name!r} names unknown CA {label.ca!r}")
+            if label.serverkeygen and label.approval:
+                raise ValueError(
+                    f"label {label.name!r}: serverkeygen with approval would keep a generated "
+                    "key until an operator decides"
+                )
         if "bootstrap" not in cas or "root" not in cas:
             raise ValueError("the CAs 'root' and 'bootstrap' must be configured")
         self.cas = dict(cas)
@@ -220,28 +240,118 @@ class Authority(Generic[StoreT]):
 
     # -- enrollment --------------------------------------------------------------
 
-    def enroll(self, label: Label, csr_der: bytes, who: Principal, *, now: dt.datetime) -> Issued:
-        """RFC 7030 simpleenroll (``policy.decide_enroll``)."""
+    def enroll(
+        self,
+        label: Label,
+        csr_der: bytes,
+        who: Principal,
+        *,
+        now: dt.datetime,
+        channel_binding: bytes | None = None,
+    ) -> Issued:
+        """RFC 7030 simpleenroll (``policy.decide_enroll``). ``channel_binding``: the TLS
+        connection's binding, checked on labels that require it (RFC 7030 3.5)."""
         grant = self._decided(
             who.actor,
             "enroll",
             now,
-            lambda: policy.decide_enroll(label, policy.parse_request(csr_der), who),
+            lambda: policy.decide_enroll(
+                label, _bound_request(label, csr_der, channel_binding), who
+            ),
             device_id=who.device_id,
         )
         return self._gate_and_issue(label, grant, who, csr_der, "simpleenroll", now)
 
-    def reenroll(self, label: Label, csr_der: bytes, who: Principal, *, now: dt.datetime) -> Issued:
+    def reenroll(
+        self,
+        label: Label,
+        csr_der: bytes,
+        who: Principal,
+        *,
+        now: dt.datetime,
+        channel_binding: bytes | None = None,
+    ) -> Issued:
         """RFC 7030 simplereenroll (``policy.decide_reenroll``)."""
         grant = self._decided(
             who.actor,
             "reenroll",
             now,
-            lambda: policy.decide_reenroll(label, policy.parse_request(csr_der), who),
+            lambda: policy.decide_reenroll(
+                label, _bound_request(label, csr_der, channel_binding), who
+            ),
             device_id=who.device_id,
             serial=who.cert_serial,
         )
         return self._gate_and_issue(label, grant, who, csr_der, "simplereenroll", now)
+
+    def serverkeygen(
+        self,
+        label: Label,
+        csr_der: bytes,
+        who: Principal,
+        *,
+        now: dt.datetime,
+        channel_binding: bytes | None = None,
+    ) -> ServerGenerated:
+        """RFC 7030 serverkeygen (``policy.decide_serverkeygen``): the label's key type is
+        generated here once the request is granted, certified, recorded and audited
+        (``est-serverkeygen``) like any issuance, and handed back, not stored.
+
+        A CSR with an ``AsymmetricDecryptKeyIdentifier`` gets the key encrypted to the
+        device's valid certificate whose SubjectKeyIdentifier it names (RSA keys only);
+        any other identifier is refused (``bad-request``).
+        """
+        request = self._decided(
+            who.actor,
+            "serverkeygen",
+            now,
+            lambda: _bound_request(label, csr_der, channel_binding),
+            device_id=who.device_id,
+        )
+        grant = self._decided(
+            who.actor,
+            "serverkeygen",
+            now,
+            lambda: policy.decide_serverkeygen(label, request, who),
+            device_id=who.device_id,
+        )
+        recipient = self._key_recipient(request, who, now)
+        key = generate_key(label.serverkeygen_key_type)
+        issued = self._issue(
+            label=label,
+            grant=replace_issued(grant, public_key=key.public_key()),
+            who=who,
+            via="est-serverkeygen",
+            est_label=label.name,
+            now=now,
+        )
+        return ServerGenerated(issued=issued, key=key, encrypt_to=recipient)
+
+    def _key_recipient(
+        self, request: CertificationRequest, who: Principal, now: dt.datetime
+    ) -> x509.Certificate | None:
+        def identifier() -> bytes | None:
+            try:
+                return decrypt_key_identifier(request.csr)
+            except DecodeError as exc:
+                raise Refusal(Code.BAD_CSR, str(exc)) from None
+
+        wanted = self._decided(who.actor, "serverkeygen", now, identifier, device_id=who.device_id)
+        if wanted is None:
+            return None
+        candidates = [who.cert] if who.cert is not None else []
+        candidates += [
+            x509.load_der_x509_certificate(r.der)
+            for r in self._certificates_of(who.device_id)
+            if r.status is CertStatus.VALID and r.not_before <= now <= r.not_after
+        ]
+        return self._decided(
+            who.actor,
+            "serverkeygen",
+            now,
+            lambda: policy.key_recipient(wanted, candidates),
+            device_id=who.device_id,
+        )
 
     def _gate_and_issue(
         self,
@@ -611,7 +721,7 @@ class Authority(Generic[StoreT]):
         crl_url = self.crl_urls.get(ca.name)
         cert = issue_leaf(
             profile=label.profile,
-            public_key=grant.request.csr.public_key(),
+            public_key=grant.public_key or grant.request.csr.public_key(),
             subject=grant.subject,
             sans=grant.sans,
             issuer=ca.cert,
@@ -711,6 +821,15 @@ class Authority(Generic[StoreT]):
                     detail=f"{refusal.code.value}: {detail or refusal.reason}",
                 )
             )
+
+
+def _bound_request(
+    label: Label, csr_der: bytes, channel_binding: bytes | None
+) -> CertificationRequest:
+    """The CSR, checked (``policy.parse_request``), and its channel binding where required."""
+    request = policy.parse_request(csr_der)
+    policy.check_channel_binding(label, request, channel_binding)
+    return request
 
 
 def policy_device(cert: x509.Certificate) -> str | None:

@@ -41,6 +41,8 @@ class Code(StrEnum):
     NAME_MISMATCH = "name-mismatch"  # CSR CN is not the authenticated device id
     SUBJECT_CHANGED = "subject-changed"  # renewal CSR's Subject or SAN differs
     SAN_NOT_PERMITTED = "san-not-permitted"  # SAN type, name or count outside policy
+    # The CSR's challengePassword is not this TLS connection's channel binding (RFC 7030 3.5).
+    CHANNEL_BINDING_MISMATCH = "channel-binding-mismatch"
     SCOPE_MISSING = "scope-missing"  # API caller lacks the scope
     APPROVAL_PENDING = "approval-pending"  # waiting for an operator (202)
     APPROVAL_DENIED = "approval-denied"

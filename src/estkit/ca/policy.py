@@ -18,11 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from estkit.ca.errors import Code, Refusal
-from estkit.pki import names
+from estkit.pki import binding, names
 from estkit.pki.csr import CertificationRequest, parse_csr
 from estkit.pki.errors import DecodeError, KeyPolicyError, PolicyError
 from estkit.pki.profiles import Profile
@@ -43,6 +45,8 @@ SUBJECT_ATTRIBUTES: dict[str, x509.ObjectIdentifier] = {
     "O": NameOID.ORGANIZATION_NAME,
     "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
 }
+# Key types the server may generate (RFC 7030 4.4); RSA-4096 takes seconds of CPU.
+SERVERKEYGEN_KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +59,17 @@ class Label:
     permitted_san_types: frozenset[str] = frozenset({"dns", "uri"})
     max_sans: int = DEFAULT_MAX_SANS
     dns_wildcards: bool = False
-    base64_line_length: int = 0
+    base64_line_length: int | None = None  # None: per client (server/quirks.py)
     csrattrs: tuple[x509.ObjectIdentifier, ...] = ()
     # Manual approval: requests wait (202 + Retry-After) until an operator decides.
     approval: bool = False
     retry_after: int = 60
+    # Server-side key generation (RFC 7030 4.4), of this key type; never with approval
+    # (a generated key would have to be kept until an operator decides).
+    serverkeygen: bool = False
+    serverkeygen_key_type: str = "ec-p256"
+    # RFC 7030 3.5: the CSR's challengePassword must carry the TLS channel binding.
+    require_channel_binding: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +92,8 @@ class Grant:
     subject: x509.Name
     sans: x509.SubjectAlternativeName | None
     replaces: str | None = None  # the serial this certificate renews
+    # The key to certify when it is not the CSR's (server-side key generation).
+    public_key: CertificatePublicKeyTypes | None = None
 
 
 # -- the request ------------------------------------------------------------------------
@@ -95,6 +107,32 @@ def parse_request(csr_der: bytes) -> CertificationRequest:
         raise Refusal(Code.KEY_NOT_PERMITTED, str(exc)) from None
     except (DecodeError, PolicyError) as exc:
         raise Refusal(Code.BAD_CSR, str(exc)) from None
+
+
+def check_channel_binding(
+    label: Label, request: CertificationRequest, channel_binding: bytes | None
+) -> None:
+    """RFC 7030 3.5 on labels that require it: the CSR's challengePassword is base64 of the
+    binding of the TLS connection it came over (``channel_binding``; None: that connection
+    has none, e.g. not TLS 1.2 or 1.3). A CSR made on another connection is refused."""
+    if not label.require_channel_binding:
+        return
+    if channel_binding is None:
+        raise Refusal(
+            Code.CHANNEL_BINDING_MISMATCH,
+            f"label {label.name!r} needs TLS channel binding; this connection has none",
+        )
+    password = binding.challenge_password(request.csr)
+    if password is None:
+        raise Refusal(
+            Code.CHANNEL_BINDING_MISMATCH,
+            f"label {label.name!r} needs the TLS channel binding in the CSR's challengePassword",
+        )
+    if not binding.carries_binding(password, channel_binding):
+        raise Refusal(
+            Code.CHANNEL_BINDING_MISMATCH,
+            "CSR challengePassword is not this TLS connection's channel binding",
+        )
 
 
 def check_device_id(device_id: str) -> None:
@@ -284,3 +322,47 @@ def decide_provision(
         sans = x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]) or None
     check_sans(label, sans)
     return Grant(request=request, subject=build_subject(device_id, label.profile), sans=sans)
+
+
+# -- server-side key generation (RFC 7030 4.4) ------------------------------------------
+
+
+def check_serverkeygen(label: Label) -> None:
+    """Server-side key generation only on labels that enable it."""
+    if not label.serverkeygen:
+        raise Refusal(Code.NOT_FOUND, f"serverkeygen is not enabled on label {label.name!r}")
+
+
+def decide_serverkeygen(label: Label, request: CertificationRequest, who: Principal) -> Grant:
+    """RFC 7030 serverkeygen: the rule of ``decide_enroll`` for the CSR's names (its key is
+    ignored, its signature was checked). The authority generates the key after this grant
+    (a refused request costs no key) and sets it as the grant's ``public_key``."""
+    check_serverkeygen(label)
+    return decide_enroll(label, request, who)
+
+
+def key_recipient(identifier: bytes, candidates: Sequence[x509.Certificate]) -> x509.Certificate:
+    """The certificate whose key a generated key is to be encrypted to (RFC 7030 4.4.1.2):
+    the one among ``candidates`` (the device's valid certificates) whose
+    SubjectKeyIdentifier is ``identifier``, with an RSA key (CMS key transport)."""
+    for cert in candidates:
+        if _key_identifier(cert) == identifier:
+            if not isinstance(cert.public_key(), rsa.RSAPublicKey):
+                raise Refusal(
+                    Code.BAD_REQUEST,
+                    "key encryption is supported to RSA keys only "
+                    f"(the key named by AsymmetricDecryptKeyIdentifier {identifier.hex()} is not)",
+                )
+            return cert
+    raise Refusal(
+        Code.BAD_REQUEST,
+        "key encryption to an unknown key is not supported: AsymmetricDecryptKeyIdentifier "
+        f"{identifier.hex()[:64]} names no valid certificate of this device",
+    )
+
+
+def _key_identifier(cert: x509.Certificate) -> bytes:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest

@@ -1,4 +1,9 @@
-"""Client commands: ``cacerts``, ``enroll``, ``reenroll``, ``csrattrs``, ``health``.
+"""Client commands: ``cacerts``, ``enroll``, ``reenroll``, ``serverkeygen``, ``csrattrs``,
+``health``.
+
+A certificate and Basic credentials may be given together: mTLS, and Basic once the
+server asks for it (a 401 challenge). The CSRs of ``enroll``, ``reenroll`` and
+``serverkeygen`` carry the TLS channel binding when ``/csrattrs`` asks for it.
 
 Every failure becomes a ``CliError`` here (one line on stderr): exit status 1,
 or 75 (EX_TEMPFAIL) when the server still has the enrollment pending.
@@ -23,6 +28,8 @@ from estkit.cli.files import OutputFile, write_files_atomically
 from estkit.client import (
     BasicAuth,
     ClientCertificate,
+    Credentials,
+    CsrFactory,
     EnrollmentPending,
     EstClient,
     EstError,
@@ -66,6 +73,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     server = _server_options()
     auth = _auth_options()
     mtls = _mtls_options()
+    mtls_basic = _mtls_options(basic=True)
     output = _output_options()
 
     p = subparsers.add_parser(
@@ -90,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     p = subparsers.add_parser(
         "reenroll",
-        parents=[server, mtls, output],
+        parents=[server, mtls_basic, output],
         help="renew the certificate given with --cert/--key (simplereenroll)",
     )
     p.add_argument(
@@ -100,6 +108,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--key-type", choices=keys.KEY_TYPES, help="type of the new key (default: as now)"
     )
     p.set_defaults(handler=_reenroll)
+
+    p = subparsers.add_parser(
+        "serverkeygen",
+        parents=[server, auth, output],
+        help="enroll with a key the server makes (serverkeygen), and write key and certificates",
+    )
+    p.add_argument("--device-id", required=True, help="device id: the CN of the CSR")
+    p.add_argument(
+        "--san-dns", action="append", default=[], metavar="NAME", help="DNS SAN (repeatable)"
+    )
+    p.set_defaults(handler=_serverkeygen)
 
     p = subparsers.add_parser(
         "csrattrs", parents=[server, auth], help="list the CSR attributes the server asks for"
@@ -138,22 +157,31 @@ def _server_options() -> argparse.ArgumentParser:
 
 def _auth_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("authentication (a certificate, or Basic)")
+    g = p.add_argument_group(
+        "authentication (a certificate, Basic, or both: then Basic when the server asks)"
+    )
     g.add_argument("--cert", type=Path, metavar="FILE", help="client certificate (PEM, chain ok)")
     g.add_argument("--key", type=Path, metavar="FILE", help="its private key (PEM)")
-    g.add_argument("--user", help="Basic user name")
-    secret = g.add_mutually_exclusive_group()
-    secret.add_argument("--password", help="Basic password (visible to other users: prefer a file)")
-    secret.add_argument("--password-file", type=Path, metavar="FILE", help="Basic password file")
+    _add_basic_options(g)
     return p
 
 
-def _mtls_options() -> argparse.ArgumentParser:
+def _mtls_options(*, basic: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("authentication")
+    title = "authentication (and Basic when the server asks for it)" if basic else "authentication"
+    g = p.add_argument_group(title)
     g.add_argument("--cert", type=Path, required=True, metavar="FILE", help="certificate (PEM)")
     g.add_argument("--key", type=Path, required=True, metavar="FILE", help="its private key (PEM)")
+    if basic:
+        _add_basic_options(g)
     return p
+
+
+def _add_basic_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--user", help="Basic user name")
+    secret = group.add_mutually_exclusive_group()
+    secret.add_argument("--password", help="Basic password (visible to other users: prefer a file)")
+    secret.add_argument("--password-file", type=Path, metavar="FILE", help="Basic password file")
 
 
 def _output_options() -> argparse.ArgumentParser:
@@ -203,15 +231,9 @@ def _cacerts(args: argparse.Namespace) -> int:
 @_one_line_errors
 def _enroll(args: argparse.Namespace) -> int:
     auth = _auth(args, required=True)
-    device_id: str = args.device_id
-    if not device_id.strip():
-        raise CliError("--device-id must not be empty")
+    device_id = _device_id(args)
     key = keys.generate_key(args.key_type)
-    sans = None
-    if args.san_dns:
-        sans = x509.SubjectAlternativeName([x509.DNSName(n) for n in args.san_dns])
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
-    csr = build_csr(key, subject=subject, sans=sans)
+    csr = _csr_factory(key, subject=_device_name(device_id), sans=_dns_sans(args))
     with _client(args, auth=auth) as est:
         issued = est.verify_issued(
             est.simpleenroll(csr),
@@ -237,8 +259,11 @@ def _reenroll(args: argparse.Namespace) -> int:
     else:
         key = keys.generate_key(args.key_type or keys.key_type_of(current_key.public_key()))
     # The Name and SAN objects of the certificate itself, so their encodings are kept.
-    csr = build_csr(key, subject=current.subject, sans=names.subject_alt_names(current.extensions))
-    with _client(args, auth=ClientCertificate(args.cert, args.key)) as est:
+    csr = _csr_factory(
+        key, subject=current.subject, sans=names.subject_alt_names(current.extensions)
+    )
+    auth = Credentials(certificate=ClientCertificate(args.cert, args.key), basic=_basic(args))
+    with _client(args, auth=auth) as est:
         issued = est.verify_issued(
             est.simplereenroll(csr),
             public_key=key.public_key(),
@@ -248,6 +273,26 @@ def _reenroll(args: argparse.Namespace) -> int:
         )
     _write_issued(args.out, key, issued, pfx=args.pfx)
     print(_summary("re-enrolled", issued, args.out))
+    return 0
+
+
+@_one_line_errors
+def _serverkeygen(args: argparse.Namespace) -> int:
+    auth = _auth(args, required=True)
+    device_id = _device_id(args)
+    # RFC 7030 4.4.1: the CSR must be signed, but the server ignores its key.
+    throwaway = keys.generate_key("ec-p256")
+    csr = _csr_factory(throwaway, subject=_device_name(device_id), sans=_dns_sans(args))
+    with _client(args, auth=auth) as est:
+        key, returned = est.serverkeygen(csr)
+        issued = est.verify_issued(
+            returned,
+            public_key=key.public_key(),
+            now=dt.datetime.now(dt.UTC),
+            common_name=device_id,
+        )
+    _write_issued(args.out, key, issued, pfx=args.pfx)
+    print(_summary("enrolled a server-made key for", issued, args.out))
     return 0
 
 
@@ -281,7 +326,7 @@ def _health(args: argparse.Namespace) -> int:
 # -- helpers -------------------------------------------------------------------
 
 
-def _client(args: argparse.Namespace, *, auth: ClientCertificate | BasicAuth | None) -> EstClient:
+def _client(args: argparse.Namespace, *, auth: ClientCertificate | Credentials | None) -> EstClient:
     if args.trust_anchor is not None:
         trust = TrustAnchor.from_file(args.trust_anchor)
     else:
@@ -299,23 +344,58 @@ def _client(args: argparse.Namespace, *, auth: ClientCertificate | BasicAuth | N
         raise CliError(f"--url: {exc}") from exc
 
 
-def _auth(args: argparse.Namespace, *, required: bool) -> ClientCertificate | BasicAuth | None:
+def _auth(args: argparse.Namespace, *, required: bool) -> Credentials | None:
     if (args.cert is None) != (args.key is None):
         raise CliError("--cert and --key go together")
+    certificate = ClientCertificate(args.cert, args.key) if args.cert is not None else None
+    basic = _basic(args)
+    if certificate is None and basic is None:
+        if required:
+            raise CliError("authenticate with --cert/--key, --user/--password, or both")
+        return None
+    return Credentials(certificate=certificate, basic=basic)
+
+
+def _basic(args: argparse.Namespace) -> BasicAuth | None:
     has_password = args.password is not None or args.password_file is not None
-    if args.cert is not None:
-        if args.user is not None or has_password:
-            raise CliError("use --cert/--key or --user/--password, not both")
-        return ClientCertificate(args.cert, args.key)
-    if args.user is not None:
-        if not has_password:
-            raise CliError("--user needs --password or --password-file")
+    if args.user is None:
+        if has_password:
+            raise CliError("--password needs --user")
+        return None
+    if not has_password:
+        raise CliError("--user needs --password or --password-file")
+    try:
         return BasicAuth(args.user, _password(args))
-    if has_password:
-        raise CliError("--password needs --user")
-    if required:
-        raise CliError("authenticate with --cert/--key or --user/--password")
-    return None
+    except ValueError as exc:
+        raise CliError(f"--user: {exc}") from exc
+
+
+def _device_id(args: argparse.Namespace) -> str:
+    device_id: str = args.device_id
+    if not device_id.strip():
+        raise CliError("--device-id must not be empty")
+    return device_id
+
+
+def _device_name(device_id: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
+
+
+def _dns_sans(args: argparse.Namespace) -> x509.SubjectAlternativeName | None:
+    if not args.san_dns:
+        return None
+    return x509.SubjectAlternativeName([x509.DNSName(n) for n in args.san_dns])
+
+
+def _csr_factory(
+    key: keys.PrivateKey, *, subject: x509.Name, sans: x509.SubjectAlternativeName | None
+) -> CsrFactory:
+    """The CSR for ``key``, made once the client knows whether to bind it to the connection."""
+
+    def make(challenge_password: str | None) -> x509.CertificateSigningRequest:
+        return build_csr(key, subject=subject, sans=sans, challenge_password=challenge_password)
+
+    return make
 
 
 def _password(args: argparse.Namespace) -> str:

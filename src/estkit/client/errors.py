@@ -30,6 +30,8 @@ from http import HTTPStatus
 REASON_LIMIT = 200
 # Where an estkit EST server puts the refusal code beside its one-line reason.
 CODE_HEADER = "Estkit-Refusal-Code"
+# The reason of an answer without a body (estkit's EST 401).
+REASON_HEADER = "Estkit-Refusal-Reason"
 
 
 class ClientError(Exception):
@@ -60,7 +62,8 @@ class EstCircuitOpen(EstConnectionError):
 
 class EstHttpError(EstError):
     """The server answered with an error status; ``reason`` is its one-line text/plain
-    explanation (empty when it gave none), ``code`` its refusal code (None when it sent none)."""
+    explanation (empty when it gave none), ``code`` its refusal code (None when it sent none);
+    ``hint``, the client's own note on what went wrong, is only shown in the message."""
 
     def __init__(
         self,
@@ -71,8 +74,10 @@ class EstHttpError(EstError):
         reason: str,
         code: str | None = None,
         retry_after: float | None = None,
+        hint: str = "",
     ) -> None:
         suffix = f": {reason}" if reason else ""
+        suffix += f" ({hint})" if hint else ""
         super().__init__(f"{method} {url}: HTTP {status} {_phrase(status)}{suffix}")
         self.method = method
         self.url = url

@@ -4,6 +4,20 @@
                    auth=ClientCertificate(cert, key)) as est:
         issued = est.simpleenroll(csr)
 
+``auth`` is a ``ClientCertificate``, a ``BasicAuth``, or ``Credentials`` holding both
+(then Basic is sent only once the server challenges for it; see ``estkit.client.auth``).
+
+Channel binding (RFC 7030 3.5): give ``simpleenroll``, ``simplereenroll`` or
+``serverkeygen`` a ``CsrFactory`` instead of a CSR and the client first asks
+``/csrattrs``; when the server lists challengePassword, the factory is called
+with the challengePassword value that binds the CSR to the TLS connection
+(base64 of its ``tls-unique``, RFC 5929), else with None, and the request goes
+over that same kept-alive connection. ``tls-unique`` exists on TLS 1.2 only,
+and Python's ``ssl`` cannot export the keying material TLS 1.3's ``tls-exporter``
+(RFC 9266) needs: when the server asks for a binding over a TLS 1.3 connection,
+the client reconnects with TLS 1.2 as its highest version (a server that
+refuses TLS 1.2 cannot be bound to).
+
 Requests go through the client core (``estkit.client.http``): every operation
 has a deadline (``total_timeout``) across all its attempts, each attempt its
 own ``timeout``; transient failures (timeouts, dropped connections,
@@ -30,10 +44,17 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from estkit.client import tls
-from estkit.client.auth import BasicAuth, ClientCertificate
+from estkit.client.auth import (
+    BasicAuth,
+    BasicChallengeFlow,
+    ClientCertificate,
+    Credentials,
+    asks_for_basic,
+)
 from estkit.client.breaker import CircuitBreaker
 from estkit.client.errors import (
     CODE_HEADER,
+    REASON_HEADER,
     EnrollmentPending,
     EstAuthError,
     EstCircuitOpen,
@@ -55,14 +76,18 @@ from estkit.client.http import (
 )
 from estkit.client.issued import IssuedCertificate, check_issued
 from estkit.client.trust import TrustAnchor
-from estkit.pki import certs, cms, keys, wire
+from estkit.pki import binding, certs, cms, keys, multipart, wire
 from estkit.pki.csrattrs import CsrAttribute, decode_csrattrs
-from estkit.pki.errors import DecodeError
+from estkit.pki.errors import DecodeError, PkiError
 
 HEALTH_PATH = "/health/certificate"
-__all__ = ["MIN_PENDING_DELAY", "USER_AGENT", "EstClient"]
+__all__ = ["MIN_PENDING_DELAY", "USER_AGENT", "CsrFactory", "EstClient"]
 # An EST code the server may send: a valid token of at most this many characters.
 _MAX_CODE = 64
+
+# Makes the CSR once the client knows the challengePassword value that binds it to the
+# connection (RFC 7030 3.5), or None when the server asks for no binding.
+CsrFactory = Callable[[str | None], x509.CertificateSigningRequest]
 
 
 class EstClient:
@@ -73,7 +98,7 @@ class EstClient:
         base_url: str,
         *,
         trust: TrustAnchor,
-        auth: ClientCertificate | BasicAuth | None = None,
+        auth: ClientCertificate | BasicAuth | Credentials | None = None,
         timeout: float = 20.0,
         total_timeout: float = 60.0,
         retries: int = 3,
@@ -110,7 +135,15 @@ class EstClient:
         self._base = str(url).rstrip("/")
         self._health_url = str(url.copy_with(raw_path=HEALTH_PATH.encode()))
         self._trust = trust
-        self._auth = auth
+        self._credentials = Credentials.of(auth)
+        basic = self._credentials.basic
+        # Basic beside a certificate waits for the server's challenge (RFC 7030 3.2.3).
+        self._basic_flow = (
+            BasicChallengeFlow(basic, up_front=self._credentials.certificate is None)
+            if basic is not None
+            else None
+        )
+        self._tls12_only = False
         self._anchor: TrustAnchor | None = None if trust.needs_bootstrap else trust
         self._http: httpx.Client | None = None
 
@@ -174,35 +207,45 @@ class EstClient:
             subject=subject,
         )
 
-    def simpleenroll(self, csr: x509.CertificateSigningRequest) -> list[x509.Certificate]:
+    def simpleenroll(
+        self, csr: x509.CertificateSigningRequest | CsrFactory
+    ) -> list[x509.Certificate]:
         """``POST /simpleenroll``: the issued certificate first, then the others sent with it
-        (ordered as ``cacerts``)."""
+        (ordered as ``cacerts``). A ``CsrFactory`` binds the CSR to the connection where
+        the server asks for it (module docstring)."""
         return self._enroll("simpleenroll", csr)
 
-    def simplereenroll(self, csr: x509.CertificateSigningRequest) -> list[x509.Certificate]:
+    def simplereenroll(
+        self, csr: x509.CertificateSigningRequest | CsrFactory
+    ) -> list[x509.Certificate]:
         """``POST /simplereenroll``: as ``simpleenroll``, authenticated by the certificate
         being renewed."""
         return self._enroll("simplereenroll", csr)
 
+    def serverkeygen(
+        self, csr: x509.CertificateSigningRequest | CsrFactory
+    ) -> tuple[keys.PrivateKey, list[x509.Certificate]]:
+        """``POST /serverkeygen`` (RFC 7030 4.4): the private key the server made, and the
+        certificates, the one for that key first (then ordered as ``cacerts``). The server
+        ignores the CSR's key, but the CSR must be signed; the key must come unencrypted
+        (PKCS#8: this client names no key to encrypt it to)."""
+        deadline = self._deadline()
+        answer = _expect(self._post("serverkeygen", self._csr(csr, deadline), deadline), 200)
+        try:
+            generated = multipart.decode_serverkeygen(
+                answer.body, answer.headers.get("content-type", "")
+            )
+        except PkiError as exc:
+            raise EstProtocolError(f"{answer.where}: {exc}") from exc
+        public_key = generated.private_key.public_key()
+        issued = _issued_first(
+            list(generated.certificates), public_key, whose="the key sent", where=answer.where
+        )
+        return generated.private_key, issued
+
     def csrattrs(self) -> list[CsrAttribute]:
         """``GET /csrattrs``; empty when the server has none (204, or 404 per RFC 7030 4.5.2)."""
-        deadline = self._deadline()
-        try:
-            answer = self._send(
-                self._client(deadline), "GET", self._url("csrattrs"), deadline=deadline
-            )
-        except EstNotFoundError:
-            return []
-        if answer.status == 204:
-            return []
-        _expect(answer, 200)
-        if not answer.body.strip():
-            return []
-        der = _payload(answer, wire.CSRATTRS)
-        try:
-            return decode_csrattrs(der)
-        except DecodeError as exc:
-            raise EstProtocolError(f"{answer.where}: {exc}") from exc
+        return self._csrattrs(self._deadline())[0]
 
     def health(self) -> x509.Certificate:
         """``GET /health/certificate`` at the server root: the client certificate it saw."""
@@ -222,13 +265,21 @@ class EstClient:
         return self._core.deadline()
 
     def _enroll(
-        self, operation: str, csr: x509.CertificateSigningRequest
+        self, operation: str, request: x509.CertificateSigningRequest | CsrFactory
     ) -> list[x509.Certificate]:
         deadline = self._deadline()
+        csr = self._csr(request, deadline)
+        answer = self._post(operation, csr, deadline)
+        issued = self._certificates(_expect(answer, 200))
+        return _issued_first(issued, csr.public_key(), whose="the CSR's key", where=answer.where)
+
+    def _post(
+        self, operation: str, csr: x509.CertificateSigningRequest, deadline: float
+    ) -> Response:
         # Wrapped with a final newline: a widely deployed server rejects anything else.
         body = wire.encode_base64_body(csr.public_bytes(Encoding.DER), line_length=64)
         headers = {"Content-Type": wire.PKCS10, "Content-Transfer-Encoding": "base64"}
-        answer = self._send(
+        return self._send(
             self._client(deadline),
             "POST",
             self._url(operation),
@@ -237,8 +288,54 @@ class EstClient:
             headers=headers,
             pending=True,
         )
-        issued = self._certificates(_expect(answer, 200))
-        return _issued_first(issued, csr.public_key(), where=answer.where)
+
+    def _csrattrs(self, deadline: float) -> tuple[list[CsrAttribute], Response | None]:
+        """The CSR attributes, and the answer they came in (None after a 404)."""
+        try:
+            answer = self._send(
+                self._client(deadline), "GET", self._url("csrattrs"), deadline=deadline
+            )
+        except EstNotFoundError:
+            return [], None
+        if answer.status == 204:
+            return [], answer
+        _expect(answer, 200)
+        if not answer.body.strip():
+            return [], answer
+        der = _payload(answer, wire.CSRATTRS)
+        try:
+            return decode_csrattrs(der), answer
+        except DecodeError as exc:
+            raise EstProtocolError(f"{answer.where}: {exc}") from exc
+
+    def _csr(
+        self, request: x509.CertificateSigningRequest | CsrFactory, deadline: float
+    ) -> x509.CertificateSigningRequest:
+        """The CSR to send: ``request`` itself, or what the factory makes once ``/csrattrs``
+        said whether to bind it, on the connection that will carry it."""
+        if isinstance(request, x509.CertificateSigningRequest):
+            return request
+        try:
+            attributes, answer = self._csrattrs(deadline)
+        except EstHttpError:  # no attributes for us: the request itself will say why
+            return request(None)
+        if not any(a.oid == binding.CHALLENGE_PASSWORD for a in attributes):
+            return request(None)
+        session = answer.tls if answer is not None else None
+        if session is not None and session.tls_unique is None and not self._tls12_only:
+            # No tls-exporter from Python's ssl (module docstring): bind over TLS 1.2.
+            self._tls12_only = True
+            self.close()
+            _, answer = self._csrattrs(deadline)
+        session = answer.tls if answer is not None else None
+        if session is None or session.tls_unique is None:
+            where = answer.where if answer is not None else self._url("csrattrs")
+            over = f"over {session.version}" if session is not None else "here"
+            raise EstProtocolError(
+                f"{where}: the server asks for the TLS channel binding (challengePassword, "
+                f"RFC 7030 3.5), but the connection has no tls-unique {over}"
+            )
+        return request(binding.encode_binding(session.tls_unique))
 
     def _certificates(self, answer: Response) -> list[x509.Certificate]:
         der = _payload(answer, wire.PKCS7_MIME)
@@ -263,16 +360,16 @@ class EstClient:
 
     def _client(self, deadline: float) -> httpx.Client:
         if self._http is None:
-            client_cert = self._auth if isinstance(self._auth, ClientCertificate) else None
-            context = tls.verified_context(self._anchors(deadline), client_cert)
+            context = tls.verified_context(
+                self._anchors(deadline),
+                self._credentials.certificate,
+                tls12_only=self._tls12_only,
+            )
             self._http = self._new_http(context, with_auth=True)
         return self._http
 
     def _new_http(self, context: ssl.SSLContext, *, with_auth: bool) -> httpx.Client:
-        auth = None
-        if with_auth and isinstance(self._auth, BasicAuth):
-            auth = httpx.BasicAuth(self._auth.username, self._auth.password)
-        return self._core.open_client(verify=context, auth=auth)
+        return self._core.open_client(verify=context, auth=self._basic_flow if with_auth else None)
 
     def _send(
         self,
@@ -307,7 +404,9 @@ class EstClient:
             raise EnrollmentPending(url, answer.retry_after)
         if 200 <= answer.status < 300:
             return answer
-        raise _http_error(answer)
+        raise _http_error(
+            answer, sent_basic=self._basic_flow is not None and self._basic_flow.up_front
+        )
 
 
 def _expect(answer: Response, status: int) -> Response:
@@ -330,12 +429,16 @@ def _payload(answer: Response, media: str) -> bytes:
 
 
 def _issued_first(
-    issued: list[x509.Certificate], public_key: CertificatePublicKeyTypes, *, where: str
+    issued: list[x509.Certificate],
+    public_key: CertificatePublicKeyTypes,
+    *,
+    whose: str,
+    where: str,
 ) -> list[x509.Certificate]:
     # A CMS SET has no order to rely on: the issued certificate is the one for our key.
     leaf = next((c for c in issued if keys.public_keys_match(c.public_key(), public_key)), None)
     if leaf is None:
-        raise EstProtocolError(f"{where}: no certificate in the response is for the CSR's key")
+        raise EstProtocolError(f"{where}: no certificate in the response is for {whose}")
     return [leaf, *_chain_order([c for c in issued if c is not leaf])]
 
 
@@ -360,10 +463,21 @@ def _chain_order(unordered: list[x509.Certificate]) -> list[x509.Certificate]:
     return ordered
 
 
-def _http_error(answer: Response) -> EstHttpError:
+def _http_error(answer: Response, *, sent_basic: bool) -> EstHttpError:
+    """The error of an error answer; ``sent_basic``: Basic went with the request (up front,
+    or in answer to a challenge), so a 401 means it was refused."""
     reason = ""
     if wire.media_type(answer.headers.get("content-type")) == "text/plain":
         reason = one_line(answer.body.decode("utf-8", "replace"))
+    if not reason:
+        # estkit's 401 has an empty body (clients that leave it unread break otherwise)
+        # and its reason in a header.
+        reason = one_line(answer.headers.get(REASON_HEADER, ""))
+    hint = ""
+    if answer.status == 401 and sent_basic:
+        hint = "the server refused the Basic credentials"
+    elif asks_for_basic(answer.status, answer.headers):
+        hint = "the server asks for HTTP Basic: a user name and password"
     cls: type[EstHttpError] = EstHttpError
     if answer.status in (401, 403):
         cls = EstAuthError
@@ -376,6 +490,7 @@ def _http_error(answer: Response) -> EstHttpError:
         reason=reason,
         code=refusal_code(answer.headers.get(CODE_HEADER)),
         retry_after=answer.retry_after,
+        hint=hint,
     )
 
 

@@ -33,7 +33,7 @@ import random
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 
@@ -58,7 +58,9 @@ __all__ = [
     "HttpFailure",
     "Response",
     "RetryPolicy",
+    "TlsSession",
     "connection_detail",
+    "tls_session",
 ]
 
 
@@ -106,8 +108,18 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsSession:
+    """The TLS connection an answer came over: its protocol version (``"TLSv1.2"``, …) and
+    its ``tls-unique`` channel binding (RFC 5929; defined for TLS 1.2 and earlier only)."""
+
+    version: str
+    tls_unique: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
 class Response:
-    """One answer, read in full; ``retry_after`` is its Retry-After in seconds, if usable."""
+    """One answer, read in full; ``retry_after`` is its Retry-After in seconds, if usable;
+    ``tls`` the connection it came over (None when the transport does not tell)."""
 
     method: str
     url: str
@@ -115,6 +127,7 @@ class Response:
     headers: httpx.Headers
     body: bytes
     retry_after: float | None = None
+    tls: TlsSession | None = None
 
     @property
     def where(self) -> str:
@@ -284,7 +297,13 @@ class HttpCore:
             response.close()
         retry_after = retry.parse_retry_after(response.headers.get("retry-after"), now=self._now())
         return Response(
-            method, url, response.status_code, response.headers, bytes(body), retry_after
+            method,
+            url,
+            response.status_code,
+            response.headers,
+            bytes(body),
+            retry_after,
+            tls_session(response),
         )
 
     def _backoff(self, attempt: int) -> float:
@@ -313,12 +332,23 @@ def connection_detail(exc: httpx.TransportError) -> str:
     return one_line(str(exc)) or type(exc).__name__
 
 
+def tls_session(response: httpx.Response) -> TlsSession | None:
+    """The TLS connection ``response`` came over, from httpcore's network stream."""
+    stream = response.extensions.get("network_stream")
+    tls = stream.get_extra_info("ssl_object") if stream is not None else None
+    if tls is None:
+        return None
+    version = tls.version() or ""
+    binding = tls.get_channel_binding("tls-unique") if version != "TLSv1.3" else None
+    return TlsSession(version, binding)
+
+
 def _attempts(detail: str, attempts: int) -> str:
     return f"{detail} (after {attempts} attempts)" if attempts > 1 else detail
 
 
 def _with_retry_after(answer: Response, delay: float) -> Response:
-    return Response(answer.method, answer.url, answer.status, answer.headers, answer.body, delay)
+    return replace(answer, retry_after=delay)
 
 
 def _utc_now() -> dt.datetime:

@@ -19,10 +19,19 @@ def _base_context() -> ssl.SSLContext:
 
 
 def verified_context(
-    anchors: Sequence[x509.Certificate], client_cert: ClientCertificate | None = None
+    anchors: Sequence[x509.Certificate],
+    client_cert: ClientCertificate | None = None,
+    *,
+    tls12_only: bool = False,
 ) -> ssl.SSLContext:
-    """Hostname checked, chain verified up to one of ``anchors`` (which may be intermediates)."""
+    """Hostname checked, chain verified up to one of ``anchors`` (which may be intermediates).
+
+    ``tls12_only`` caps the version at TLS 1.2: the one a channel binding can be made on
+    here (``tls-unique``; Python's ssl cannot export the keying material TLS 1.3's
+    ``tls-exporter`` needs)."""
     context = _base_context()
+    if tls12_only:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = True
     context.verify_mode = ssl.CERT_REQUIRED
     # The anchor is whatever the operator trusts, root or not: OpenSSL must stop there.

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import AttributeOID
 
 from estkit.pki.errors import DecodeError, KeyPolicyError, PolicyError
 from estkit.pki.keys import PrivateKey, key_type_of
@@ -17,15 +18,21 @@ def build_csr(
     *,
     subject: x509.Name,
     sans: x509.SubjectAlternativeName | None = None,
+    challenge_password: str | None = None,
 ) -> x509.CertificateSigningRequest:
     """A CSR for ``subject`` (and ``sans``) signed with ``key``.
 
     The Name object is used as given, so a subject taken from a certificate
-    keeps its string encodings (what re-enrollment needs).
+    keeps its string encodings (what re-enrollment needs). ``challenge_password``
+    (a UTF8String) carries the TLS channel binding where the server asks (RFC 7030 3.5).
     """
     builder = x509.CertificateSigningRequestBuilder().subject_name(subject)
     if sans is not None:
         builder = builder.add_extension(sans, critical=False)
+    if challenge_password is not None:
+        builder = builder.add_attribute(
+            AttributeOID.CHALLENGE_PASSWORD, challenge_password.encode("utf-8")
+        )
     return builder.sign(key, hashes.SHA256())
 
 

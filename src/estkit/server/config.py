@@ -19,7 +19,12 @@ from typing import Any
 from cryptography import x509
 
 from estkit import durations
-from estkit.ca.policy import DEFAULT_MAX_SANS, SAN_TYPES, SUBJECT_ATTRIBUTES
+from estkit.ca.policy import (
+    DEFAULT_MAX_SANS,
+    SAN_TYPES,
+    SERVERKEYGEN_KEY_TYPES,
+    SUBJECT_ATTRIBUTES,
+)
 from estkit.pki.profiles import Kind, Profile
 
 CONFIG_NAME = "estkit.toml"
@@ -59,6 +64,9 @@ NAMED_SECTION_KEYS: Mapping[str, frozenset[str]] = {
             "csrattrs",
             "approval",
             "approval_retry_after",
+            "serverkeygen",
+            "serverkeygen_key_type",
+            "require_channel_binding",
         }
     ),
 }
@@ -91,7 +99,8 @@ class LabelConfig:
     name: str
     ca: str
     profile: str
-    base64_line_length: int
+    # None: chosen per client (server/quirks.py); a number: for every client.
+    base64_line_length: int | None
     permitted_san_types: frozenset[str]
     csrattrs: tuple[x509.ObjectIdentifier, ...]
     approval: bool = False
@@ -100,6 +109,11 @@ class LabelConfig:
     max_sans: int = DEFAULT_MAX_SANS
     # Whether a DNS SAN may be a wildcard (``*.example.com``).
     dns_wildcards: bool = False
+    # RFC 7030 4.4 server-side key generation, and the key type it makes.
+    serverkeygen: bool = False
+    serverkeygen_key_type: str = "ec-p256"
+    # RFC 7030 3.5: CSRs carry the TLS channel binding in their challengePassword.
+    require_channel_binding: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,9 +361,11 @@ def _label(
     profile = _get(table, "profile", str, f"{f}.profile")
     if profile not in profiles:
         raise ConfigError(f"{f}.profile: unknown profile {profile!r}")
-    line = _get(table, "base64_line_length", int, f"{f}.base64_line_length", 0)
-    if line < 0 or line % 4:
-        raise ConfigError(f"{f}.base64_line_length: 0 or a positive multiple of 4")
+    line = None
+    if "base64_line_length" in table:
+        line = _get(table, "base64_line_length", int, f"{f}.base64_line_length")
+        if line < 0 or line % 4:
+            raise ConfigError(f"{f}.base64_line_length: 0 or a positive multiple of 4")
     sans = _get(table, "permitted_san_types", list, f"{f}.permitted_san_types", ["dns", "uri"])
     if not all(isinstance(s, str) for s in sans):
         raise ConfigError(f"{f}.permitted_san_types: a list of {', '.join(SAN_TYPES)}")
@@ -366,6 +382,19 @@ def _label(
     retry_after = _get(table, "approval_retry_after", int, f"{f}.approval_retry_after", 60)
     if not 1 <= retry_after <= 86400:
         raise ConfigError(f"{f}.approval_retry_after: 1-86400 seconds")
+    approval = _get(table, "approval", bool, f"{f}.approval", False)
+    serverkeygen = _get(table, "serverkeygen", bool, f"{f}.serverkeygen", False)
+    if serverkeygen and approval:
+        raise ConfigError(
+            f"{f}.serverkeygen: not with approval = true (the generated key would have to be "
+            "kept until an operator decides; estkit never stores one)"
+        )
+    key_type = _get(table, "serverkeygen_key_type", str, f"{f}.serverkeygen_key_type", "ec-p256")
+    if key_type not in SERVERKEYGEN_KEY_TYPES:
+        raise ConfigError(
+            f"{f}.serverkeygen_key_type: one of {', '.join(SERVERKEYGEN_KEY_TYPES)}, "
+            f"got {key_type!r}"
+        )
     return LabelConfig(
         name=name,
         ca=ca,
@@ -373,10 +402,15 @@ def _label(
         base64_line_length=line,
         permitted_san_types=frozenset(sans),
         csrattrs=csrattrs,
-        approval=_get(table, "approval", bool, f"{f}.approval", False),
+        approval=approval,
         retry_after=retry_after,
         max_sans=max_sans,
         dns_wildcards=_get(table, "dns_wildcards", bool, f"{f}.dns_wildcards", False),
+        serverkeygen=serverkeygen,
+        serverkeygen_key_type=key_type,
+        require_channel_binding=_get(
+            table, "require_channel_binding", bool, f"{f}.require_channel_binding", False
+        ),
     )
 
 
@@ -448,9 +482,10 @@ default_label = "devices"
 [labels.devices]
 ca = "devices"
 profile = "operational"
-# 0: base64 on one line (RFC 8951; Debian 12's strongSwan needs it). 64 or 76
-# for clients that want wrapped lines.
-base64_line_length = 0
+# Base64 line length of responses. Unset: each client gets what it can read
+# (one line for strongSwan's pki, 64 columns for everyone else; README "Interop
+# quirks"). Set, it applies to every client: 0 for one line, 64 or 76.
+# base64_line_length = 64
 # subjectAltName types a CSR may ask for: dns, uri, email, ip.
 permitted_san_types = ["dns", "uri"]
 # At most this many subjectAltNames per certificate (EST and API alike; 0-100).
@@ -463,6 +498,15 @@ csrattrs = ["1.2.840.10045.4.3.2"]
 # (`estkit pending approve ID`, or the API); the device retries the same CSR.
 approval = false
 approval_retry_after = 60
+# Server-side key generation (POST .../serverkeygen, RFC 7030 4.4): the server makes
+# the key (ec-p256, ec-p384, rsa-2048 or rsa-3072) and returns it once, never storing
+# it. Not with approval.
+# serverkeygen = false
+# serverkeygen_key_type = "ec-p256"
+# Proof of possession linked to TLS (RFC 7030 3.5): CSRs must carry the connection's
+# channel binding (tls-unique on TLS 1.2, tls-exporter on TLS 1.3) as their
+# challengePassword; csrattrs then asks for it. Breaks behind a TLS-terminating proxy.
+# require_channel_binding = false
 
 [enrollment]
 # How long a one-time enrollment secret from `estkit device add` stays usable.

@@ -1,7 +1,9 @@
 """The one place where decisions become HTTP: a status per refusal code.
 
 EST (and every path outside ``/api/``): a ``text/plain`` one-line reason and the
-code in the ``Estkit-Refusal-Code`` header. The REST API: RFC 9457
+code in the ``Estkit-Refusal-Code`` header; a 401 has an empty body instead, its
+reason in the ``Estkit-Refusal-Reason`` header (some clients cannot skip a 401's
+body before they answer the challenge). The REST API: RFC 9457
 ``application/problem+json`` with the same code in its ``code`` member.
 """
 
@@ -20,6 +22,9 @@ from estkit.store.errors import StoreError
 
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="estkit"'}
 CODE_HEADER = "Estkit-Refusal-Code"
+# Where an EST 401 carries its one-line reason: its body is empty (module docstring).
+REASON_HEADER = "Estkit-Refusal-Reason"
+REASON_HEADER_LIMIT = 200
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_TYPE = "urn:estkit:refusal:"
 # Sent with 503 when the refusal names no delay of its own.
@@ -44,6 +49,7 @@ STATUS: dict[Code, int] = {
     Code.NAME_MISMATCH: 403,
     Code.SUBJECT_CHANGED: 403,
     Code.SAN_NOT_PERMITTED: 403,
+    Code.CHANNEL_BINDING_MISMATCH: 403,
     Code.SCOPE_MISSING: 403,
     Code.APPROVAL_DENIED: 403,
     Code.APPROVAL_PENDING: 202,
@@ -69,6 +75,26 @@ def one_line(text: str) -> str:
 
 def text_response(status: int, reason: str, headers: dict[str, str] | None = None) -> Response:
     return PlainTextResponse(one_line(reason), status_code=status, headers=headers)
+
+
+def header_reason(reason: str, *, limit: int = REASON_HEADER_LIMIT) -> str:
+    """A reason fit for a header value: one line of printable ASCII (anything else
+    escaped as ``\\xNN``/``\\uNNNN``), at most ``limit`` characters."""
+    text = " ".join(reason.split()).encode("ascii", "backslashreplace").decode("ascii")
+    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return text[:limit].rstrip()
+
+
+def challenge_response(reason: str, headers: dict[str, str] | None = None) -> Response:
+    """An EST 401: no body (``Content-Length: 0``), the reason in ``Estkit-Refusal-Reason``.
+
+    Bouncy Castle's EST client closes a 401 unread before it retries with Basic,
+    and fails when more than one body byte is left.
+    """
+    headers = dict(headers or {})
+    headers.setdefault("WWW-Authenticate", CHALLENGE["WWW-Authenticate"])
+    headers[REASON_HEADER] = header_reason(reason)
+    return Response(b"", status_code=401, headers=headers)
 
 
 def _is_api(request: Request) -> bool:
@@ -110,6 +136,8 @@ def error_response(
         if status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="estkit"'
         return problem_response(status, reason, code, headers)
+    if status == 401:
+        return challenge_response(reason, headers)
     return text_response(status, reason, headers)
 
 

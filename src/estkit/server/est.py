@@ -2,8 +2,9 @@
 
 Wire rules (DESIGN.md): request bodies are decoded whatever their line
 breaks and Content-Transfer-Encoding; responses carry Content-Length, never
-chunked, ``Content-Transfer-Encoding: base64`` and one-line base64 unless the
-label asks for wrapping.
+chunked, ``Content-Transfer-Encoding: base64``, and base64 in lines the client
+can read: the label's ``base64_line_length`` when set, else one line for
+strongSwan's ``pki`` and 64 columns for everyone else (``quirks.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from cryptography import x509
 from starlette.concurrency import run_in_threadpool
@@ -25,13 +26,17 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from estkit.ca.authority import Issued, Label, Principal
+from estkit.ca.authority import Issued, Label, Principal, ServerGenerated
 from estkit.ca.errors import CaError, Code, Refusal
+from estkit.ca.policy import check_serverkeygen
+from estkit.pki import serverkeygen as keygen
 from estkit.pki import wire
+from estkit.pki.binding import ChannelBinding
 from estkit.pki.certs import certs_to_pem
 from estkit.pki.cms import encode_certs_only
 from estkit.pki.csrattrs import encode_csrattrs
 from estkit.pki.errors import DecodeError
+from estkit.server import quirks
 from estkit.server.errors import RequestError, ca_error, request_error, text_response
 from estkit.server.limits import BASIC_REFUSAL_DELAY, BasicCheckPool, BasicLimits
 
@@ -41,6 +46,7 @@ _SLOWED = frozenset({Code.RATE_LIMITED, Code.UNAVAILABLE})
 
 PREFIX = "/.well-known/est"
 Handler = Callable[[Request, str | None], Awaitable[Response]]
+T = TypeVar("T")
 
 
 class EstAuthority(Protocol):
@@ -59,11 +65,32 @@ class EstAuthority(Protocol):
         self, engaged: Sequence[str], *, actor: str, window: float, now: dt.datetime
     ) -> None: ...
     def enroll(
-        self, label: Label, csr_der: bytes, who: Principal, *, now: dt.datetime
+        self,
+        label: Label,
+        csr_der: bytes,
+        who: Principal,
+        *,
+        now: dt.datetime,
+        channel_binding: bytes | None = None,
     ) -> Issued: ...
     def reenroll(
-        self, label: Label, csr_der: bytes, who: Principal, *, now: dt.datetime
+        self,
+        label: Label,
+        csr_der: bytes,
+        who: Principal,
+        *,
+        now: dt.datetime,
+        channel_binding: bytes | None = None,
     ) -> Issued: ...
+    def serverkeygen(
+        self,
+        label: Label,
+        csr_der: bytes,
+        who: Principal,
+        *,
+        now: dt.datetime,
+        channel_binding: bytes | None = None,
+    ) -> ServerGenerated: ...
 
 
 def client_certificate(request: Request) -> x509.Certificate | None:
@@ -71,6 +98,13 @@ def client_certificate(request: Request) -> x509.Certificate | None:
     tls = request.scope.get("extensions", {}).get("tls") or {}
     chain = tls.get("client_cert_chain") or []
     return x509.load_pem_x509_certificate(chain[0].encode()) if chain else None
+
+
+def channel_binding(request: Request) -> bytes | None:
+    """This connection's TLS channel binding (``tls-unique`` or ``tls-exporter``), if any."""
+    tls = request.scope.get("extensions", {}).get("tls") or {}
+    found = tls.get("estkit.channel_binding")
+    return found.data if isinstance(found, ChannelBinding) else None
 
 
 def basic_credentials(request: Request) -> tuple[str, str] | None:
@@ -112,13 +146,16 @@ class EstRoutes:
         self._basic_pool = basic_pool if basic_pool is not None else BasicCheckPool()
         self._basic_limits = basic_limits if basic_limits is not None else BasicLimits()
         self._refusal_delay = refusal_delay
-        # Per-label response bodies, encoded on first use (labels are fixed at start).
+        # Per-label response bodies as DER, encoded on first use (labels are fixed at
+        # start), and as base64 per line length (``quirks.base64_line_length``).
         self._cacerts: dict[str, bytes] = {}
         self._csrattrs: dict[str, bytes] = {}
+        self._base64: dict[tuple[bytes, int], bytes] = {}
         self._ops: dict[str, tuple[Handler, str]] = {
             "cacerts": (self.cacerts, "GET"),
             "simpleenroll": (self.simpleenroll, "POST"),
             "simplereenroll": (self.simplereenroll, "POST"),
+            "serverkeygen": (self.serverkeygen, "POST"),
             "csrattrs": (self.csrattrs, "GET"),
         }
         self._health: dict[str, tuple[Handler, str]] = {
@@ -146,25 +183,19 @@ class EstRoutes:
 
     async def cacerts(self, request: Request, label_name: str | None) -> Response:
         label = self._label(label_name)
-        body = self._cacerts.get(label.name)
-        if body is None:
-            der = encode_certs_only(self._authority.chain_for(label))
-            body = self._cacerts[label.name] = wire.encode_base64_body(
-                der, line_length=label.base64_line_length
-            )
-        return _base64_response(body, wire.CACERTS_CONTENT_TYPE)
+        der = self._cacerts.get(label.name)
+        if der is None:
+            der = self._cacerts[label.name] = encode_certs_only(self._authority.chain_for(label))
+        return self._base64_response(request, label, der, wire.CACERTS_CONTENT_TYPE, cache=True)
 
     async def csrattrs(self, request: Request, label_name: str | None) -> Response:
         label = self._label(label_name)
         if not label.csrattrs:
             return Response(status_code=204)
-        body = self._csrattrs.get(label.name)
-        if body is None:
-            der = encode_csrattrs(label.csrattrs)
-            body = self._csrattrs[label.name] = wire.encode_base64_body(
-                der, line_length=label.base64_line_length
-            )
-        return _base64_response(body, wire.CSRATTRS)
+        der = self._csrattrs.get(label.name)
+        if der is None:
+            der = self._csrattrs[label.name] = encode_csrattrs(label.csrattrs)
+        return self._base64_response(request, label, der, wire.CSRATTRS, cache=True)
 
     async def simpleenroll(self, request: Request, label_name: str | None) -> Response:
         return await self._enroll(request, label_name, reenroll=False)
@@ -176,6 +207,69 @@ class EstRoutes:
         self, request: Request, label_name: str | None, *, reenroll: bool
     ) -> Response:
         label = self._label(label_name)
+        cert, basic, csr_der = await self._csr_request(request, reenroll=reenroll)
+        now = self._clock()
+        binding = channel_binding(request)
+        operation = self._authority.reenroll if reenroll else self._authority.enroll
+
+        def act(who: Principal) -> Issued:
+            return operation(label, csr_der, who, now=now, channel_binding=binding)
+
+        # The approval bookkeeping reads back what it writes: on a worker thread.
+        issued = await self._decide_as(request, cert, basic, now, act, on_loop=not label.approval)
+        der = encode_certs_only([issued.certificate])
+        return self._base64_response(request, label, der, wire.ENROLL_CONTENT_TYPE)
+
+    def _base64_response(
+        self, request: Request, label: Label, der: bytes, content_type: str, *, cache: bool = False
+    ) -> Response:
+        """200 with ``der`` in base64, in lines the client can read
+        (``quirks.base64_line_length``); ``cache``: ``der`` is a fixed per-label body."""
+        line_length = quirks.base64_line_length(label.base64_line_length, request.scope["headers"])
+        body = self._base64.get((der, line_length)) if cache else None
+        if body is None:
+            body = wire.encode_base64_body(der, line_length=line_length)
+            if cache:
+                self._base64[der, line_length] = body
+        return _base64_response(body, content_type)
+
+    async def serverkeygen(self, request: Request, label_name: str | None) -> Response:
+        """RFC 7030 4.4: the server makes the key; ``multipart/mixed`` of the PKCS#8 key
+        (or EnvelopedData of it) and the certs-only CMS. Labels without ``serverkeygen``
+        answer 404 (``not-found``) before any authentication."""
+        label = self._label(label_name)
+        check_serverkeygen(label)
+        cert, basic, csr_der = await self._csr_request(request, reenroll=False)
+        now = self._clock()
+        binding = channel_binding(request)
+
+        def act(who: Principal) -> ServerGenerated:
+            return self._authority.serverkeygen(
+                label, csr_der, who, now=now, channel_binding=binding
+            )
+
+        # An EC key costs tens of microseconds: on the loop, like an enrollment; an RSA
+        # key tens to hundreds of milliseconds: on a worker thread.
+        on_loop = label.serverkeygen_key_type.startswith("ec-")
+        made = await self._decide_as(request, cert, basic, now, act, on_loop=on_loop)
+        key_der = keygen.private_key_der(made.key)
+        if made.encrypt_to is not None:
+            key_part = (keygen.ENCRYPTED_KEY_PART, keygen.envelope_key(key_der, made.encrypt_to))
+        else:
+            key_part = (keygen.KEY_PART, key_der)
+        line = label.base64_line_length or 0  # MIME parts: 64 unless the label sets 4-76
+        body = keygen.encode_response(
+            key_part,
+            encode_certs_only([made.issued.certificate]),
+            line_length=line if 0 < line <= 76 else keygen.DEFAULT_LINE_LENGTH,
+        )
+        return Response(body, status_code=200, headers={"Content-Type": keygen.CONTENT_TYPE})
+
+    async def _csr_request(
+        self, request: Request, *, reenroll: bool
+    ) -> tuple[x509.Certificate | None, tuple[str, str] | None, bytes]:
+        """The credentials (client certificate, else Basic) and the DER CSR of an
+        enrollment-like request, the cheap checks done before any secret is checked."""
         cert = client_certificate(request)
         basic = None if cert is not None else basic_credentials(request)
         if cert is None and basic is None:
@@ -195,29 +289,34 @@ class EstRoutes:
             csr_der = wire.decode_base64_body(body)
         except DecodeError as exc:
             raise Refusal(Code.BAD_CSR, str(exc)) from None
-        now = self._clock()
+        return cert, basic, csr_der
+
+    async def _decide_as(
+        self,
+        request: Request,
+        cert: x509.Certificate | None,
+        basic: tuple[str, str] | None,
+        now: dt.datetime,
+        act: Callable[[Principal], T],
+        *,
+        on_loop: bool,
+    ) -> T:
+        """Authenticate, then ``act`` as who was authenticated: Basic on its pool; a client
+        certificate on the loop when ``on_loop``, else on a worker thread."""
         if basic is not None:
-            issued = await self._decide_basic(request, label, csr_der, basic, now)
-        elif not label.approval:
-            assert cert is not None
-            issued = await self._decide_on_loop(label, csr_der, cert, now, reenroll)
-        else:
-            # The approval bookkeeping reads back what it writes: on a worker thread.
-            issued = await run_in_threadpool(
-                self._decide, label, csr_der, cert, None, now, reenroll
-            )
-        der = encode_certs_only([issued.certificate])
-        body = wire.encode_base64_body(der, line_length=label.base64_line_length)
-        return _base64_response(body, wire.ENROLL_CONTENT_TYPE)
+            return await self._decide_basic(request, basic, now, act)
+        assert cert is not None
+        if on_loop:
+            return await self._decide_on_loop(cert, now, act)
+        return await run_in_threadpool(self._decide, cert, None, now, act)
 
     async def _decide_basic(
         self,
         request: Request,
-        label: Label,
-        csr_der: bytes,
         basic: tuple[str, str],
         now: dt.datetime,
-    ) -> Issued:
+        act: Callable[[Principal], T],
+    ) -> T:
         """A secret's check and the enrollment, on the Basic pool (bounded);
         refused before it when the username or the source failed too often lately, or
         when the pool is full (``server/limits.py``)."""
@@ -225,9 +324,7 @@ class EstRoutes:
         source = request.client.host if request.client else None
         try:
             self._basic_limits.check(username, source)
-            issued = await self._basic_pool.run(
-                lambda: self._decide(label, csr_der, None, basic, now, False)
-            )
+            issued = await self._basic_pool.run(lambda: self._decide(None, basic, now, act))
         except Refusal as refusal:
             if refusal.code is Code.SECRET_INVALID:
                 engaged = self._basic_limits.failed(username, source)
@@ -249,40 +346,31 @@ class EstRoutes:
 
     def _decide(
         self,
-        label: Label,
-        csr_der: bytes,
         cert: x509.Certificate | None,
         basic: tuple[str, str] | None,
         now: dt.datetime,
-        reenroll: bool,
-    ) -> Issued:
+        act: Callable[[Principal], T],
+    ) -> T:
         """Authenticate and issue (signature, database): on a worker thread (the Basic
         pool, or the shared one for approval), or on the loop inside ``deferred_writes``."""
         authority = self._authority
         if cert is not None:
             who = authority.authenticate_certificate(cert, now=now)
         else:
-            assert basic is not None and not reenroll
+            assert basic is not None
             who = authority.authenticate_secret(basic[0], basic[1], now=now)
-        if reenroll:
-            return authority.reenroll(label, csr_der, who, now=now)
-        return authority.enroll(label, csr_der, who, now=now)
+        return act(who)
 
     async def _decide_on_loop(
-        self,
-        label: Label,
-        csr_der: bytes,
-        cert: x509.Certificate,
-        now: dt.datetime,
-        reenroll: bool,
-    ) -> Issued:
+        self, cert: x509.Certificate, now: dt.datetime, act: Callable[[Principal], T]
+    ) -> T:
         """The mTLS hot path: decide and sign here (≈ 0.5 ms of CPU, no hop to a
         thread), then await the commit of what the decision wrote."""
-        issued: Issued | None = None
+        issued: T | None = None
         refusal: Exception | None = None
         with self._authority.deferred_writes() as writes:
             try:
-                issued = self._decide(label, csr_der, cert, None, now, reenroll)
+                issued = self._decide(cert, None, now, act)
             except Exception as exc:  # answered after its audit entry is committed
                 refusal = exc
         for future in writes:

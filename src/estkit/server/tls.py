@@ -16,6 +16,10 @@ not complete ``head_timeout`` seconds after the handshake (or after its first
 byte, on a kept-alive connection), or a body not complete ``body_timeout``
 seconds after its head, gets 408 and the connection is closed. Idle keep-alive
 is uvicorn's own timeout.
+
+uvicorn's httptools protocol lower-cases every response header name it writes;
+some EST clients match names byte for byte, so each response head is written
+with canonical names (``_CanonicalHead``, ``quirks.canonical_head``).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from estkit.server.config import ConfigError, ServerConfig
 from estkit.server.limits import AddressSlots, ConnectionLimits
+from estkit.server.quirks import canonical_head, canonical_name
 from estkit.server.tls_openssl import TlsServerProtocol, server_context
 
 _TLS_VERSIONS = {"TLSv1.2": 0x0303, "TLSv1.3": 0x0304}
@@ -76,6 +81,8 @@ class TlsExtensionProtocol(HttpToolsProtocol):
             "client_cert_error": None,
             "tls_version": _TLS_VERSIONS.get(ssl_object.version() or ""),
             "cipher_suite": cipher[0] if cipher else None,
+            # estkit's own: RFC 7030 3.5 binding (``pki.binding.ChannelBinding``) or None.
+            "estkit.channel_binding": getattr(ssl_object, "channel_binding", None),
         }
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -120,7 +127,12 @@ class TlsExtensionProtocol(HttpToolsProtocol):
         self._reading_head = False
         self._head_bytes = self._head_lines = 0
         self._deadline = self.loop.time() + limits.body_timeout
+        previous = self.cycle
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle is not previous:
+            # Its task has not run yet: the head it writes goes through _CanonicalHead.
+            cycle.transport = _CanonicalHead(cycle.transport)  # type: ignore[assignment]
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
@@ -132,6 +144,17 @@ class TlsExtensionProtocol(HttpToolsProtocol):
         self._reading_head = True
         self._stop_timer()  # until the next request's first byte
         super().on_message_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request it cannot parse, with canonical header names."""
+        body = msg.encode("ascii", "replace")
+        head = [STATUS_LINE[400]]
+        for name, value in self.server_state.default_headers:
+            head += [canonical_name(name), b": ", value, b"\r\n"]
+        head.append(b"Content-Type: text/plain; charset=utf-8\r\n")
+        head.append(b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
 
     def _expect_by(self, seconds: float) -> None:
         self._deadline = self.loop.time() + seconds
@@ -176,6 +199,31 @@ class TlsExtensionProtocol(HttpToolsProtocol):
                 + body
             )
         transport.close()
+
+
+class _CanonicalHead:
+    """The transport as one request's ``RequestResponseCycle`` sees it.
+
+    uvicorn writes a response head in one ``write`` with every header name
+    lower-cased; this restores canonical names in that write (``quirks``) and
+    passes everything else through: an interim ``100 Continue`` before it, the
+    body after it.
+    """
+
+    __slots__ = ("_head_sent", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._head_sent = False
+
+    def write(self, data: bytes) -> None:
+        if not self._head_sent and not data.startswith(b"HTTP/1.1 1"):
+            self._head_sent = True
+            data = canonical_head(data)
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def https_protocol(

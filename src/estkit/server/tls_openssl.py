@@ -25,6 +25,14 @@ from typing import Any, cast
 
 from OpenSSL import SSL, crypto
 
+from estkit.pki.binding import (
+    EXPORTER_LABEL,
+    EXPORTER_LENGTH,
+    TLS_EXPORTER,
+    TLS_UNIQUE,
+    ChannelBinding,
+    binding_kind,
+)
 from estkit.server.limits import AddressSlots
 
 # OpenSSL's X509_V_FLAG_NO_CHECK_TIME: the handshake accepts an expired client
@@ -68,6 +76,7 @@ class _PeerInfo:
         self._der = None if cert is None else crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
         self._cipher = conn.get_cipher_name()
         self._version = conn.get_protocol_version_name()
+        self.channel_binding = _channel_binding(conn, self._version)
 
     def getpeercert(self, binary_form: bool = False) -> bytes | None:
         assert binary_form
@@ -78,6 +87,21 @@ class _PeerInfo:
 
     def version(self) -> str:
         return self._version
+
+
+def _channel_binding(conn: SSL.Connection, version: str) -> ChannelBinding | None:
+    """This connection's channel binding (RFC 7030 3.5): ``tls-unique`` on TLS 1.2, the
+    first Finished message (RFC 5929), which in a full handshake is the client's: the
+    server's ``get_peer_finished`` (``server_context`` allows no resumption, whose
+    abbreviated handshake would start with the server's); ``tls-exporter`` on TLS 1.3
+    (RFC 9266)."""
+    kind = binding_kind(version)
+    data: bytes | None = None
+    if kind == TLS_UNIQUE:
+        data = conn.get_peer_finished()
+    elif kind == TLS_EXPORTER:
+        data = conn.export_keying_material(EXPORTER_LABEL, EXPORTER_LENGTH, None)
+    return ChannelBinding(kind, data) if kind is not None and data else None
 
 
 class TlsTransport(asyncio.Transport):
