@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from estkit.ca.authority import IssuingCa
+from estkit.ca.errors import Code, Refusal
 from estkit.ca.policy import Label
 from estkit.pki.keys import PrivateKey, generate_key
 from estkit.pki.profiles import Kind, Profile, issue_ca
@@ -72,3 +74,12 @@ def label(**changes: object) -> Label:
     fields: dict[str, object] = {"name": "devices", "ca": "devices", "profile": OPERATIONAL}
     fields.update(changes)
     return Label(**fields)  # type: ignore[arg-type]
+
+
+def refused(code: Code, call: Callable[[], object]) -> Refusal:
+    """The refusal ``call`` raises, after checking its code and one-line reason."""
+    with pytest.raises(Refusal) as caught:
+        call()
+    assert caught.value.code is code, caught.value
+    assert caught.value.reason and "\n" not in caught.value.reason
+    return caught.value

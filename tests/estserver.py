@@ -97,6 +97,21 @@ def set_config(data_dir: Path, section: str, key: str, value: str) -> None:
     path.write_text(text[:start] + body + text[end:])
 
 
+def add_label(data_dir: Path, name: str, **settings: str | bool | int) -> None:
+    """Append ``[labels.<name>]`` issuing from the devices CA under the operational profile,
+    with ``settings`` as TOML values."""
+
+    def toml(value: str | bool | int) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return str(value) if isinstance(value, int) else f'"{value}"'
+
+    lines = [f"[labels.{name}]", 'ca = "devices"', 'profile = "operational"']
+    lines += [f"{key} = {toml(value)}" for key, value in settings.items()]
+    with (data_dir / "estkit.toml").open("a") as config:
+        config.write("\n" + "\n".join(lines) + "\n")
+
+
 @dataclass
 class EstServer:
     data_dir: Path

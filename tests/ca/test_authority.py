@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 from cryptography import x509
 
-from caenv import NOW, Cas, make_csr
+from caenv import NOW, Cas, make_csr, refused
 from estkit.ca.authority import Authority
 from estkit.ca.errors import Code, Refusal
 from estkit.ca.policy import Principal
@@ -21,13 +21,6 @@ from estkit.pki.keys import PrivateKey, generate_key
 from estkit.store import CertStatus, DeviceStatus, SqlStore
 
 Auth = Authority[SqlStore]
-
-
-def refused(code: Code, call: Callable[[], object]) -> Refusal:
-    with pytest.raises(Refusal) as caught:
-        call()
-    assert caught.value.code is code, caught.value
-    return caught.value
 
 
 def last_audit(store: SqlStore) -> tuple[str, str]:

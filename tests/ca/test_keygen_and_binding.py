@@ -4,7 +4,6 @@ in the policy and the authority: the decisions and their codes, without a server
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -15,10 +14,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, pkcs7
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import AttributeOID
 
-from caenv import NOW, Cas, label, make_csr
+from caenv import NOW, Cas, label, make_csr, refused
 from estkit.ca import policy
 from estkit.ca.authority import Authority
-from estkit.ca.errors import Code, Refusal
+from estkit.ca.errors import Code
 from estkit.ca.policy import Principal
 from estkit.pki.keys import PrivateKey, generate_key, public_keys_match
 from estkit.pki.serverkeygen import DECRYPT_KEY_IDENTIFIER
@@ -28,14 +27,6 @@ from testpki import cn_name
 Auth = Authority[SqlStore]
 BINDING = bytes(range(12))  # a TLS 1.2 Finished is 12 bytes
 KEYGEN = label(serverkeygen=True)
-
-
-def refused(code: Code, call: Callable[[], object]) -> Refusal:
-    with pytest.raises(Refusal) as caught:
-        call()
-    assert caught.value.code is code, caught.value
-    assert caught.value.reason and "\n" not in caught.value.reason
-    return caught.value
 
 
 def csr(

@@ -13,22 +13,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from caenv import NOW, OPERATIONAL, Cas, label, make_csr
+from caenv import NOW, OPERATIONAL, Cas, label, make_csr, refused
 from estkit.ca import policy
-from estkit.ca.errors import Code, Refusal
+from estkit.ca.errors import Code
 from estkit.ca.policy import Principal
 from estkit.pki.keys import PrivateKey, generate_key
 from estkit.pki.profiles import issue_leaf
 from estkit.store import CertStatus, DeviceStatus, PresentedCertificate
 from testpki import cn_name
-
-
-def refused(code: Code, call: Callable[[], object]) -> Refusal:
-    with pytest.raises(Refusal) as caught:
-        call()
-    assert caught.value.code is code, caught.value
-    assert caught.value.reason and "\n" not in caught.value.reason
-    return caught.value
 
 
 def leaf(

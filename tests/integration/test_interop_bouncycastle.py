@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from estserver import EstServer, make_server
+from estserver import EstServer, add_label, make_server
 from estutil import openssl_verify
 
 SOURCE = Path(__file__).parent / "bc" / "EstBc.java"
@@ -92,12 +92,8 @@ def est_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
     server = make_server(
         tmp_path_factory.mktemp("bc-est"), config={("server", "access_log"): "true"}
     )
-    with (server.data_dir / "estkit.toml").open("a") as config:
-        for name, (key_type, _, _) in KEYGEN_LABELS.items():
-            config.write(
-                f'\n[labels.{name}]\nca = "devices"\nprofile = "operational"\n'
-                f'serverkeygen = true\nserverkeygen_key_type = "{key_type}"\n'
-            )
+    for name, (key_type, _, _) in KEYGEN_LABELS.items():
+        add_label(server.data_dir, name, serverkeygen=True, serverkeygen_key_type=key_type)
     server.start()
     try:
         yield server

@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 
 from estkit.pki.certs import serial_hex
-from estserver import EstServer, make_server
+from estserver import EstServer, add_label, make_server
 from estutil import audit_rows
 from integration.test_interop_curl import Reply, Trust, openssl_csr, post_csr, run, wrap
 
@@ -32,12 +32,8 @@ MIME_LINE = re.compile(rb"[A-Za-z0-9+/]{1,76}={0,2}")
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
     server = make_server(tmp_path_factory.mktemp("serverkeygen"))
-    with (server.data_dir / "estkit.toml").open("a") as config:
-        for name, key_type in LABELS.items():
-            config.write(
-                f'\n[labels.{name}]\nca = "devices"\nprofile = "operational"\n'
-                f'serverkeygen = true\nserverkeygen_key_type = "{key_type}"\n'
-            )
+    for name, key_type in LABELS.items():
+        add_label(server.data_dir, name, serverkeygen=True, serverkeygen_key_type=key_type)
     server.start()
     try:
         yield server
