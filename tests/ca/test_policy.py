@@ -401,3 +401,59 @@ def test_provision_of_a_new_device_with_dns_names(key: PrivateKey) -> None:
         label(), request, device_id="dev-1", device_status=None, dns_names=["dev-1.example.com"]
     )
     assert grant.sans is not None and list(grant.sans) == [DNS("dev-1.example.com")]
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    length = (
+        bytes([n])
+        if n < 128
+        else bytes([0x80 | ((n.bit_length() + 7) // 8)])
+        + n.to_bytes((n.bit_length() + 7) // 8, "big")
+    )
+    return bytes([tag]) + length + content
+
+
+def _csr_with_two_valued_attribute(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """A validly signed CSR whose unstructuredName attribute holds two values."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.serialization import PublicFormat
+
+    values = _der(0x0C, b"abc") + _der(0x0C, b"abd")
+    attribute = _der(0x30, _der(0x06, bytes.fromhex("2a864886f70d010902")) + _der(0x31, values))
+    info = _der(
+        0x30,
+        _der(0x02, b"\x00")
+        + cn_name("dev-1").public_bytes()
+        + key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        + _der(0xA0, attribute),
+    )
+    signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
+    algorithm = _der(0x30, _der(0x06, bytes.fromhex("2a8648ce3d040302")))
+    return _der(0x30, info + algorithm + _der(0x03, b"\x00" + signature))
+
+
+def test_parse_request_refuses_a_csr_whose_attributes_cannot_be_read() -> None:
+    """``cryptography`` cannot read a multi-valued attribute: a bad CSR at once, not a 500
+    when channel binding or serverkeygen reads the attributes later."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    der = _csr_with_two_valued_attribute(key)
+    assert x509.load_der_x509_csr(der).is_signature_valid
+    refused(Code.BAD_CSR, lambda: policy.parse_request(der))
+
+
+def test_serverkeygen_refuses_a_request_for_symmetric_key_encryption(key: PrivateKey) -> None:
+    """RFC 7030 4.4.1.1's DecryptKeyIdentifier cannot be honoured: refused, never the key
+    sent unencrypted to a client that asked for it encrypted."""
+    from cryptography.hazmat.primitives import hashes
+
+    from estkit.pki.serverkeygen import SYMMETRIC_DECRYPT_KEY_IDENTIFIER, decrypt_key_identifier
+
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(cn_name("dev-1"))
+        .add_attribute(SYMMETRIC_DECRYPT_KEY_IDENTIFIER, b"key-1")
+        .sign(key, hashes.SHA256())
+    )
+    with pytest.raises(ValueError, match="DecryptKeyIdentifier"):
+        decrypt_key_identifier(csr)

@@ -160,6 +160,13 @@ def test_a_whole_label_of_unknown_keys_is_refused() -> None:
         ({("labels", "devices", "ca"): "root"}, "labels.devices.ca: an EST label"),
         ({("server", "max_request_bytes"): 0}, "server.max_request_bytes: 4096-"),
         ({("server", "port"): 9443, ("crl", "http_port"): 9443}, "crl.http_port: 9443 is"),
+        (
+            {
+                ("labels", "devices", "approval"): True,
+                ("labels", "devices", "require_channel_binding"): True,
+            },
+            "labels.devices.require_channel_binding: not with approval",
+        ),
     ],
     ids=[
         "fail/ca-not-a-table",
@@ -183,6 +190,7 @@ def test_a_whole_label_of_unknown_keys_is_refused() -> None:
         "fail/label-from-root",
         "fail/max-request-bytes-zero",
         "fail/crl-port-is-server-port",
+        "fail/binding-with-approval",
     ],
 )
 def test_bad_values_are_refused_naming_the_field(

@@ -51,6 +51,7 @@ class StandIn:
     demand_basic: bool = True  # from every client, certificate or not
     accept_basic: bool = True  # False: keeps answering 401
     announce_binding: bool = False  # csrattrs lists challengePassword
+    close_first_csrattrs: bool = False  # the first csrattrs answer ends its connection
     max_version: ssl.TLSVersion = ssl.TLSVersion.MAXIMUM_SUPPORTED
     seen: list[Seen] = field(default_factory=list)
     url: str = ""
@@ -70,9 +71,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self._record(None)
-        if self.path == f"{PREFIX}/csrattrs" and self.server.standin.announce_binding:
+        standin = self.server.standin
+        if self.path == f"{PREFIX}/csrattrs" and standin.announce_binding:
             der = csrattrs.encode_csrattrs([binding.CHALLENGE_PASSWORD])
-            self._answer(200, wire.encode_base64_body(der), wire.CSRATTRS)
+            first = sum(s.path.endswith("/csrattrs") for s in standin.seen) == 1
+            close = standin.close_first_csrattrs and first
+            self._answer(200, wire.encode_base64_body(der), wire.CSRATTRS, close=close)
         elif self.path == f"{PREFIX}/csrattrs":
             self._answer(204, b"", None)
         else:
@@ -98,7 +102,12 @@ class _Handler(BaseHTTPRequestHandler):
                 or seen.tls_unique is None
                 or not binding.carries_binding(password, seen.tls_unique)
             ):
-                self._answer(403, b"CSR not bound to this TLS connection", "text/plain")
+                self._answer(
+                    403,
+                    b"CSR not bound to this TLS connection",
+                    "text/plain",
+                    code="channel-binding-mismatch",
+                )
                 return
         if self.path == f"{PREFIX}/simpleenroll":
             leaf = standin.ca.issue(csr.public_key(), subject=csr.subject)
@@ -129,11 +138,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.standin.seen.append(seen)
         return seen
 
-    def _answer(self, status: int, body: bytes, content_type: str | None) -> None:
+    def _answer(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str | None,
+        *,
+        close: bool = False,
+        code: str | None = None,
+    ) -> None:
         self.send_response(status)
         if content_type is not None:
             self.send_header("Content-Type", content_type)
+        if code is not None:
+            self.send_header("Estkit-Refusal-Code", code)
         self.send_header("Content-Length", str(len(body)))
+        if close:
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         self.wfile.write(body)
 

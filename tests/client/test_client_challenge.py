@@ -204,3 +204,38 @@ def test_a_401_without_a_body_gives_its_reason_from_the_header(clock: FakeClock,
         est.cacerts()
     assert caught.value.code == "secret-invalid"
     assert caught.value.reason == "enrollment secret not valid for this device"
+
+
+@pytest.mark.parametrize(
+    "csrattrs",
+    [
+        httpx.Response(200, content=b"<html>hello</html>", headers={"Content-Type": "text/html"}),
+        httpx.Response(
+            200, content=b"\x30\x03junk", headers={"Content-Type": "application/csrattrs"}
+        ),
+        httpx.Response(500, content=b"oops", headers={"Content-Type": "text/plain"}),
+    ],
+    ids=["html", "not-base64", "server-error"],
+)
+def test_an_odd_csrattrs_answer_leaves_the_csr_unbound(
+    server: Server,
+    transport: httpx.MockTransport,
+    clock: FakeClock,
+    ca: Pki,
+    csrattrs: httpx.Response,
+) -> None:
+    """The probe for channel binding must not break enrollment against servers whose
+    /csrattrs says nothing usable."""
+    server.on(f"{PREFIX}/csrattrs", lambda request: csrattrs)
+    server.on(f"{PREFIX}/simpleenroll", _demanding_basic(ca))
+    key = keys.generate_key("ec-p256")
+    passwords: list[str | None] = []
+
+    def factory(password: str | None) -> x509.CertificateSigningRequest:
+        passwords.append(password)
+        return csr.build_csr(key, subject=cn_name("dev-1"))
+
+    with _client(transport, clock, ca, BASIC) as est:
+        issued = est.simpleenroll(factory)
+    assert passwords == [None]
+    assert issued[0].public_key() == key.public_key()

@@ -139,6 +139,30 @@ def test_csr_carries_the_tls_unique_of_the_connection_that_carries_it(
     assert password is not None and binding.carries_binding(password, bound.tls_unique)
 
 
+def test_a_csr_bound_to_a_connection_that_closed_is_bound_again_once(
+    run: Run, ca: Pki, certificate: ClientCertificate
+) -> None:
+    """The probe's connection ends before the CSR goes out: the server refuses the CSR
+    (channel-binding-mismatch) and the client makes it again, bound to its new connection."""
+    standin = run(
+        StandIn(
+            ca,
+            announce_binding=True,
+            demand_basic=False,
+            max_version=ssl.TLSVersion.TLSv1_2,
+            close_first_csrattrs=True,
+        )
+    )
+    calls: list[str | None] = []
+    with _client(standin, ca, certificate) as est:
+        est.simpleenroll(_factory(keys.generate_key("ec-p256"), calls))
+    assert [s.method for s in standin.seen] == ["GET", "POST", "GET", "POST"]
+    first, second = standin.seen[1], standin.seen[3]
+    assert first.tls_unique != standin.seen[0].tls_unique  # sent on another connection
+    assert second.tls_unique == standin.seen[2].tls_unique  # bound to its own
+    assert len(calls) == 2 and calls[0] != calls[1]
+
+
 def test_no_binding_when_csrattrs_does_not_ask(
     run: Run, ca: Pki, certificate: ClientCertificate
 ) -> None:

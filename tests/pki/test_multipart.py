@@ -6,6 +6,7 @@ import base64
 import datetime as dt
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from estkit.pki import cms, keys, multipart, profiles, serverkeygen
 from estkit.pki.errors import DecodeError
@@ -25,6 +26,12 @@ CERT = profiles.issue_leaf(
 )
 KEY_B64 = base64.b64encode(serverkeygen.private_key_der(KEY))
 CERTS_B64 = base64.b64encode(cms.encode_certs_only([CERT]))
+# The same key as SEC1 (RFC 5915), which RFC 7030 4.4.2's application/pkcs8 is not.
+SEC1_DER = KEY.private_bytes(
+    serialization.Encoding.DER,
+    serialization.PrivateFormat.TraditionalOpenSSL,
+    serialization.NoEncryption(),
+)
 
 
 def _wrap(text: bytes, width: int, newline: bytes) -> bytes:
@@ -119,9 +126,14 @@ def test_quoted_boundary_and_parameters_are_read() -> None:
         (
             _body().replace(KEY_B64[:8], b"AAAAAAAA"),
             "multipart/mixed; boundary=b1",
-            "not an unencrypted DER PKCS#8",
+            "not (an unencrypted DER )?PKCS#8",
         ),
         (b"--b1--\r\n", "multipart/mixed; boundary=b1", "no parts"),
+        (
+            _body(width=0).replace(KEY_B64, base64.b64encode(SEC1_DER)),
+            "multipart/mixed; boundary=b1",
+            "not PKCS#8",
+        ),
     ],
     ids=[
         "fail/not-multipart",
@@ -132,6 +144,7 @@ def test_quoted_boundary_and_parameters_are_read() -> None:
         "fail/unknown-part",
         "fail/broken-key",
         "fail/empty",
+        "fail/sec1-not-pkcs8",
     ],
 )
 def test_broken_serverkeygen_answers_are_refused(

@@ -59,6 +59,7 @@ from estkit.client.errors import (
     EstAuthError,
     EstCircuitOpen,
     EstConnectionError,
+    EstError,
     EstHttpError,
     EstNotFoundError,
     EstProtocolError,
@@ -81,6 +82,8 @@ from estkit.pki.csrattrs import CsrAttribute, decode_csrattrs
 from estkit.pki.errors import DecodeError, PkiError
 
 HEALTH_PATH = "/health/certificate"
+# The server's refusal code for a CSR bound to another TLS connection (RFC 7030 3.5).
+BINDING_MISMATCH = "channel-binding-mismatch"
 __all__ = ["MIN_PENDING_DELAY", "USER_AGENT", "CsrFactory", "EstClient"]
 # An EST code the server may send: a valid token of at most this many characters.
 _MAX_CODE = 64
@@ -91,7 +94,11 @@ CsrFactory = Callable[[str | None], x509.CertificateSigningRequest]
 
 
 class EstClient:
-    """EST operations against one base URL (path prefix and label included)."""
+    """EST operations against one base URL (path prefix and label included).
+
+    One thread at a time: its connection (which a channel binding belongs to) and its
+    Basic-challenge state are not shared safely; give each thread its own client (they
+    may share a ``CircuitBreaker``)."""
 
     def __init__(
         self,
@@ -230,7 +237,7 @@ class EstClient:
         ignores the CSR's key, but the CSR must be signed; the key must come unencrypted
         (PKCS#8: this client names no key to encrypt it to)."""
         deadline = self._deadline()
-        answer = _expect(self._post("serverkeygen", self._csr(csr, deadline), deadline), 200)
+        answer = _expect(self._submit("serverkeygen", csr, deadline)[1], 200)
         try:
             generated = multipart.decode_serverkeygen(
                 answer.body, answer.headers.get("content-type", "")
@@ -268,8 +275,7 @@ class EstClient:
         self, operation: str, request: x509.CertificateSigningRequest | CsrFactory
     ) -> list[x509.Certificate]:
         deadline = self._deadline()
-        csr = self._csr(request, deadline)
-        answer = self._post(operation, csr, deadline)
+        csr, answer = self._submit(operation, request, deadline)
         issued = self._certificates(_expect(answer, 200))
         return _issued_first(issued, csr.public_key(), whose="the CSR's key", where=answer.where)
 
@@ -310,32 +316,65 @@ class EstClient:
 
     def _csr(
         self, request: x509.CertificateSigningRequest | CsrFactory, deadline: float
-    ) -> x509.CertificateSigningRequest:
-        """The CSR to send: ``request`` itself, or what the factory makes once ``/csrattrs``
-        said whether to bind it, on the connection that will carry it."""
+    ) -> tuple[x509.CertificateSigningRequest, bool]:
+        """The CSR to send, and whether it is bound to the current connection: ``request``
+        itself, or what the factory makes once ``/csrattrs`` said whether to bind it, on
+        the connection that will carry it."""
         if isinstance(request, x509.CertificateSigningRequest):
-            return request
+            return request, False
         try:
             attributes, answer = self._csrattrs(deadline)
-        except EstHttpError:  # no attributes for us: the request itself will say why
-            return request(None)
+        except EstCircuitOpen:
+            raise
+        except (EstHttpError, EstProtocolError, EstConnectionError):
+            # No usable attributes for us: the request itself will say what is wrong.
+            return request(None), False
         if not any(a.oid == binding.CHALLENGE_PASSWORD for a in attributes):
-            return request(None)
+            return request(None), False
         session = answer.tls if answer is not None else None
         if session is not None and session.tls_unique is None and not self._tls12_only:
             # No tls-exporter from Python's ssl (module docstring): bind over TLS 1.2.
             self._tls12_only = True
             self.close()
-            _, answer = self._csrattrs(deadline)
+            try:
+                _, answer = self._csrattrs(deadline)
+            except EstError as exc:
+                self._tls12_only = False  # this client's other calls keep TLS 1.3
+                self.close()
+                raise EstProtocolError(
+                    f"{self._url('csrattrs')}: the server asks for the TLS channel binding "
+                    "(RFC 7030 3.5), which this client can make over TLS 1.2 only, and TLS "
+                    f"1.2 failed: {exc}"
+                ) from exc
         session = answer.tls if answer is not None else None
         if session is None or session.tls_unique is None:
             where = answer.where if answer is not None else self._url("csrattrs")
             over = f"over {session.version}" if session is not None else "here"
             raise EstProtocolError(
                 f"{where}: the server asks for the TLS channel binding (challengePassword, "
-                f"RFC 7030 3.5), but the connection has no tls-unique {over}"
+                f"RFC 7030 3.5), but the connection has no tls-unique {over} (a server that "
+                "closes every connection cannot be bound to)"
             )
-        return request(binding.encode_binding(session.tls_unique))
+        return request(binding.encode_binding(session.tls_unique)), True
+
+    def _submit(
+        self,
+        operation: str,
+        request: x509.CertificateSigningRequest | CsrFactory,
+        deadline: float,
+    ) -> tuple[x509.CertificateSigningRequest, Response]:
+        """POST the CSR. A bound CSR that reached the server on another connection than
+        the one it was bound to (a retry, a reconnect) is refused with
+        ``channel-binding-mismatch``: it is made and sent again once, freshly bound."""
+        csr, bound = self._csr(request, deadline)
+        try:
+            return csr, self._post(operation, csr, deadline)
+        except EstHttpError as exc:
+            if not bound or exc.code != BINDING_MISMATCH:
+                raise
+        self.close()  # a new connection, a new binding
+        csr, _ = self._csr(request, deadline)
+        return csr, self._post(operation, csr, deadline)
 
     def _certificates(self, answer: Response) -> list[x509.Certificate]:
         der = _payload(answer, wire.PKCS7_MIME)

@@ -279,6 +279,7 @@ class HttpCore:
             method, url, content=content, headers=headers, timeout=httpx.Timeout(timeout)
         )
         response = http.send(request, stream=True)
+        session = tls_session(response)  # before close: the stream may be gone after it
         try:
             body = bytearray()
             for chunk in response.iter_bytes():
@@ -303,7 +304,7 @@ class HttpCore:
             response.headers,
             bytes(body),
             retry_after,
-            tls_session(response),
+            session,
         )
 
     def _backoff(self, attempt: int) -> float:

@@ -71,6 +71,10 @@ def parse_csr(der: bytes) -> CertificationRequest:
         extensions = csr.extensions
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
         raise DecodeError(f"CSR extensions cannot be decoded: {exc}") from exc
+    try:
+        csr.attributes  # noqa: B018 - decoded here once, so later readers cannot fail
+    except ValueError as exc:  # e.g. an attribute with several values
+        raise DecodeError(f"CSR attributes cannot be decoded: {exc}") from exc
     sans = subject_alt_names(extensions)
     try:
         constraints: x509.BasicConstraints | None = extensions.get_extension_for_class(

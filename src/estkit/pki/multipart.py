@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from estkit.pki import cms, keys, wire
+from estkit.pki import der as der_codec
 from estkit.pki.errors import DecodeError
 
 MULTIPART_MIXED = "multipart/mixed"
@@ -142,6 +143,8 @@ def decode_serverkeygen(body: bytes, content_type: str) -> ServerGeneratedKey:
 
 
 def _private_key(der: bytes) -> keys.PrivateKey:
+    if not _is_pkcs8(der):
+        raise DecodeError("the key part is not PKCS#8 (RFC 7030 4.4.2; PKCS#1 or SEC1 is not)")
     try:
         key = serialization.load_der_private_key(der, password=None)
     except (ValueError, TypeError) as exc:
@@ -150,3 +153,16 @@ def _private_key(der: bytes) -> keys.PrivateKey:
         raise DecodeError(f"the server sent a {type(key).__name__}, not an EC or RSA key")
     keys.key_type_of(key.public_key())
     return key
+
+
+def _is_pkcs8(der: bytes) -> bool:
+    """PrivateKeyInfo (RFC 5958): SEQUENCE { version INTEGER, AlgorithmIdentifier
+    SEQUENCE, ... }. PKCS#1 and SEC1 keys have an INTEGER or OCTET STRING second."""
+    try:
+        tag, content, end = der_codec.read_tlv(der)
+        if tag != 0x30 or end != len(der):
+            return False
+        elements = list(der_codec.iter_elements(content))
+    except DecodeError:
+        return False
+    return len(elements) >= 3 and elements[0][0] == 0x02 and elements[1][0] == 0x30

@@ -24,6 +24,8 @@ from estkit.pki.errors import DecodeError
 from estkit.pki.keys import PrivateKey
 
 DECRYPT_KEY_IDENTIFIER = x509.ObjectIdentifier("1.2.840.113549.1.9.16.2.54")
+# id-aa-decryptKeyID: encrypt to a symmetric key both sides hold (not supported).
+SYMMETRIC_DECRYPT_KEY_IDENTIFIER = x509.ObjectIdentifier("1.2.840.113549.1.9.16.2.37")
 BOUNDARY = "estkit-serverkeygen-boundary"
 CONTENT_TYPE = f"multipart/mixed; boundary={BOUNDARY}"
 KEY_PART = "application/pkcs8"
@@ -44,7 +46,15 @@ def private_key_der(key: PrivateKey) -> bytes:
 
 
 def decrypt_key_identifier(csr: x509.CertificateSigningRequest) -> bytes | None:
-    """The CSR's ``AsymmetricDecryptKeyIdentifier`` (an OCTET STRING), None when absent."""
+    """The CSR's ``AsymmetricDecryptKeyIdentifier`` (an OCTET STRING), None when absent.
+    A ``DecryptKeyIdentifier`` (a symmetric key, RFC 7030 4.4.1.1) cannot be honoured:
+    ``DecodeError`` rather than sending the key unencrypted to a client that asked."""
+    try:
+        csr.attributes.get_attribute_for_oid(SYMMETRIC_DECRYPT_KEY_IDENTIFIER)
+    except x509.AttributeNotFound:
+        pass
+    else:
+        raise DecodeError("DecryptKeyIdentifier (symmetric key encryption) is not supported")
     try:
         attribute = csr.attributes.get_attribute_for_oid(DECRYPT_KEY_IDENTIFIER)
     except x509.AttributeNotFound:

@@ -389,6 +389,12 @@ def _label(
             f"{f}.serverkeygen: not with approval = true (the generated key would have to be "
             "kept until an operator decides; estkit never stores one)"
         )
+    binding = _get(table, "require_channel_binding", bool, f"{f}.require_channel_binding", False)
+    if binding and approval:
+        raise ConfigError(
+            f"{f}.require_channel_binding: not with approval = true (a device retries its "
+            "pending CSR on later connections, where its binding no longer holds)"
+        )
     key_type = _get(table, "serverkeygen_key_type", str, f"{f}.serverkeygen_key_type", "ec-p256")
     if key_type not in SERVERKEYGEN_KEY_TYPES:
         raise ConfigError(
@@ -408,9 +414,7 @@ def _label(
         dns_wildcards=_get(table, "dns_wildcards", bool, f"{f}.dns_wildcards", False),
         serverkeygen=serverkeygen,
         serverkeygen_key_type=key_type,
-        require_channel_binding=_get(
-            table, "require_channel_binding", bool, f"{f}.require_channel_binding", False
-        ),
+        require_channel_binding=binding,
     )
 
 

@@ -98,6 +98,8 @@ def _channel_binding(conn: SSL.Connection, version: str) -> ChannelBinding | Non
     kind = binding_kind(version)
     data: bytes | None = None
     if kind == TLS_UNIQUE:
+        # Correct only without resumption (then the first Finished is the server's), which
+        # server_context turns off; pyOpenSSL cannot tell whether a session was reused.
         data = conn.get_peer_finished()
     elif kind == TLS_EXPORTER:
         data = conn.export_keying_material(EXPORTER_LABEL, EXPORTER_LENGTH, None)
