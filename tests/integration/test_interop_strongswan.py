@@ -370,3 +370,7 @@ def test_a_configured_line_length_applies_to_every_client(
     if not pki_reads_it:
         assert "unknown format" in by_pki.stderr
     assert bool(by_openssl) is openssl_reads_it
+    # One line for everyone breaks OpenSSL-based clients: the server says so at start.
+    assert fresh_server.log_path is not None
+    warned = "labels.devices.base64_line_length = 0" in fresh_server.log_path.read_text()
+    assert warned is (line_length == "0")

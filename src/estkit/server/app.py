@@ -204,6 +204,17 @@ def _listen_failure(address: str, setting: str, exc: OSError) -> str:
     return f"cannot listen on {address} ({setting}): {why}"
 
 
+def config_warnings(config: ServerConfig) -> list[str]:
+    """Settings that are valid but probably not what the operator wants, one line each."""
+    return [
+        f"labels.{name}.base64_line_length = 0 sends one-line base64 to every client; "
+        "clients that read base64 through OpenSSL (libest, `openssl base64 -d`) cannot: "
+        "remove the setting to let estkit choose per client (README: Interop quirks)"
+        for name, label in config.labels.items()
+        if label.base64_line_length == 0
+    ]
+
+
 def serve(
     config: ServerConfig,
     *,
@@ -263,6 +274,8 @@ def serve(
         lifespan="off",
     )
     shown = f"[{host}]" if ":" in host else host
+    for warning in config_warnings(config):
+        logging.getLogger("uvicorn.error").warning("%s", warning)
     # uvicorn logs this line only for sockets it binds itself; tests and people wait for it.
     logging.getLogger("uvicorn.error").info(
         "Uvicorn running on https://%s:%d (Press CTRL+C to quit)", shown, port
