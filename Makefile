@@ -10,8 +10,9 @@ DATA_DIR  ?= var/estkit
 PORT      ?=
 CRL_PORT  ?=
 PORT_ARGS := $(if $(PORT),--port $(PORT)) $(if $(CRL_PORT),--crl-port $(CRL_PORT))
-# Debian packages the tests use as independent peers and tools.
-TEST_DEBS := strongswan-pki libstrongswan-standard-plugins libstrongswan-extra-plugins curl openssl mosquitto default-jdk-headless libbcprov-java libbcpkix-java libbcutil-java
+# Debian packages the tests use as independent peers and tools (postgresql: the tests
+# start throwaway clusters of their own, tests/pgcluster.py; its system service is not used).
+TEST_DEBS := postgresql strongswan-pki libstrongswan-standard-plugins libstrongswan-extra-plugins curl openssl mosquitto default-jdk-headless libbcprov-java libbcpkix-java libbcutil-java
 
 .PHONY: run test lint typecheck deps-test demo bench clean
 

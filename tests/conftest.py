@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from backends import BACKENDS
 from estkit.store import SqlStore
 from estserver import DEFAULT_PORTS, EstServer, hold_port, make_server
+from pgcluster import PgCluster, running_cluster
 
 _HELD = pytest.StashKey[list[socket.socket]]()
 
@@ -65,10 +67,32 @@ def device_id(request: pytest.FixtureRequest) -> str:
     return f"{name}-{os.getpid()}-{next(_counter)}"
 
 
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """A throwaway PostgreSQL cluster of this worker, started when a test first needs it."""
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A migrated database of the test's own: SQLite in ``tmp_path``, then a database
+    on this worker's PostgreSQL cluster (``backends.sqlite_only`` picks one)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'estkit.db'}"
+        migrated = SqlStore.open(url)
+        migrated.migrate()
+        migrated.close()
+        yield url
+    else:
+        cluster: PgCluster = request.getfixturevalue("pg_cluster")
+        with cluster.database() as url:
+            yield url
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqlStore]:
-    """A migrated SQLite store in ``tmp_path / "estkit.db"``, no server."""
-    s = SqlStore.open(f"sqlite:///{tmp_path / 'estkit.db'}")
-    s.migrate()
+def store(database_url: str) -> Iterator[SqlStore]:
+    """A migrated store on each backend, no server."""
+    s = SqlStore.open(database_url)
     yield s
     s.close()

@@ -1,5 +1,6 @@
-"""The authority on a real SQLite store, no server: the refusals that need stored facts,
-one audit entry per decision with its code, and store errors translated once."""
+"""The authority on a real store (SQLite, then PostgreSQL), no server: the refusals that
+need stored facts, one audit entry per decision with its code, and store errors
+translated once."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import sqlalchemy as sa
 from cryptography import x509
 
+from backends import sqlite_only
 from caenv import NOW, Cas, make_csr, refused
 from estkit.ca.authority import Authority
 from estkit.ca.errors import Code, Refusal
@@ -202,33 +204,49 @@ def test_tokens_refuse_with_codes(store: SqlStore) -> None:
 # -- storage that cannot take the request -----------------------------------------------
 
 
-def _on_every_connection(store: SqlStore, pragma: str) -> None:
-    """Make every new connection of the store run ``pragma`` (the pool is emptied first)."""
+def _on_every_connection(store: SqlStore, statement: str) -> None:
+    """Make every new connection of the store run ``statement`` (the pool is emptied first)."""
     engine: sa.Engine = store._engine
 
     def apply(dbapi_conn: Any, _record: Any) -> None:
         cursor = dbapi_conn.cursor()
-        cursor.execute(pragma)
+        cursor.execute(statement)
         cursor.close()
+        if engine.dialect.name != "sqlite":
+            dbapi_conn.commit()  # psycopg opened a transaction for the SET
 
     sa.event.listen(engine, "connect", apply)
     engine.dispose()
 
 
-def _page_count(store: SqlStore) -> int:
+def _make_read_only(store: SqlStore) -> None:
+    if store._engine.dialect.name == "sqlite":
+        _on_every_connection(store, "PRAGMA query_only = 1")
+    else:
+        _on_every_connection(store, "SET default_transaction_read_only = on")
+
+
+def _make_disk_full(store: SqlStore) -> None:
     with store._engine.connect() as conn:
-        return int(conn.exec_driver_sql("PRAGMA page_count").scalar_one())
+        pages = int(conn.exec_driver_sql("PRAGMA page_count").scalar_one())
+    _on_every_connection(store, f"PRAGMA max_page_count = {pages}")
 
 
-@pytest.mark.parametrize(
-    "make_unavailable",
-    [
-        lambda store: _on_every_connection(store, "PRAGMA query_only = 1"),
-        lambda store: _on_every_connection(store, f"PRAGMA max_page_count = {_page_count(store)}"),
-    ],
-    ids=["read-only", "disk-full"],
-)
-def test_a_database_that_cannot_write_refuses_unavailable_and_writes_nothing(
+def test_a_read_only_database_refuses_unavailable_and_writes_nothing(
+    authority: Auth, store: SqlStore, key: PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    _refuses_unavailable_and_writes_nothing(authority, store, key, _make_read_only, caplog)
+
+
+@sqlite_only
+def test_a_full_disk_refuses_unavailable_and_writes_nothing(
+    authority: Auth, store: SqlStore, key: PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite only: its page limit stands in for a full disk."""
+    _refuses_unavailable_and_writes_nothing(authority, store, key, _make_disk_full, caplog)
+
+
+def _refuses_unavailable_and_writes_nothing(
     authority: Auth,
     store: SqlStore,
     key: PrivateKey,
@@ -272,7 +290,7 @@ def test_a_deferred_write_that_fails_answers_unavailable(
 ) -> None:
     """The mTLS hot path queues its writes; their failure reaches the caller as a refusal."""
     _, who = bootstrap(authority)
-    _on_every_connection(store, "PRAGMA query_only = 1")
+    _make_read_only(store)
     with authority.deferred_writes() as writes:
         authority.enroll(authority.labels["devices"], make_csr(key), who, now=NOW)
     assert writes

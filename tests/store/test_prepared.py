@@ -1,5 +1,8 @@
 """The enrollment path's statements on SQLite's DB-API (store/prepared.py) store exactly
-what SQLAlchemy Core stores, and refuse what Core refuses."""
+what SQLAlchemy Core stores, and refuse what Core refuses.
+
+SQLite only: on any other dialect a ``Prepared`` statement is the Core statement.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +13,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from backends import sqlite_only
 from estkit.store import AuditEvent, CertificateRecord, CertStatus, SqlStore, schema
 from estkit.store.prepared import Prepared
 from estkit.store.sql import _PRESENTED_CERTIFICATE, _cert_row
+
+pytestmark = sqlite_only
 
 CEST = dt.timezone(dt.timedelta(hours=2))
 # Not UTC and with microseconds: both must be converted as Core converts them.

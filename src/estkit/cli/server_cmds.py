@@ -158,6 +158,7 @@ def _port(value: str) -> int:
 
 
 def cmd_server_init(args: argparse.Namespace) -> int:
+    import json
     import tomllib
 
     from estkit.ca.files import write_atomic
@@ -170,18 +171,27 @@ def cmd_server_init(args: argparse.Namespace) -> int:
     data_dir.chmod(0o700)
     config_path = data_dir / CONFIG_NAME
     if config_path.exists():
-        moved = _update_ports(args, config_path)
+        changes = [
+            c for c in (_update_ports(args, config_path), _update_database(args, config_path)) if c
+        ]
         print(
-            f"config: {moved} ({config_path})"
-            if moved
+            f"config: {', '.join(changes)} ({config_path})"
+            if changes
             else f"config: exists ({config_path}), unchanged"
         )
     else:
         port = DEFAULT_PORT if args.port is None else args.port
         public_host = args.hostname[0] if args.hostname else "localhost"
         text = DEFAULT_CONFIG.format(
-            port=port, public_host=public_host, crl_port=args.crl_port or port + 1
+            port=port,
+            public_host=public_host,
+            crl_port=args.crl_port or port + 1,
         )
+        if args.database_url is not None:
+            url = json.dumps(args.database_url)
+            edited = _set_toml_value(text, "database", "url", lambda _: url, insert=True)
+            assert edited is not None  # the template has a [database] section
+            text = edited
         try:  # nothing written that the next command would refuse
             parse_config(tomllib.loads(text), data_dir)
         except ConfigError as exc:
@@ -262,6 +272,44 @@ def _update_ports(args: argparse.Namespace, path: Path) -> str | None:
     if crl_port != old_crl:
         moved.append(f"CRL port {old_crl} -> {crl_port}")
     return ", ".join(moved)
+
+
+def _update_database(args: argparse.Namespace, path: Path) -> str | None:
+    """Point an existing config at ``--database-url``; say so, or None if it already was."""
+    import json
+    import tomllib
+
+    from estkit.ca.files import write_atomic
+    from estkit.server.config import ConfigError, parse_config
+
+    if args.database_url is None:
+        return None
+    text = path.read_text()
+    section = tomllib.loads(text).get("database", {})
+    if isinstance(section, dict) and section.get("url") == args.database_url:
+        return None
+    if re.search(r"^\[database\][ \t]*(#.*)?$", text, re.M) is None:
+        text = f"{text.rstrip()}\n\n[database]\n"
+    edited = _set_toml_value(
+        text, "database", "url", lambda _: json.dumps(args.database_url), insert=True
+    )
+    assert edited is not None  # the section exists now
+    try:
+        parse_config(tomllib.loads(edited), args.data_dir)
+    except (ConfigError, tomllib.TOMLDecodeError) as exc:
+        raise CliError(f"{path}: not changed: {exc}", exit_code=EXIT_CONFIG) from None
+    write_atomic(path, edited.encode(), mode=0o600)
+    return "database url changed"
+
+
+def _database_url(value: str) -> str:
+    from estkit.server.config import ConfigError, database_url
+
+    try:
+        database_url(value)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("database.url: ")) from None
+    return value
 
 
 def _with_port(old: int, new: int) -> Callable[[str], str]:
@@ -660,6 +708,14 @@ def register(sub: Any) -> None:
         "--crl-port",
         type=_port,
         help="plain-HTTP port for CRLs (default: port+1, following --port while it is port+1)",
+    )
+    p.add_argument(
+        "--database-url",
+        type=_database_url,
+        metavar="URL",
+        help="sqlite:///FILE (default: estkit.db in the data directory) or "
+        "postgresql://USER@HOST:PORT/DB; on an existing config, changes it there; "
+        "the database is migrated to the newest schema",
     )
     _command(p, cmd_server_init)
     p = server.add_parser("info", help="print the EST URL, trust anchor and an example")

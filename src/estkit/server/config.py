@@ -245,7 +245,7 @@ def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
         raise ConfigError("server.max_request_bytes: 4096-16777216 (a CSR is a few KB)")
     tls = _section(data, "tls")
     db = _section(data, "database")
-    db_url = _get(db, "url", str, "database.url", "sqlite:///estkit.db")
+    db_url = database_url(_get(db, "url", str, "database.url", "sqlite:///estkit.db"))
     if db_url.startswith("sqlite:///") and not db_url.startswith("sqlite:////"):
         db_url = f"sqlite:///{path_of(db_url.removeprefix('sqlite:///'))}"
 
@@ -418,6 +418,18 @@ def _label(
     )
 
 
+def database_url(url: str) -> str:
+    """``url`` checked to name a backend estkit supports; ``postgresql://`` gets its
+    driver (psycopg 3, the ``estkit[postgres]`` extra)."""
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if url.startswith(("sqlite:///", "postgresql+psycopg://")):
+        return url
+    raise ConfigError(
+        f"database.url: expected sqlite:///FILE or postgresql://USER@HOST:PORT/DB, got {url!r}"
+    )
+
+
 DEFAULT_CONFIG = """\
 # estkit server configuration, written by `estkit server init`.
 # Relative paths are relative to this file's directory (the data directory).
@@ -444,7 +456,8 @@ cert = "tls/server.pem"
 key = "tls/server.key"
 
 [database]
-# SQLite file in the data directory; postgresql://user@host/db for several nodes.
+# SQLite file in the data directory; postgresql://user@host:port/db (the
+# estkit[postgres] extra) for several nodes on one database.
 url = "sqlite:///estkit.db"
 
 # The CAs. `root` is the trust anchor devices are given; `devices` issues the

@@ -117,9 +117,16 @@ class SqlStore:
     @classmethod
     def open(cls, url: str) -> SqlStore:
         """Connect; the schema must already be at HEAD_REVISION (see ``migrate``)."""
-        engine = sa.create_engine(url, future=True, pool_pre_ping=not url.startswith("sqlite"))
-        if engine.dialect.name == "sqlite":
+        if url.startswith("sqlite"):
+            engine = sa.create_engine(url, future=True)
             sa.event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            # A server process holds a few connections (its request threads and the
+            # writer thread), so many nodes and workers stay within max_connections;
+            # pre-ping replaces a connection the database closed (a restart, a failover).
+            engine = sa.create_engine(
+                url, future=True, pool_pre_ping=True, pool_size=5, max_overflow=10
+            )
         sa.event.listen(engine, "handle_error", translate_unavailable)
         return cls(engine)
 
@@ -134,7 +141,8 @@ class SqlStore:
         with self._engine.connect() as conn:
             try:
                 rev = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
-            except sa.exc.OperationalError as exc:
+            # SQLite: "no such table" (OperationalError); PostgreSQL: UndefinedTable.
+            except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
                 raise SchemaError("no estkit schema: run `estkit server init`") from exc
         if rev != HEAD_REVISION:
             raise SchemaError(f"database schema is at {rev}, this estkit needs {HEAD_REVISION}")
