@@ -130,3 +130,23 @@ audit_head = sa.Table(
     sa.Column("last_id", sa.Integer(), nullable=False),
     sa.Column("last_hash", sa.String(64), nullable=False),
 )
+
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("region", sa.String(64), nullable=False),
+    sa.Column("public_url", sa.String(512), nullable=False),
+    sa.Column("started_at", UtcDateTime(), nullable=False),
+    sa.Column("last_seen", UtcDateTime(), nullable=False),
+    sa.Column("version", sa.String(32), nullable=False),
+)
+
+crl_state = sa.Table(
+    "crl_state",
+    metadata,
+    sa.Column("ca", sa.String(64), primary_key=True),
+    sa.Column("revision", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("number", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("updated_at", UtcDateTime(), nullable=True),
+)

@@ -43,7 +43,7 @@ from estkit.store.prepared import Prepared
 from estkit.store.unavailable import translate_unavailable
 from estkit.store.writer import GroupCommitter
 
-HEAD_REVISION = "0002"
+HEAD_REVISION = "0003"
 T = TypeVar("T")
 
 
