@@ -29,6 +29,7 @@ from jwt.algorithms import ECAlgorithm
 
 from estkit.pki.certs import fingerprint, serial_hex
 from estkit.pki.keys import PrivateKey
+from estkit.server.config import default_node_name
 from estserver import EstServer, make_server
 from estutil import Identity, csr_der, http, issued_cert, new_key, openssl_verify, post_csr
 
@@ -284,6 +285,7 @@ def test_openapi_document_lists_every_route_with_bearer_auth(api: Api) -> None:
             "/pending",
             "/pending/{request_id}/approve",
             "/pending/{request_id}/deny",
+            "/nodes",
         )
     }
     schemes = document["components"]["securitySchemes"]
@@ -499,16 +501,19 @@ def test_cas_lists_each_ca_with_its_chain_fingerprint_and_est_labels(api: Api) -
         assert ca["subject"] == cert.subject.rfc4514_string()
         assert dt.datetime.fromisoformat(ca["not_after"]) == cert.not_valid_after_utc
     labels = {label["name"]: label for label in cas["devices"]["labels"]}
+    node = default_node_name()  # this one node's, in the default region
     assert labels == {
         "devices": {
             "name": "devices",
             "est_url": f"{api.server.url}/devices",
+            "est_urls": [{"region": "default", "node": node, "url": f"{api.server.url}/devices"}],
             "profile": "operational",
             "approval": False,
         },
         GATED: {
             "name": GATED,
             "est_url": f"{api.server.url}/{GATED}",
+            "est_urls": [{"region": "default", "node": node, "url": f"{api.server.url}/{GATED}"}],
             "profile": "operational",
             "approval": True,
         },

@@ -108,6 +108,7 @@ OPERATIONS = [
     ("GET", "/api/v1/pending"),
     ("POST", "/api/v1/pending/{request_id}/approve"),
     ("POST", "/api/v1/pending/{request_id}/deny"),
+    ("GET", "/api/v1/nodes"),
 ]
 OPERATION_IDS = [f"{m} {p.removeprefix('/api/v1')}" for m, p in OPERATIONS]
 MODES = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]

@@ -3,12 +3,23 @@
 Files are written atomically to ``<dir>/<ca>.crl`` (DER); any web server, and
 estkit's own plain-HTTP listener, serves them at the URL issued certificates
 carry as their CRL distribution point.
+
+Several nodes share one database, each with its own CRL directory. The
+database keeps, per CA, a revision (bumped by every revocation) and the last
+CRL number handed out: each CRL takes the next number there, so a CA's numbers
+increase across all nodes (RFC 5280 5.2.3), and ``<dir>/<ca>.state`` records
+the revision and number a node's file was built from, so ``refresh_due``
+republishes a file the moment the database has moved past it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping
+import fcntl
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -18,6 +29,15 @@ from estkit.ca.authority import IssuingCa
 from estkit.ca.files import write_atomic
 from estkit.pki.crl import build_crl
 from estkit.store import SqlStore
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedCrl:
+    """What a node's CRL file was built from (``<ca>.state``)."""
+
+    revision: int
+    number: int
+    next_update: dt.datetime
 
 
 class CrlPublisher:
@@ -37,18 +57,67 @@ class CrlPublisher:
     def path(self, ca: str) -> Path:
         return self.directory / f"{ca}.crl"
 
+    def _state_path(self, ca: str) -> Path:
+        return self.directory / f"{ca}.state"
+
+    def published(self, ca: str) -> PublishedCrl | None:
+        """The state this node's CRL of ``ca`` was built from; None when unknown."""
+        try:
+            raw = json.loads(self._state_path(ca).read_text())
+            return PublishedCrl(
+                revision=int(raw["revision"]),
+                number=int(raw["number"]),
+                next_update=dt.datetime.fromisoformat(raw["next_update"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _last_number(self, ca: str) -> int:
+        """The CRL number this node last published (from before the database kept
+        numbers: milliseconds since the epoch), or 0."""
+        state = self.published(ca)
+        numbers = [state.number] if state is not None else []
+        try:
+            crl = x509.load_der_x509_crl(self.path(ca).read_bytes())
+            ext = crl.extensions.get_extension_for_class(x509.CRLNumber)
+            numbers.append(ext.value.crl_number)
+        except (OSError, ValueError, x509.ExtensionNotFound):
+            pass
+        return max(numbers, default=0)
+
+    @contextmanager
+    def _locked(self, ca: str) -> Iterator[None]:
+        """One publisher of ``ca`` at a time on this node (its workers and its refresher),
+        so a file never goes back to a lower number."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with (self.directory / f".{ca}.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def publish(self, ca: str, *, now: dt.datetime) -> x509.CertificateRevocationList:
         issuing = self._cas[ca]
-        crl = build_crl(
-            issuer=issuing.cert,
-            issuer_key=issuing.key,
-            revoked=self._store.revoked_certificates(ca),
-            now=now,
-            validity=self.validity,
-            # Milliseconds since the epoch: increases across restarts and server nodes.
-            number=int(now.timestamp() * 1000),
-        )
-        write_atomic(self.path(ca), crl.public_bytes(Encoding.DER))
+        with self._locked(ca):
+            number, revision, revoked = self._store.next_crl(
+                ca, floor=self._last_number(ca), now=now
+            )
+            crl = build_crl(
+                issuer=issuing.cert,
+                issuer_key=issuing.key,
+                revoked=revoked,
+                now=now,
+                validity=self.validity,
+                number=number,
+            )
+            write_atomic(self.path(ca), crl.public_bytes(Encoding.DER))
+            state = {
+                "revision": revision,
+                "number": number,
+                "next_update": (now + self.validity).isoformat(),
+            }
+            write_atomic(self._state_path(ca), json.dumps(state).encode())
         return crl
 
     def publish_all(self, *, now: dt.datetime, names: Iterable[str] | None = None) -> None:
@@ -56,15 +125,22 @@ class CrlPublisher:
             self.publish(name, now=now)
 
     def refresh_due(self, *, now: dt.datetime) -> list[str]:
-        """Republish each CRL that is missing or past half its validity; return their names."""
+        """Republish each CRL that is missing, past half its validity, or built from an
+        older revision than the database's (a revocation on any node); return their names.
+
+        One small query (``Unavailable`` when the database is down) and one small
+        file per CA: cheap enough to run every second.
+        """
+        revisions = self._store.crl_revisions()
         due = []
         for name in self._cas:
-            try:
-                crl = x509.load_der_x509_crl(self.path(name).read_bytes())
-                next_update = crl.next_update_utc
-                fresh = next_update is not None and next_update - now > self.validity / 2
-            except (OSError, ValueError):
-                fresh = False
+            state = self.published(name)
+            fresh = (
+                state is not None
+                and self.path(name).exists()
+                and state.next_update - now > self.validity / 2
+                and state.revision == revisions.get(name, 0)
+            )
             if not fresh:
                 self.publish(name, now=now)
                 due.append(name)

@@ -167,6 +167,8 @@ def cmd_server_init(args: argparse.Namespace) -> int:
     from estkit.store import SqlStore
 
     data_dir: Path = args.data_dir
+    if args.join is not None:
+        return _join(args)
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o700)
     config_path = data_dir / CONFIG_NAME
@@ -192,6 +194,7 @@ def cmd_server_init(args: argparse.Namespace) -> int:
             edited = _set_toml_value(text, "database", "url", lambda _: url, insert=True)
             assert edited is not None  # the template has a [database] section
             text = edited
+        text = _node_settings(text, args)
         try:  # nothing written that the next command would refuse
             parse_config(tomllib.loads(text), data_dir)
         except ConfigError as exc:
@@ -220,6 +223,131 @@ def cmd_server_init(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"database: schema up to date ({config.database_url.split('://')[0]})")
+    return 0
+
+
+def _node_settings(text: str, args: argparse.Namespace) -> str:
+    """``text`` (a config) with ``--public-url``, ``--node-name`` and ``--region`` set."""
+    import json
+
+    for section, key, value in (
+        ("server", "public_url", args.public_url),
+        ("node", "name", args.node_name),
+        ("node", "region", args.region),
+    ):
+        if value is None:
+            continue
+        if re.search(rf"^\[{section}\][ \t]*(#.*)?$", text, re.M) is None:
+            text = f"{text.rstrip()}\n\n[{section}]\n"
+        edited = _set_toml_value(text, section, key, _literal(json.dumps(value)), insert=True)
+        assert edited is not None  # the section exists now
+        text = edited
+    return text
+
+
+def _literal(value: str) -> Callable[[str], str]:
+    """A ``_set_toml_value`` change that writes the TOML literal ``value``."""
+    return lambda _old: value
+
+
+def _join(args: argparse.Namespace) -> int:
+    """``server init --join D``: another node's data directory, made from node ``D``'s.
+
+    The same CAs (certificates and keys), TLS material and database; its own node
+    name, region, public URL and ports. The database is shared, so nothing is
+    migrated and no CA is created.
+    """
+    import json
+    import tomllib
+
+    from estkit.ca.files import write_atomic
+    from estkit.server.config import (
+        CONFIG_NAME,
+        ConfigError,
+        default_node_name,
+        load_config,
+        parse_config,
+    )
+    from estkit.store import SqlStore
+    from estkit.store.errors import StoreError
+
+    source: Path = args.join
+    data_dir: Path = args.data_dir
+    try:
+        joined = load_config(source)
+    except ConfigError as exc:
+        raise CliError(f"--join: {exc}", exit_code=EXIT_CONFIG) from None
+    if not joined.database_url.startswith("postgresql"):
+        raise CliError(
+            f"--join: {source} uses SQLite; nodes need one shared PostgreSQL database "
+            "(`estkit server init --database-url postgresql://…` on the first node)",
+            exit_code=EXIT_CONFIG,
+        )
+    if args.database_url is not None:
+        raise CliError("--join: the database is the joined node's; leave out --database-url")
+    config_path = data_dir / CONFIG_NAME
+    if config_path.exists():
+        raise CliError(f"--join: {config_path} exists; a joining node needs a new data directory")
+    if args.port is None:
+        raise CliError("--join: --port is required (the new node's HTTPS port)")
+    port = args.port
+    crl_port = args.crl_port or port + 1
+    hostname = args.hostname[0] if args.hostname else "localhost"
+    public_url = args.public_url or f"https://{hostname}:{port}"
+    region = args.region or joined.node.region
+    name = args.node_name or f"{default_node_name()}-{region}-{port}"
+
+    store = SqlStore.open(joined.database_url)
+    try:
+        store.check_schema()
+        if any(node.name == name for node in store.list_nodes()):
+            raise CliError(
+                f"--node-name: a node named {name!r} is registered in the database already; "
+                "give this one another name",
+                exit_code=EXIT_CONFIG,
+            )
+    except StoreError as exc:
+        raise CliError(f"--join: database: {exc}", exit_code=EXIT_TEMPFAIL) from None
+    finally:
+        store.close()
+
+    text = (source / CONFIG_NAME).read_text()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
+    files = [(f"cas.{n}", "cert", c.cert, False) for n, c in joined.cas.items()]
+    files += [(f"cas.{n}", "key", c.key, True) for n, c in joined.cas.items()]
+    files += [("tls", "cert", joined.tls_cert, False), ("tls", "key", joined.tls_key, True)]
+    copied = 0
+    for section, key, path, secret in files:
+        try:
+            relative = path.relative_to(joined.data_dir)
+        except ValueError:  # outside the joined node's directory: into ours
+            relative = Path("ca" if section.startswith("cas.") else "tls") / path.name
+        target = data_dir / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(target, path.read_bytes(), mode=0o600 if secret else 0o644)
+        copied += 1
+        literal = _literal(json.dumps(str(relative)))
+        text = _set_toml_value(text, section, key, literal, insert=True) or text
+    for section, key, value in (
+        ("server", "port", str(port)),
+        ("crl", "http_port", str(crl_port)),
+        ("crl", "url", json.dumps(f"http://{hostname}:{crl_port}/crl")),
+    ):
+        if re.search(rf"^\[{section}\][ \t]*(#.*)?$", text, re.M) is None:
+            text = f"{text.rstrip()}\n\n[{section}]\n"
+        text = _set_toml_value(text, section, key, _literal(value), insert=True) or text
+    args.public_url, args.node_name, args.region = public_url, name, region
+    text = _node_settings(text, args)
+    try:
+        parse_config(tomllib.loads(text), data_dir)
+    except (ConfigError, tomllib.TOMLDecodeError) as exc:
+        raise CliError(f"{config_path}: not written: {exc}", exit_code=EXIT_CONFIG) from None
+    write_atomic(config_path, text.encode(), mode=0o600)
+    print(f"config: created {config_path}")
+    print(f"node: {name}, region {region}, {public_url}")
+    print(f"copied {copied} CA and TLS files from {source} (keys 0600)")
+    print("database: shared with the joined node, not migrated")
     return 0
 
 
@@ -405,20 +533,62 @@ def cmd_server_info(args: argparse.Namespace) -> int:
 
 
 def cmd_ca_list(args: argparse.Namespace) -> int:
+    import json
+
     from estkit.pki.certs import fingerprint, load_pem_certificates
+    from estkit.server.nodes import est_url, region_urls
+    from estkit.store import SqlStore
+    from estkit.store.errors import StoreError
 
     config = _load(args)
+    store = SqlStore.open(config.database_url)
+    try:
+        store.check_schema()
+        regions = region_urls(store.list_nodes())
+    except StoreError as exc:  # no schema yet, or the database is away: this node only
+        print(f"warning: nodes not read from the database: {exc}", file=sys.stderr)
+        regions = []
+    finally:
+        store.close()
+    cas: list[dict[str, str]] = []
     for name, ca in config.cas.items():
         cert = load_pem_certificates(ca.cert.read_bytes())[0]
-        print(f"CA {name}")
-        print(f"  subject:     {cert.subject.rfc4514_string()}")
-        print(f"  not after:   {cert.not_valid_after_utc.isoformat()}")
-        print(f"  sha256:      {fingerprint(cert)}")
-    for name, label in config.labels.items():
-        url = f"{config.est_url}/{name}"
+        cas.append(
+            {
+                "name": name,
+                "subject": cert.subject.rfc4514_string(),
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "fingerprint_sha256": fingerprint(cert),
+            }
+        )
+    labels: list[dict[str, Any]] = [
+        {
+            "name": name,
+            "ca": label.ca,
+            "profile": label.profile,
+            "est_url": f"{config.est_url}/{name}",
+            "est_urls": [
+                {"region": r.region, "node": r.node, "url": est_url(r.public_url, name)}
+                for r in regions
+            ],
+        }
+        for name, label in config.labels.items()
+    ]
+    if args.json:
+        print(json.dumps({"cas": cas, "labels": labels}, indent=2))
+        return 0
+    for ca_out in cas:
+        print(f"CA {ca_out['name']}")
+        print(f"  subject:     {ca_out['subject']}")
+        print(f"  not after:   {ca_out['not_after']}")
+        print(f"  sha256:      {ca_out['fingerprint_sha256']}")
+    for label_out in labels:
+        name = label_out["name"]
         default = f"  (also {config.est_url}/)" if name == config.default_label else ""
-        print(f"label {name}: CA {label.ca}, profile {label.profile}")
-        print(f"  EST URL:     {url}{default}")
+        print(f"label {name}: CA {label_out['ca']}, profile {label_out['profile']}")
+        print(f"  EST URL:     {label_out['est_url']}{default}")
+        for r in regions:
+            print(f"  region {r.region}: {est_url(r.public_url, name)}  (node {r.node})")
     return 0
 
 
@@ -717,6 +887,22 @@ def register(sub: Any) -> None:
         "postgresql://USER@HOST:PORT/DB; on an existing config, changes it there; "
         "the database is migrated to the newest schema",
     )
+    p.add_argument(
+        "--join",
+        type=Path,
+        metavar="DIR",
+        help="make another node of the server whose data directory is DIR: the same CAs, "
+        "TLS material and PostgreSQL database, this node's own name, region, URL and ports",
+    )
+    p.add_argument("--region", help="this node's region (default: default; --join: DIR's)")
+    p.add_argument(
+        "--public-url", metavar="URL", help="the URL devices reach this node at (server.public_url)"
+    )
+    p.add_argument(
+        "--node-name",
+        metavar="NAME",
+        help="unique among the nodes (default: the host's short name; --join: host-region-port)",
+    )
     _command(p, cmd_server_init)
     p = server.add_parser("info", help="print the EST URL, trust anchor and an example")
     _data_dir_arg(p)
@@ -731,8 +917,11 @@ def register(sub: Any) -> None:
     ca = sub.add_parser("ca", help="inspect the CAs").add_subparsers(
         dest="ca_command", required=True, metavar="ACTION"
     )
-    p = ca.add_parser("list", help="each CA and EST label, EST URL and SHA-256 fingerprint")
+    p = ca.add_parser(
+        "list", help="each CA and EST label, EST URL (per region) and SHA-256 fingerprint"
+    )
     _data_dir_arg(p)
+    p.add_argument("--json", action="store_true", help="as JSON")
     _command(p, cmd_ca_list)
     p = ca.add_parser("chain", help="print a CA's PEM chain (root: the devices' trust anchor)")
     _data_dir_arg(p)

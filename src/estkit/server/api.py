@@ -28,6 +28,7 @@ from estkit.pki.certs import certs_to_pem, fingerprint, parse_serial, serial_hex
 from estkit.pki.revocation import REASONS
 from estkit.server.config import ServerConfig
 from estkit.server.errors import refusal_response
+from estkit.server.nodes import DEFAULT_STALE_AFTER, est_url, region_urls
 from estkit.server.oidc import InvalidToken, OidcVerifier
 from estkit.store import (
     AuditEvent,
@@ -64,11 +65,31 @@ Cursor = Annotated[str | None, Query(max_length=128, description="`next` of the 
 # -- models -------------------------------------------------------------------------
 
 
+class RegionEstUrl(BaseModel):
+    region: str
+    node: str = Field(description="the region's most recently seen node")
+    url: str
+
+
 class LabelOut(BaseModel):
     name: str
-    est_url: str
+    est_url: str = Field(description="this node's EST URL of the label")
+    est_urls: list[RegionEstUrl] = Field(
+        default_factory=list, description="the label's EST URL in each region, by region"
+    )
     profile: str
     approval: bool
+
+
+class NodeOut(BaseModel):
+    name: str
+    region: str
+    public_url: str
+    est_url: str
+    started_at: dt.datetime
+    last_seen: dt.datetime
+    stale: bool = Field(description="no heartbeat for three heartbeat intervals")
+    version: str
 
 
 class CaOut(BaseModel):
@@ -370,6 +391,7 @@ def api_router(
     config: ServerConfig,
     tokens: TokenService,
     clock: Callable[[], dt.datetime],
+    stale_after: dt.timedelta = DEFAULT_STALE_AFTER,
 ) -> APIRouter:
     auth = make_auth(tokens, clock)
     Reader = Annotated[ApiCaller, Depends(auth("read"))]
@@ -380,11 +402,18 @@ def api_router(
     @router.get("/cas", tags=["CAs"], summary="CAs and EST labels with chains and fingerprints")
     def list_cas(_: Reader) -> list[CaOut]:
         out = []
+        regions = region_urls(store.list_nodes())
         for name, ca in authority.cas.items():
             labels = [
                 LabelOut(
                     name=label.name,
                     est_url=f"{config.est_url}/{label.name}",
+                    est_urls=[
+                        RegionEstUrl(
+                            region=r.region, node=r.node, url=est_url(r.public_url, label.name)
+                        )
+                        for r in regions
+                    ],
                     profile=label.profile.name,
                     approval=label.approval,
                 )
@@ -402,6 +431,23 @@ def api_router(
                 )
             )
         return out
+
+    @router.get("/nodes", tags=["nodes"], summary="Server nodes sharing this database")
+    def list_nodes(_: Reader) -> list[NodeOut]:
+        now = clock()
+        return [
+            NodeOut(
+                name=n.name,
+                region=n.region,
+                public_url=n.public_url,
+                est_url=est_url(n.public_url),
+                started_at=n.started_at,
+                last_seen=n.last_seen,
+                stale=n.stale(now=now, after=stale_after),
+                version=n.version,
+            )
+            for n in store.list_nodes()
+        ]
 
     @router.post(
         "/cas/{label}/certificates",

@@ -47,6 +47,7 @@ from estkit.server.limits import (
     BasicCheckPool,
     basic_threads,
 )
+from estkit.server.nodes import Heartbeat, heartbeat_interval, stale_after
 from estkit.server.oidc import OidcVerifier, parse_oidc_config
 from estkit.server.tls import (
     client_ca_path,
@@ -56,7 +57,7 @@ from estkit.server.tls import (
 )
 from estkit.server.tls_openssl import TlsServerProtocol
 from estkit.server.wiring import build_authority, crl_publisher, open_store
-from estkit.store import SqlStore
+from estkit.store import Node, SqlStore
 
 # uvicorn's default listen backlog.
 BACKLOG = 2048
@@ -106,7 +107,14 @@ def _build(config: ServerConfig) -> tuple[EstApp, Authority[SqlStore]]:
     )
     tokens = TokenService(store)
     app.include_router(
-        api_router(authority=authority, store=store, config=config, tokens=tokens, clock=utcnow)
+        api_router(
+            authority=authority,
+            store=store,
+            config=config,
+            tokens=tokens,
+            clock=utcnow,
+            stale_after=stale_after(_heartbeat_interval()),
+        )
     )
     app.add_middleware(ApiAuthentication, tokens=tokens, oidc=_oidc(config), clock=utcnow)
     app.mount("/api/static", StaticFiles(directory=SWAGGER_STATIC), name="api-static")
@@ -139,7 +147,35 @@ def _crl_route(config: ServerConfig) -> Callable[[Request], Awaitable[Response]]
 
 
 def app_from_env() -> EstApp:
-    return create_app(load_config(Path(os.environ[DATA_DIR_ENV])))
+    """The app of one server process (each uvicorn worker), which registers its node."""
+    config = load_config(Path(os.environ[DATA_DIR_ENV]))
+    app, authority = _build(config)
+    start_heartbeat(config, authority.store)
+    return app
+
+
+def _heartbeat_interval() -> float:
+    try:
+        return heartbeat_interval()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def start_heartbeat(config: ServerConfig, store: SqlStore) -> threading.Event:
+    """Register this node now and keep it seen from a daemon thread (ends with the
+    process); setting the returned event stops it sooner."""
+    now = utcnow()
+    node = Node(
+        name=config.node.name,
+        region=config.node.region,
+        public_url=config.public_url,
+        started_at=now,
+        last_seen=now,
+        version=__version__,
+    )
+    stop = threading.Event()
+    Heartbeat(store, node, clock=utcnow, interval=_heartbeat_interval(), stop=stop).start()
+    return stop
 
 
 def https_from_env(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import re
+import socket
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ SECTION_KEYS: Mapping[str, frozenset[str]] = {
     "enrollment": frozenset({"secret_validity"}),
     "crl": frozenset({"directory", "url", "validity", "http_host", "http_port"}),
     "api": frozenset({"oidc"}),
+    "node": frozenset({"name", "region"}),
 }
 NAMED_SECTION_KEYS: Mapping[str, frozenset[str]] = {
     "cas": frozenset({"cert", "key", "signer"}),
@@ -126,6 +128,23 @@ class CrlConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """This server in a fleet sharing one database: its name is unique among the nodes."""
+
+    name: str
+    region: str
+
+
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def default_node_name() -> str:
+    """The host's short name when it is a usable node name, else ``node-1``."""
+    host = socket.gethostname().split(".")[0]
+    return host if _NODE_NAME.fullmatch(host) else "node-1"
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     data_dir: Path
     host: str
@@ -144,6 +163,7 @@ class ServerConfig:
     secret_validity: dt.timedelta
     crl: CrlConfig
     api: Mapping[str, Any]  # [api] table; parsed by the API's own modules
+    node: NodeConfig = NodeConfig(name="node-1", region="default")
 
     @property
     def est_url(self) -> str:
@@ -316,7 +336,20 @@ def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
             validity=parse_duration(crl.get("validity", "7d"), "crl.validity"),
         ),
         api=_section(data, "api"),
+        node=_node(_section(data, "node")),
     )
+
+
+def _node(table: Mapping[str, Any]) -> NodeConfig:
+    name = _get(table, "name", str, "node.name", default_node_name())
+    region = _get(table, "region", str, "node.region", "default")
+    for field, value in (("node.name", name), ("node.region", region)):
+        if not _NODE_NAME.fullmatch(value):
+            raise ConfigError(
+                f"{field}: 1-64 letters, digits, '.', '-' or '_' (starting with a letter "
+                f"or digit), got {value!r}"
+            )
+    return NodeConfig(name=name, region=region)
 
 
 def _profile(name: str, table: Mapping[str, Any]) -> Profile:
@@ -540,6 +573,13 @@ validity = "7d"
 # web server serves the directory).
 http_host = "127.0.0.1"
 http_port = {crl_port}
+
+[node]
+# This node among the nodes sharing one PostgreSQL database: a name unique among
+# them (default: this host's short name) and its region. `estkit server init
+# --join` writes both for another node; `GET /api/v1/nodes` lists the nodes.
+# name = "eu-1"
+# region = "default"
 
 [api]
 # The REST API (/api/v1, OpenAPI at /api/openapi.json, Swagger UI at /api/docs)

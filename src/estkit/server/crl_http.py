@@ -3,7 +3,10 @@
 CRL distribution points are plain HTTP by convention (RFC 5280 4.2.1.13: a
 relying party must not need TLS, which may itself need the CRL). The files
 are static, so a small threaded stdlib server in the supervising process is
-enough; a refresher thread republishes each CRL before half its validity.
+enough. A refresher thread checks every second and republishes a CRL that a
+revocation on any node made stale (the database's revision moved), or that is
+past half its validity: every node serves the current CRL within about a
+second of a revocation made anywhere.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from estkit.ca.crl import CrlPublisher
+from estkit.store.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -67,18 +71,32 @@ def start_crl_listener(directory: Path, host: str, port: int) -> ThreadingHTTPSe
 
 
 def start_crl_refresher(
-    publisher: CrlPublisher, clock: Callable[[], dt.datetime], *, stop: threading.Event
+    publisher: CrlPublisher,
+    clock: Callable[[], dt.datetime],
+    *,
+    stop: threading.Event,
+    interval: float = 1.0,
 ) -> threading.Thread:
-    """Check every few minutes (or sooner for short validities) and republish what is due."""
-    interval = max(1.0, min(300.0, publisher.validity.total_seconds() / 8))
+    """Check every ``interval`` seconds and republish what is stale or due."""
 
     def run() -> None:
+        down = False  # one log line per outage, not one per second
         while not stop.wait(interval):
             try:
-                if due := publisher.refresh_due(now=clock()):
-                    log.info("republished CRLs: %s", ", ".join(due))
+                due = publisher.refresh_due(now=clock())
+            except Unavailable as exc:
+                if not down:
+                    log.warning("CRL refresh: database unavailable (%s); retrying", exc)
+                down = True
+                continue
             except Exception:  # keep refreshing; the next round may succeed
                 log.exception("CRL refresh failed")
+                continue
+            if down:
+                log.info("CRL refresh: database reachable again")
+            down = False
+            if due:
+                log.info("republished CRLs: %s", ", ".join(due))
 
     thread = threading.Thread(target=run, name="crl-refresh", daemon=True)
     thread.start()

@@ -129,3 +129,19 @@ class Page(Generic[T]):
 
     items: tuple[T, ...]
     next: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    """A server node as registered by its heartbeat (``nodes`` table)."""
+
+    name: str
+    region: str
+    public_url: str
+    started_at: dt.datetime
+    last_seen: dt.datetime
+    version: str
+
+    def stale(self, *, now: dt.datetime, after: dt.timedelta) -> bool:
+        """No heartbeat for longer than ``after``: the node is probably gone."""
+        return now - self.last_seen > after

@@ -34,6 +34,7 @@ from estkit.store.models import (
     Device,
     DeviceStatus,
     EnrollmentSecret,
+    Node,
     Page,
     PendingRequest,
     PendingStatus,
@@ -275,13 +276,14 @@ class SqlStore:
             revoked: list[str] = []
             if revoke_reason is not None:
                 c = schema.certificates.c
-                revoked = list(
-                    conn.execute(
-                        sa.select(c.serial).where(
-                            c.device_id == device_id, c.status == CertStatus.VALID.value
-                        )
-                    ).scalars()
-                )
+                rows = conn.execute(
+                    sa.select(c.serial, c.ca).where(
+                        c.device_id == device_id, c.status == CertStatus.VALID.value
+                    )
+                ).all()
+                revoked = [r.serial for r in rows]
+                for ca in sorted({r.ca for r in rows}):  # sorted: one lock order on every node
+                    _bump_crl_revision(conn, ca, now)
                 conn.execute(
                     schema.certificates.update()
                     .where(c.device_id == device_id, c.status == CertStatus.VALID.value)
@@ -437,8 +439,49 @@ class SqlStore:
                     else Conflict(f"certificate {serial} is already revoked")
                 )
             row = conn.execute(sa.select(schema.certificates).where(c.serial == serial)).one()
+            _bump_crl_revision(conn, row.ca, now)
             _insert_audit(conn, replace(audit, device_id=row.device_id))
             return _cert(row)
+
+        return self._write(job)
+
+    # -- CRL state (shared by every node) -------------------------------------------
+
+    def crl_revisions(self) -> dict[str, int]:
+        """Each CA's revocation revision: bumped in the transaction of every revocation."""
+        s = schema.crl_state.c
+        with self._engine.connect() as conn:
+            return {r.ca: r.revision for r in conn.execute(sa.select(s.ca, s.revision))}
+
+    def next_crl(
+        self, ca: str, *, floor: int, now: dt.datetime
+    ) -> tuple[int, int, list[tuple[str, dt.datetime, str]]]:
+        """Take ``ca``'s next CRL number: (number, revision, revoked entries), one transaction.
+
+        The number is ``max(last number, floor) + 1`` in one upsert statement, so it
+        increases across nodes (RFC 5280 5.2.3) and never falls below ``floor`` (the
+        number this node last published, from before numbers were kept here). The
+        upsert holds the CA's row lock, and every revocation bumps that row, so the
+        entries read after it are exactly those of the revision returned.
+        """
+
+        def job(conn: Connection) -> tuple[int, int, list[tuple[str, dt.datetime, str]]]:
+            t = schema.crl_state
+            greatest = sa.func.greatest if conn.dialect.name == "postgresql" else sa.func.max
+            stmt = _upsert(conn, t).values(ca=ca, revision=0, number=floor + 1, updated_at=now)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[t.c.ca],
+                set_={"number": greatest(t.c.number, floor) + 1, "updated_at": now},
+            ).returning(t.c.number, t.c.revision)
+            number, revision = conn.execute(stmt).one()
+            c = schema.certificates.c
+            entries = conn.execute(
+                sa.select(c.serial, c.revoked_at, c.revocation_reason).where(
+                    c.ca == ca, c.status == CertStatus.REVOKED.value
+                )
+            )
+            revoked = [(r.serial, r.revoked_at, r.revocation_reason) for r in entries]
+            return int(number), int(revision), revoked
 
         return self._write(job)
 
@@ -716,6 +759,40 @@ class SqlStore:
             return checked, checked + 1, "entries after the last one present were removed"
         return checked, None, ""
 
+    # -- nodes -------------------------------------------------------------------
+    # Heartbeats are not decisions: no audit entry, and their own short transaction
+    # outside the writer thread, so a slow batch of enrollments never delays one.
+
+    def register_node(self, node: Node) -> None:
+        """Insert or replace ``node`` (a server process starting)."""
+        t = schema.nodes
+        values = {f.name: getattr(node, f.name) for f in dataclasses.fields(Node)}
+        with self._engine.begin() as conn:
+            conn.execute(
+                _upsert(conn, t)
+                .values(**values)
+                .on_conflict_do_update(
+                    index_elements=[t.c.name],
+                    set_={k: v for k, v in values.items() if k != "name"},
+                )
+            )
+
+    def node_seen(self, name: str, *, now: dt.datetime) -> bool:
+        """Move ``name``'s last_seen to ``now``; False if it is not registered."""
+        t = schema.nodes
+        with self._engine.begin() as conn:
+            res = conn.execute(t.update().where(t.c.name == name).values(last_seen=now))
+        return res.rowcount == 1
+
+    def list_nodes(self) -> list[Node]:
+        """Every registered node, by region then name."""
+        t = schema.nodes
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(t).order_by(t.c.region, t.c.name)).all()
+        return [
+            Node(r.name, r.region, r.public_url, r.started_at, r.last_seen, r.version) for r in rows
+        ]
+
 
 @dataclass(slots=True)
 class _ChainHead:
@@ -727,6 +804,30 @@ class _ChainHead:
 
 
 _CHAIN_HEAD = "estkit_audit_head"
+
+
+def _upsert(conn: Connection, table: sa.Table) -> Any:
+    """``INSERT … ON CONFLICT`` of this connection's dialect (SQLite and PostgreSQL)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table)
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+    return sqlite_insert(table)
+
+
+def _bump_crl_revision(conn: Connection, ca: str, now: dt.datetime) -> None:
+    """A revocation of ``ca`` happened in this transaction: every node's CRL poller
+    sees the new revision and republishes (server/crl_http.py)."""
+    t = schema.crl_state
+    conn.execute(
+        _upsert(conn, t)
+        .values(ca=ca, revision=1, number=0, updated_at=now)
+        .on_conflict_do_update(
+            index_elements=[t.c.ca], set_={"revision": t.c.revision + 1, "updated_at": now}
+        )
+    )
 
 
 def _insert_audit(conn: Connection, event: AuditEvent) -> None:
