@@ -57,6 +57,7 @@ class PgCluster:
         self.data = self.dir / "data"
         self.log = self.dir / "postgresql.log"
         self.port = 0
+        self._options = ""
         self._names = itertools.count()
         if self._owner is not None:
             os.chown(self.dir, self._owner.pw_uid, self._owner.pw_gid)
@@ -83,12 +84,9 @@ class PgCluster:
                 " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
                 " -c max_connections=200"
             )
+            self._options = options
             try:
-                self._run(
-                    str(self._bindir / "pg_ctl"),
-                    "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30",
-                    "-o", options, "start",
-                )  # fmt: skip
+                self.resume()
                 break
             except RuntimeError:
                 if "Address already in use" not in self.log.read_text():
@@ -101,6 +99,18 @@ class PgCluster:
             template.migrate()
         finally:
             template.close()
+
+    def resume(self) -> None:
+        """Start the (initialised or halted) cluster on its port; waits until it accepts."""
+        self._run(
+            str(self._bindir / "pg_ctl"),
+            "-D", str(self.data), "-l", str(self.log), "-w", "-t", "30",
+            "-o", self._options, "start",
+        )  # fmt: skip
+
+    def halt(self) -> None:
+        """Stop the cluster as an operator would (``-m fast``), keeping its data."""
+        self._run(str(self._bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def stop(self) -> None:
         try:

@@ -173,7 +173,8 @@ class SqlStore:
                 if head.moved:
                     _WRITE_HEAD.execute(conn, {"new_id": head.last_id, "new_hash": head.last_hash})
             finally:
-                del conn.info[_CHAIN_HEAD]
+                if not conn.invalidated:  # a lost connection's info is gone with it
+                    del conn.info[_CHAIN_HEAD]
 
     def _write(self, job: Callable[[Connection], T]) -> T:
         """Run ``job`` in a committed transaction (the writer thread's) and return its result."""

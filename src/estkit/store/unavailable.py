@@ -54,9 +54,21 @@ def classify(exc: BaseException) -> Unavailable | None:
     if isinstance(sqlstate, str) and len(sqlstate) == 5:
         what = _PG_CODES.get(sqlstate) or _PG_CLASSES.get(sqlstate[:2])
         return Unavailable(what) if what else None
+    if _is_psycopg_operational(orig):
+        # No SQLSTATE: the server could not be reached, or went away mid-statement
+        # ("connection failed: … Connection refused", "server closed the connection").
+        return Unavailable("cannot reach the database")
     if getattr(exc, "connection_invalidated", False):
         return Unavailable("connection lost")
     return None
+
+
+def _is_psycopg_operational(exc: BaseException) -> bool:
+    """A psycopg ``OperationalError`` (without importing the optional driver)."""
+    return any(
+        cls.__name__ == "OperationalError" and cls.__module__.startswith("psycopg")
+        for cls in type(exc).__mro__
+    )
 
 
 def translate_unavailable(context: Any) -> None:
