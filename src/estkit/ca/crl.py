@@ -17,6 +17,8 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import json
+import logging
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +31,9 @@ from estkit.ca.authority import IssuingCa
 from estkit.ca.files import write_atomic
 from estkit.pki.crl import build_crl
 from estkit.store import SqlStore
+from estkit.store.errors import Unavailable
+
+log = logging.getLogger("estkit.ca")
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,12 +95,16 @@ class CrlPublisher:
         """One publisher of ``ca`` at a time on this node (its workers and its refresher),
         so a file never goes back to a lower number."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        with (self.directory / f".{ca}.lock").open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        # Read-only and 0666 (less the umask): flock needs no write access, so a lock file
+        # an operator's command created as another user never blocks the server.
+        fd = os.open(
+            self.directory / f".{ca}.lock", os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def publish(self, ca: str, *, now: dt.datetime) -> x509.CertificateRevocationList:
         issuing = self._cas[ca]
@@ -142,6 +151,12 @@ class CrlPublisher:
                 and state.revision == revisions.get(name, 0)
             )
             if not fresh:
-                self.publish(name, now=now)
+                try:
+                    self.publish(name, now=now)
+                except Unavailable:
+                    raise  # the database: the caller logs the outage once
+                except Exception as exc:  # one CA's trouble (key, disk) keeps no other stale
+                    log.warning("cannot publish the CRL of CA %s: %s", name, exc)
+                    continue
                 due.append(name)
         return due

@@ -111,7 +111,10 @@ class Heartbeat:
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):
-            self.beat()
+            try:
+                self.beat()
+            except Exception:  # the heartbeat must outlive any one failure
+                log.exception("heartbeat failed; trying again in %g s", self._interval)
 
 
 @dataclass(frozen=True, slots=True)
