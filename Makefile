@@ -11,10 +11,11 @@ PORT      ?=
 CRL_PORT  ?=
 PORT_ARGS := $(if $(PORT),--port $(PORT)) $(if $(CRL_PORT),--crl-port $(CRL_PORT))
 # Debian packages the tests use as independent peers and tools (postgresql: the tests
-# start throwaway clusters of their own, tests/pgcluster.py; its system service is not used).
-TEST_DEBS := postgresql strongswan-pki libstrongswan-standard-plugins libstrongswan-extra-plugins curl openssl mosquitto default-jdk-headless libbcprov-java libbcpkix-java libbcutil-java
+# start throwaway clusters of their own, tests/pgcluster.py; its system service is not used;
+# softhsm2: PKCS#11 tokens per test, tests/softhsm.py; opensc: pkcs11-tool as an independent peer).
+TEST_DEBS := postgresql softhsm2 opensc strongswan-pki libstrongswan-standard-plugins libstrongswan-extra-plugins curl openssl mosquitto default-jdk-headless libbcprov-java libbcpkix-java libbcutil-java
 
-.PHONY: run test lint typecheck deps-test demo bench clean
+.PHONY: run test lint typecheck deps-test demo demo-fleet bench clean
 
 # Debian/Ubuntu's system Python needs python3-venv for `-m venv` (installed here as root).
 $(BIN)/python:
@@ -40,6 +41,13 @@ run: $(VENV)/.installed-server
 demo: $(VENV)/.installed-test
 	@scripts/install-test-debs.sh mosquitto
 	$(BIN)/python scripts/demo.py
+
+# A fleet in two regions: a throwaway PostgreSQL, a node in westeurope and one in eastus
+# on it, an agent renewing through each, then a revocation made on one node that the
+# other refuses at once and lists in its CRL within 2 s: a timeline of about a minute.
+demo-fleet: $(VENV)/.installed-test
+	@scripts/install-test-debs.sh postgresql
+	$(BIN)/python scripts/demo_fleet.py
 
 # Enrollment benchmark: a server, a multi-process load generator, a table, and
 # bench/results/<time>.json (about 6 minutes; BENCH_ARGS="--scale 0" skips the 1M-row run).

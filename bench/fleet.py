@@ -4,7 +4,8 @@ The server runs as ``estkit server run`` in its own process group, exactly as
 an operator starts it. The device pool is made before any clock starts, in
 this process through the authority's own API (one ``estkit device
 bootstrap`` process per device would take minutes for a few hundred
-devices); the bulk rows for the scale run are written straight into SQLite.
+devices); the bulk rows for the scale run are written straight into SQLite
+(``fleet_rows`` makes them; bench/postgres.py writes the same into PostgreSQL).
 """
 
 from __future__ import annotations
@@ -267,6 +268,13 @@ def _is_uvicorn_worker(pid: int) -> bool:
 
 # -- a million rows -------------------------------------------------------------------
 
+# The order of the values in ``FleetRows.certificates``.
+CERTIFICATE_COLUMNS = (
+    "serial", "device_id", "ca", "label", "profile", "subject", "sans", "not_before",
+    "not_after", "status", "requested_via", "requested_by", "issued_at", "der", "revoked_at",
+    "revocation_reason", "replaces",
+)  # fmt: skip
+DEVICE_COLUMNS = ("device_id", "status", "created_at", "updated_at")
 _INSERT_CERT = (
     "INSERT INTO certificates (serial, device_id, ca, label, profile, subject, sans, "
     "not_before, not_after, status, requested_via, requested_by, issued_at, der, revoked_at, "
@@ -295,20 +303,43 @@ def fleet_device_id(index: int) -> str:
     return f"fleet-{index:06d}"
 
 
-def fill_store(db_file: Path, rows: int, *, now: dt.datetime, seed: int = 5) -> FillReport:
-    """Add ``rows`` certificates of a few thousand devices straight into the SQLite file.
+@dataclass(frozen=True, slots=True)
+class FleetRows:
+    """The bulk rows of a scale run; times are naive UTC text (``_sqlite_time``), which
+    SQLite stores as is and PostgreSQL reads in a session whose time zone is UTC."""
+
+    devices: list[tuple[str, str, str, str]]  # in DEVICE_COLUMNS order
+    certificates: Iterator[list[tuple[object, ...]]]  # batches, in CERTIFICATE_COLUMNS order
+
+
+def fleet_rows(rows: int, *, now: dt.datetime, seed: int = 5) -> FleetRows:
+    """``rows`` certificates of a few thousand devices (the same for the same arguments).
 
     Each device has a renewal history: a 30-day operational certificate every
     ~24 days (80 % of its lifetime, jittered) going back in time, so ``not_after``
     spreads over years with about one certificate per device expiring in any
     week; about 3 % of certificates are revoked, and the ~1 % decommissioned
     devices have all theirs revoked. Serials are random 127-bit like real ones.
-    The server must not be running.
     """
     rng = random.Random(seed)
-    now = now.astimezone(dt.UTC).replace(tzinfo=None)  # naive UTC, as SQLite holds it
+    now = now.astimezone(dt.UTC).replace(tzinfo=None)
     per_device = 250
     n_devices = max(1, rows // per_device)
+    statuses = []
+    for d in range(n_devices):
+        draw = rng.random()
+        status = "decommissioned" if draw < 0.01 else "disabled" if draw < 0.03 else "active"
+        statuses.append((fleet_device_id(d), status))
+    created = _sqlite_time(now - dt.timedelta(days=per_device * 24 + 30))
+    return FleetRows(
+        devices=[(d, s, created, _sqlite_time(now)) for d, s in statuses],
+        certificates=_cert_rows(rng, statuses, rows, now),
+    )
+
+
+def fill_store(db_file: Path, rows: int, *, now: dt.datetime, seed: int = 5) -> FillReport:
+    """Add ``fleet_rows(rows)`` straight into the SQLite file. The server must not be running."""
+    fleet = fleet_rows(rows, now=now, seed=seed)
     start = time.monotonic()
     db = sqlite3.connect(db_file, isolation_level=None)
     try:
@@ -322,18 +353,12 @@ def fill_store(db_file: Path, rows: int, *, now: dt.datetime, seed: int = 5) -> 
         db.execute("BEGIN")
         for name, _ in indexes:
             db.execute(f'DROP INDEX "{name}"')
-        device_rows = []
-        for d in range(n_devices):
-            draw = rng.random()
-            status = "decommissioned" if draw < 0.01 else "disabled" if draw < 0.03 else "active"
-            device_rows.append((fleet_device_id(d), status))
-        created = now - dt.timedelta(days=per_device * 24 + 30)
         db.executemany(
             "INSERT INTO devices (device_id, status, created_at, updated_at) VALUES (?, ?, ?, ?)",
-            [(d, s, _sqlite_time(created), _sqlite_time(now)) for d, s in device_rows],
+            fleet.devices,
         )
         written = 0
-        for batch in _cert_rows(rng, device_rows, rows, now):
+        for batch in fleet.certificates:
             db.executemany(_INSERT_CERT, batch)
             written += len(batch)
         for _, sql in indexes:
@@ -351,7 +376,7 @@ def fill_store(db_file: Path, rows: int, *, now: dt.datetime, seed: int = 5) -> 
         os.close(fd)
     return FillReport(
         rows=written,
-        devices=n_devices,
+        devices=len(fleet.devices),
         seconds=time.monotonic() - start,
         db_bytes=db_file.stat().st_size,
     )
@@ -418,15 +443,22 @@ class QueryTiming:
     median_ms: float
     max_ms: float
     rows: int
+    calls: int  # queries (pages) the timed operation made
+
+    @property
+    def per_call_ms(self) -> float:
+        """The median per query (per page)."""
+        return self.median_ms / max(1, self.calls)
 
 
-def _timed(name: str, via: str, fn: Callable[[], int], repeat: int) -> QueryTiming:
-    times, rows = [], 0
+def _timed(name: str, via: str, fn: Callable[[], tuple[int, int]], repeat: int) -> QueryTiming:
+    """``fn`` returns (rows, queries made)."""
+    times, rows, calls = [], 0, 0
     for _ in range(repeat):
         t0 = time.perf_counter()
-        rows = fn()
+        rows, calls = fn()
         times.append((time.perf_counter() - t0) * 1000)
-    return QueryTiming(name, via, statistics.median(times), max(times), rows)
+    return QueryTiming(name, via, statistics.median(times), max(times), rows, calls)
 
 
 def store_queries(database_url: str, device_id: str, *, repeat: int = 5) -> list[QueryTiming]:
@@ -438,24 +470,24 @@ def store_queries(database_url: str, device_id: str, *, repeat: int = 5) -> list
     now = _utcnow()
     soon = now + dt.timedelta(days=7)
 
-    def by_device() -> int:
-        return len(store.list_certificates(device_id=device_id).items)
+    def by_device() -> tuple[int, int]:
+        return len(store.list_certificates(device_id=device_id).items), 1
 
-    def expiring() -> int:
-        return len(store.list_certificates(expires_before=soon, expires_after=now).items)
+    def expiring() -> tuple[int, int]:
+        return len(store.list_certificates(expires_before=soon, expires_after=now).items), 1
 
-    def paging(pages: int = 10) -> int:
-        after, seen = None, 0
+    def paging(pages: int = 10) -> tuple[int, int]:
+        after, seen, calls = None, 0, 0
         for _ in range(pages):
             page = store.list_certificates(expires_before=soon, expires_after=now, after=after)
-            seen += len(page.items)
+            seen, calls = seen + len(page.items), calls + 1
             after = page.next
             if after is None:
                 break
-        return seen
+        return seen, calls
 
-    def count() -> int:
-        return store.count_certificates()
+    def count() -> tuple[int, int]:
+        return store.count_certificates(), 1
 
     try:
         return [
@@ -493,25 +525,25 @@ def rest_queries(
         assert isinstance(value, list)
         return len(value)
 
-    def by_device() -> int:
-        return items(get({"device_id": device_id}))
+    def by_device() -> tuple[int, int]:
+        return items(get({"device_id": device_id})), 1
 
-    def expiring() -> int:
-        return items(get({"expires_before": soon, "expires_after": now_iso}))
+    def expiring() -> tuple[int, int]:
+        return items(get({"expires_before": soon, "expires_after": now_iso})), 1
 
-    def paging(pages: int = 10) -> int:
+    def paging(pages: int = 10) -> tuple[int, int]:
         cursor: object = None
-        seen = 0
+        seen, calls = 0, 0
         for _ in range(pages):
             query = {"expires_before": soon, "expires_after": now_iso}
             if cursor:
                 query["cursor"] = str(cursor)
             page = get(query)
-            seen += items(page)
+            seen, calls = seen + items(page), calls + 1
             cursor = page.get("next")
             if not cursor:
                 break
-        return seen
+        return seen, calls
 
     try:
         return [

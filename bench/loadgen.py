@@ -10,7 +10,8 @@ and its response read up to Content-Length, the least client work an EST
 exchange allows.
 
 A run is bounded by a request count and by time, whichever comes first;
-it connects to 127.0.0.1 only.
+it connects to 127.0.0.1 only. Several servers (nodes) share one run's
+connection slots round-robin, as a load balancer in front of them would.
 """
 
 from __future__ import annotations
@@ -69,6 +70,11 @@ class Plan:
     warmup: int = 1  # requests per connection slot before the clock, not counted
     verify_server: bool = True
     tls_max: str = "1.3"  # "1.2" to force TLS 1.2
+    spread_to: tuple[int, ...] = ()  # more servers' ports: slot k connects to ports[k % n]
+
+    @property
+    def ports(self) -> tuple[int, ...]:
+        return (self.port, *self.spread_to)
 
     def __post_init__(self) -> None:
         if self.operation not in PATHS:
@@ -203,7 +209,8 @@ class _Slot:
         self.error_samples: dict[str, str] = {}
         self.latencies: list[float] = []
         path = PATHS[plan.operation]
-        host = f"{SERVER_NAME}:{plan.port}"
+        self.port = plan.ports[slot % len(plan.ports)]
+        host = f"{SERVER_NAME}:{self.port}"
         if plan.operation == "cacerts":
             contexts = [_context(plan, None)]
             devices: list[Device | None] = [None]
@@ -235,7 +242,7 @@ class _Slot:
     def warm_up(self) -> None:
         for _ in range(self.plan.warmup):
             context, request = self.requests.pop()
-            _exchange(self.plan.port, context, request)
+            _exchange(self.port, context, request)
 
     def loop(self, go: threading.Event) -> None:
         go.wait()
@@ -244,7 +251,7 @@ class _Slot:
                 break
             start = time.perf_counter()
             try:
-                status = _exchange(self.plan.port, context, request)
+                status = _exchange(self.port, context, request)
             except (OSError, ValueError) as exc:
                 kind = type(exc).__name__
                 self.errors[kind] += 1

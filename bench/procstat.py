@@ -89,16 +89,19 @@ class Snapshot:
     machine: float  # busy seconds of the whole machine, for what others ran meanwhile
 
     @classmethod
-    def of(cls, root: int) -> Snapshot:
-        pids = tree(root)
+    def of(cls, *roots: int) -> Snapshot:
+        """The process trees under ``roots`` together (several servers count as one)."""
+        pids = [pid for root in roots for pid in tree(root)]
         return cls(cpu=cpu_seconds(pids), rss=rss_bytes(pids), machine=machine_busy_seconds())
 
 
 class RssSampler:
-    """Peak RSS of a process tree, sampled in a thread until ``stop()``."""
+    """Peak RSS of one or more process trees (summed), sampled in a thread until ``stop()``."""
 
-    def __init__(self, root: int, *, interval: float = 0.1) -> None:
-        self.root = root
+    def __init__(self, *roots: int, interval: float = 0.1) -> None:
+        if not roots:
+            raise TypeError("RssSampler needs at least one process id")
+        self.roots = roots
         self.interval = interval
         self.peak = 0
         self.samples: list[tuple[float, int]] = []
@@ -121,7 +124,7 @@ class RssSampler:
 
         start = time.monotonic()
         while not self._stop.is_set():
-            rss = rss_bytes(tree(self.root))
+            rss = rss_bytes([pid for root in self.roots for pid in tree(root)])
             self.peak = max(self.peak, rss)
             self.samples.append((time.monotonic() - start, rss))
             self._stop.wait(self.interval)

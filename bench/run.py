@@ -6,8 +6,10 @@ mTLS), ``simplereenroll`` (operational certificate, mTLS) and ``serverkeygen``
 concurrency, with each number of server workers; then the same enrollment
 run with ``--scale`` certificates already stored and the operator queries at
 that size; a soak run that watches the server's RSS across many handshakes;
-the device agent's idle cost. Every run is bounded by a request count and by
-time. See bench/README.md for what each figure means.
+the device agent's idle cost. With PostgreSQL installed, the same enrollment on
+one and two nodes sharing a PostgreSQL database next to SQLite, and the scale
+run again on PostgreSQL. Every run is bounded by a request count and by time.
+See bench/README.md for what each figure means.
 """
 
 from __future__ import annotations
@@ -24,21 +26,28 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import fleet, loadgen
-from bench.procstat import RssSampler, Snapshot
+from bench import fleet, loadgen, postgres
+from bench.procstat import RssSampler, Snapshot, cpu_seconds, tree
 
 RESULTS = Path(__file__).parent / "results"
 OPERATIONS = ("cacerts", "simpleenroll", "simplereenroll", "serverkeygen")
 MB = 1024 * 1024
-# The scale comparison's alternating slices per side (see ``measure_interleaved``).
-SCALE_ROUNDS = 6
+# The interleaved comparisons' alternating slices per side (see ``measure_interleaved``).
+ROUNDS = 6
 # A virtualenv with estkit and its device dependencies only (``make bench`` makes it).
 DEVICE_PYTHON = Path(__file__).resolve().parent / ".device-venv" / "bin" / "python"
+# Issue 12's targets for PostgreSQL.
+PG_CPU_RATIO_MAX = 1.5  # CPU per enrollment, estkit + PostgreSQL, over SQLite's
+TWO_NODES_SPEEDUP_MIN = 1.7  # two nodes' throughput over one node's ...
+TWO_NODES_CORES = 4  # ... on a machine with the cores for two busy nodes, PostgreSQL and the load
+SCALE_CHANGE_MAX = 10.0  # per cent of throughput, 1M certificates against the baseline
+QUERY_MS_MAX = 50.0
 
 
 def _loadavg() -> float:
@@ -62,8 +71,10 @@ def wait_for_quiet(threshold: float, max_wait: float) -> tuple[float, bool]:
 @dataclass(frozen=True, slots=True)
 class Row:
     scenario: str
+    database: str  # "sqlite" or "postgresql"
     operation: str
-    workers: int
+    workers: int  # per node
+    nodes: int
     concurrency: int
     store_rows: int
     requests: int  # successful
@@ -73,8 +84,9 @@ class Row:
     rps: float
     p50_ms: float
     p99_ms: float
-    server_cpu_ms: float  # per successful request
+    server_cpu_ms: float  # per successful request: estkit's, and PostgreSQL's if it is used
     server_cpu_util: float  # server CPU seconds per wall second (1.0 = one core)
+    db_cpu_ms: float  # PostgreSQL's part of server_cpu_ms (0 on SQLite: it is in estkit's)
     client_cpu_ms: float  # per successful request
     client_cpu_util: float
     rss_before_mb: float
@@ -91,6 +103,34 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+@dataclass(frozen=True, slots=True)
+class Serving:
+    """What answers the load: one or more estkit nodes, and PostgreSQL's processes."""
+
+    nodes: tuple[fleet.Server, ...]
+    database_pid: int | None = None  # the postmaster; None: SQLite, inside estkit's processes
+
+    @classmethod
+    def of(cls, target: fleet.Server | Serving) -> Serving:
+        return target if isinstance(target, Serving) else cls((target,))
+
+    @property
+    def workers(self) -> int:
+        return self.nodes[0].workers
+
+    @property
+    def database(self) -> str:
+        return "sqlite" if self.database_pid is None else "postgresql"
+
+    @property
+    def roots(self) -> tuple[int, ...]:
+        return tuple(node.pid for node in self.nodes)
+
+    def database_cpu(self) -> float:
+        """CPU seconds of the postmaster and its backends so far (0 without PostgreSQL)."""
+        return 0.0 if self.database_pid is None else cpu_seconds(tree(self.database_pid))
+
+
 @dataclass(slots=True)
 class Tally:
     """One or more load slices on one server, added up into one ``Row``."""
@@ -101,7 +141,8 @@ class Tally:
     latencies: list[float] = field(default_factory=list)
     wall: float = 0.0
     client_cpu: float = 0.0
-    server_cpu: float = 0.0
+    server_cpu: float = 0.0  # estkit's processes
+    db_cpu: float = 0.0  # PostgreSQL's
     machine_busy: float = 0.0
     rss_before: int | None = None
     rss_peak: int = 0
@@ -109,19 +150,23 @@ class Tally:
 
     def add(
         self,
-        server: fleet.Server,
+        target: fleet.Server | Serving,
         plan: loadgen.Plan,
         rss_trace: list[tuple[float, int]] | None = None,
     ) -> None:
-        marks: dict[str, Snapshot] = {}
-        with RssSampler(server.pid) as sampler:
-            result = loadgen.run(
-                plan, on_start=lambda: marks.setdefault("start", Snapshot.of(server.pid))
-            )
-            end = Snapshot.of(server.pid)
+        serving = Serving.of(target)
+        marks: dict[str, tuple[Snapshot, float]] = {}
+
+        def mark() -> tuple[Snapshot, float]:
+            return Snapshot.of(*serving.roots), serving.database_cpu()
+
+        # RSS is estkit's only: PostgreSQL's shared buffers would count once per backend.
+        with RssSampler(*serving.roots) as sampler:
+            result = loadgen.run(plan, on_start=lambda: marks.setdefault("start", mark()))
+            end, db_end = mark()
         time.sleep(0.5)  # let the server settle before "after"
-        after = Snapshot.of(server.pid)
-        start = marks["start"]
+        after = Snapshot.of(*serving.roots)
+        start, db_start = marks["start"]
         if rss_trace is not None:
             rss_trace.extend(sampler.samples)
         for kind, sample in result.error_samples.items():
@@ -132,6 +177,7 @@ class Tally:
         self.wall += result.wall
         self.client_cpu += result.client_cpu
         self.server_cpu += end.cpu - start.cpu
+        self.db_cpu += db_end - db_start
         self.machine_busy += end.machine - start.machine
         if self.rss_before is None:
             self.rss_before = start.rss
@@ -139,14 +185,23 @@ class Tally:
         self.rss_after = after.rss
 
     def row(
-        self, *, scenario: str, server: fleet.Server, plan: loadgen.Plan, store_rows: int
+        self,
+        *,
+        scenario: str,
+        server: fleet.Server | Serving,
+        plan: loadgen.Plan,
+        store_rows: int,
     ) -> Row:
+        serving = Serving.of(server)
         ok = max(self.ok, 1)
         wall = max(self.wall, 1e-9)
+        total_cpu = self.server_cpu + self.db_cpu
         return Row(
             scenario=scenario,
+            database=serving.database,
             operation=plan.operation,
-            workers=server.workers,
+            workers=serving.workers,
+            nodes=len(serving.nodes),
             concurrency=plan.concurrency,
             store_rows=store_rows,
             requests=self.ok,
@@ -156,22 +211,23 @@ class Tally:
             rps=round(self.ok / wall, 1),
             p50_ms=round(_percentile(self.latencies, 0.50) * 1000, 1),
             p99_ms=round(_percentile(self.latencies, 0.99) * 1000, 1),
-            server_cpu_ms=round(self.server_cpu * 1000 / ok, 3),
-            server_cpu_util=round(self.server_cpu / wall, 2),
+            server_cpu_ms=round(total_cpu * 1000 / ok, 3),
+            server_cpu_util=round(total_cpu / wall, 2),
+            db_cpu_ms=round(self.db_cpu * 1000 / ok, 3),
             client_cpu_ms=round(self.client_cpu * 1000 / ok, 3),
             client_cpu_util=round(self.client_cpu / wall, 2),
             rss_before_mb=round((self.rss_before or 0) / MB, 1),
             rss_peak_mb=round(self.rss_peak / MB, 1),
             rss_after_mb=round(self.rss_after / MB, 1),
             other_cpu_util=round(
-                max(0.0, self.machine_busy - self.server_cpu - self.client_cpu) / wall, 2
+                max(0.0, self.machine_busy - total_cpu - self.client_cpu) / wall, 2
             ),
             load_before=self.load_before,
         )
 
 
 def measure(
-    server: fleet.Server,
+    server: fleet.Server | Serving,
     plan: loadgen.Plan,
     *,
     scenario: str,
@@ -188,24 +244,24 @@ class Arm:
     """One side of an interleaved comparison."""
 
     scenario: str
-    server: fleet.Server
+    server: fleet.Server | Serving
     plan: loadgen.Plan
     store_rows: int
 
 
-def measure_interleaved(first: Arm, second: Arm, *, rounds: int) -> tuple[Row, Row]:
-    """Both arms in ``rounds`` alternating slices (A B, B A, A B, ...), each slice a
-    ``rounds``-th of its plan's requests and time.
+def measure_interleaved(arms: Sequence[Arm], *, rounds: int) -> list[Row]:
+    """The arms in ``rounds`` slices, in turn and back (A B C, C B A, A B C, ...), each
+    slice a ``rounds``-th of its plan's requests and time.
 
     Two runs one after the other differ by the machine's drift as much as by what
     is compared (this VM's speed moves by 20-30 % within minutes); slices taken
     turn about see the same machine.
     """
     load = _loadavg()
-    tallies = (Tally(load_before=load), Tally(load_before=load))
-    arms = (first, second)
+    tallies = [Tally(load_before=load) for _ in arms]
+    order = list(range(len(arms)))
     for i in range(rounds):
-        for side in (0, 1) if i % 2 == 0 else (1, 0):
+        for side in order if i % 2 == 0 else order[::-1]:
             arm = arms[side]
             plan = replace(
                 arm.plan,
@@ -213,27 +269,28 @@ def measure_interleaved(first: Arm, second: Arm, *, rounds: int) -> tuple[Row, R
                 seconds=arm.plan.seconds / rounds,
             )
             tallies[side].add(arm.server, plan)
-    rows = tuple(
+    return [
         t.row(scenario=a.scenario, server=a.server, plan=a.plan, store_rows=a.store_rows)
         for t, a in zip(tallies, arms, strict=True)
-    )
-    return rows[0], rows[1]
+    ]
 
 
 HEADER = (
-    f"{'scenario':<16}{'op':<15}{'w':>2}{'c':>4}{'stored':>9}{'ok':>7}{'err':>5}{'req/s':>8}"
-    f"{'p50ms':>8}{'p99ms':>8}{'srvCPUms':>9}{'srvCPU':>7}{'cliCPUms':>9}{'cliCPU':>7}"
-    f"{'RSS MB before/peak/after':>26}{'other':>6}"
+    f"{'scenario':<16}{'db':<7}{'op':<15}{'w':>2}{'n':>2}{'c':>4}{'stored':>9}{'ok':>7}"
+    f"{'err':>5}{'req/s':>8}{'p50ms':>8}{'p99ms':>8}{'srvCPUms':>9}{'srvCPU':>7}{'dbCPUms':>8}"
+    f"{'cliCPUms':>9}{'cliCPU':>7}{'RSS MB before/peak/after':>26}{'other':>6}"
 )
 
 
 def format_row(r: Row) -> str:
     rss = f"{r.rss_before_mb:.0f}/{r.rss_peak_mb:.0f}/{r.rss_after_mb:.0f}"
+    db = "pg" if r.database == "postgresql" else r.database
+    db_cpu = f"{r.db_cpu_ms:>8.2f}" if r.database == "postgresql" else f"{'-':>8}"
     return (
-        f"{r.scenario:<16}{r.operation:<15}{r.workers:>2}{r.concurrency:>4}{r.store_rows:>9}"
-        f"{r.requests:>7}{r.errors:>5}{r.rps:>8.1f}{r.p50_ms:>8.1f}{r.p99_ms:>8.1f}"
-        f"{r.server_cpu_ms:>9.2f}{r.server_cpu_util:>7.2f}{r.client_cpu_ms:>9.2f}"
-        f"{r.client_cpu_util:>7.2f}{rss:>26}{r.other_cpu_util:>6.2f}"
+        f"{r.scenario:<16}{db:<7}{r.operation:<15}{r.workers:>2}{r.nodes:>2}{r.concurrency:>4}"
+        f"{r.store_rows:>9}{r.requests:>7}{r.errors:>5}{r.rps:>8.1f}{r.p50_ms:>8.1f}"
+        f"{r.p99_ms:>8.1f}{r.server_cpu_ms:>9.2f}{r.server_cpu_util:>7.2f}{db_cpu}"
+        f"{r.client_cpu_ms:>9.2f}{r.client_cpu_util:>7.2f}{rss:>26}{r.other_cpu_util:>6.2f}"
     )
 
 
@@ -261,6 +318,7 @@ def machine() -> dict[str, Any]:
         "fastapi",
         "starlette",
         "sqlalchemy",
+        "psycopg",
     ):
         try:
             versions[dist] = metadata.version(dist)
@@ -297,6 +355,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="certificates stored for the scale run; 0 skips it (default 1,000,000)",
     )
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=ROUNDS,
+        help=f"slices per side of the interleaved comparisons (scale, backends; default {ROUNDS})",
+    )
+    p.add_argument(
         "--soak", type=int, default=20_000, help="handshakes in the RSS soak run; 0 skips it"
     )
     p.add_argument("--soak-seconds", type=float, default=150.0, help="time bound of the soak")
@@ -307,6 +371,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="health: mTLS handshake + /health/certificate (default)",
     )
     p.add_argument("--no-agent", action="store_true", help="skip the device agent measurement")
+    p.add_argument(
+        "--postgresql",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="simpleenroll on 1 and 2 nodes on PostgreSQL next to SQLite, and the scale run on "
+        "PostgreSQL (default: when PostgreSQL is installed)",
+    )
     p.add_argument("--tls-max", default="1.3", choices=["1.2", "1.3"])
     p.add_argument("--no-verify-server", action="store_true", help="client skips server checks")
     p.add_argument("--quiet-load", type=float, default=0.5, help="1-min load to wait for")
@@ -327,8 +398,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the server data directory")
     p.add_argument("--output", type=Path, default=None, help="JSON path (default bench/results/)")
     args = p.parse_args(argv)
-    if min(args.concurrency) < 1 or min(args.workers) < 1:
-        p.error("concurrency and workers must be at least 1")
+    if min(args.concurrency) < 1 or min(args.workers) < 1 or args.rounds < 1:
+        p.error("concurrency, workers and rounds must be at least 1")
+    if args.postgresql and not postgres.installed():
+        p.error(f"--postgresql: PostgreSQL is not installed ({postgres.INSTALL_HINT})")
     return args
 
 
@@ -394,7 +467,6 @@ class Bench:
                         plan = self.plan(operation, c, a.requests, a.seconds)
                         self.record(measure(server, plan, scenario="empty store", store_rows=0))
         self.serverkeygen_summary()
-        print("PostgreSQL: not available yet", flush=True)
 
     def serverkeygen_summary(self) -> None:
         """Server CPU per request of serverkeygen next to simpleenroll's, per (w, c)."""
@@ -479,7 +551,7 @@ class Bench:
         token = fleet.estkit(
             "token", "create", "--data-dir", self.data_dir, "--name", "bench", "--scope", "read"
         ).split()[-1]
-        rounds = SCALE_ROUNDS
+        rounds = a.rounds
         print(
             f"scale: simpleenroll on {baseline_rows:,} vs {stored:,} stored certificates, "
             f"{rounds} interleaved slices each",
@@ -498,19 +570,18 @@ class Bench:
         with self.server(workers) as server, baseline_server as baseline:
             plan = self.plan("simpleenroll", concurrency, a.requests, a.seconds)
             base, scaled = measure_interleaved(
-                Arm("scale baseline", baseline, replace(plan, port=baseline.port), baseline_rows),
-                Arm("scale", server, plan, stored),
+                [
+                    Arm(
+                        "scale baseline", baseline, replace(plan, port=baseline.port), baseline_rows
+                    ),
+                    Arm("scale", server, plan, stored),
+                ],
                 rounds=rounds,
             )
             self.record(base)
             self.record(scaled)
             queries += fleet.rest_queries(server, token, sample_device)
-        for q in queries:
-            print(
-                f"  query via {q.via:<5} {q.name:<32} median {q.median_ms:8.1f} ms  "
-                f"max {q.max_ms:8.1f} ms  rows {q.rows}",
-                flush=True,
-            )
+        _print_queries(queries)
         change = (scaled.rps - base.rps) / base.rps * 100 if base.rps else float("nan")
         print(
             f"scale: throughput {scaled.rps:.1f} vs {base.rps:.1f} req/s ({change:+.1f} %), "
@@ -528,6 +599,254 @@ class Bench:
             "throughput_change_percent": round(change, 1),
         }
 
+    def postgresql(self) -> None:
+        """The PostgreSQL rows: ``pg_compare``, then ``pg_scale``, on a throwaway cluster
+        that lives for these steps only (its idle processes stay out of the others)."""
+        t0 = time.monotonic()
+        report: dict[str, Any] = {"settings": postgres.DURABLE}
+        self.report["postgresql"] = report
+        with postgres.durable_cluster() as cluster, cluster.database() as database_url:
+            report["server_version"] = postgres.server_version(database_url)
+            print(
+                f"postgresql: {report['server_version']} on 127.0.0.1:{cluster.port}, "
+                f"{', '.join(f'{k}={v}' for k, v in postgres.DURABLE.items())} (as durable as "
+                f"SQLite's synchronous=FULL), started in {time.monotonic() - t0:.1f} s",
+                flush=True,
+            )
+            node = self.pg_compare(cluster, database_url)
+            if self.args.scale:
+                self.pg_scale(cluster, database_url, node)
+            else:
+                print("scale (postgresql): skipped (--scale 0)", flush=True)
+        report["seconds"] = round(time.monotonic() - t0, 1)
+
+    def pg_compare(self, cluster: postgres.Cluster, database_url: str) -> Path:
+        """simpleenroll at the highest concurrency on one SQLite node, one PostgreSQL node
+        and two PostgreSQL nodes (1 worker each), in interleaved slices. The PostgreSQL
+        database starts as a copy of the SQLite store (same CAs, devices, certificates);
+        the second node is made with ``server init --join`` and takes every other
+        connection. Returns the first node's data directory."""
+        a = self.args
+        t0 = time.monotonic()
+        copied = postgres.copy_store(f"sqlite:///{self.data_dir / 'estkit.db'}", database_url)
+        dir_a, dir_b = self.work / "pg-node-a", self.work / "pg-node-b"
+        port_a, port_b = fleet.free_port(), fleet.free_port()
+        postgres.init_node(
+            dir_a,
+            source=self.data_dir,
+            database_url=database_url,
+            port=port_a,
+            crl_port=fleet.free_port(),
+        )
+        postgres.join_node(
+            dir_b, joined=dir_a, region="bench-b", port=port_b, crl_port=fleet.free_port()
+        )
+        print(
+            f"postgresql: the SQLite store copied ({copied:,} rows) and two nodes made "
+            f"in {time.monotonic() - t0:.1f} s",
+            flush=True,
+        )
+        concurrency = max(a.concurrency)
+        sqlite_rows = fleet.count_certificates(self.data_dir / "estkit.db")
+        pg_rows = postgres.count_certificates(database_url)
+        pid = postgres.postmaster_pid(cluster)
+        node_a, node_b = (
+            fleet.Server(
+                d, port=port, workers=1, log=self.work / f"{d.name}.log", python=a.server_python
+            )
+            for d, port in ((dir_a, port_a), (dir_b, port_b))
+        )
+        print(
+            f"postgresql: simpleenroll c={concurrency} on SQLite, 1 node and 2 nodes on "
+            f"PostgreSQL (1 worker each; the CPU columns count PostgreSQL's processes), "
+            f"{a.rounds} interleaved slices each",
+            flush=True,
+        )
+        print(HEADER, flush=True)
+        with self.server(1) as sqlite, node_a, node_b:
+            plan = self.plan("simpleenroll", concurrency, a.requests, a.seconds)
+            rows = measure_interleaved(
+                [
+                    Arm("backends", sqlite, plan, sqlite_rows),
+                    Arm("backends", Serving((node_a,), pid), replace(plan, port=port_a), pg_rows),
+                    Arm(
+                        "backends",
+                        Serving((node_a, node_b), pid),
+                        replace(plan, port=port_a, spread_to=(port_b,)),
+                        pg_rows,
+                    ),
+                ],
+                rounds=a.rounds,
+            )
+        for row in rows:
+            self.record(row)
+        self.report["postgresql"]["compare"] = self.pg_compare_summary(*rows)
+        return dir_a
+
+    def pg_compare_summary(self, sqlite: Row, one: Row, two: Row) -> dict[str, Any]:
+        """Issue 12's targets for the ``backends`` rows, printed and as a report."""
+        cpu_ratio = one.server_cpu_ms / sqlite.server_cpu_ms if sqlite.server_cpu_ms else 0.0
+        matrix = next(
+            (
+                r
+                for r in self.rows
+                if (r.scenario, r.operation, r.workers, r.concurrency)
+                == ("empty store", "simpleenroll", 1, one.concurrency)
+            ),
+            None,
+        )
+        print(
+            f"postgresql: CPU per enrollment {one.server_cpu_ms:.2f} ms (estkit "
+            f"{one.server_cpu_ms - one.db_cpu_ms:.2f} + PostgreSQL {one.db_cpu_ms:.2f}) = "
+            f"{cpu_ratio:.2f}x SQLite's {sqlite.server_cpu_ms:.2f} ms in the same slices "
+            f"(target <= {PG_CPU_RATIO_MAX}x: {_verdict(cpu_ratio <= PG_CPU_RATIO_MAX)})"
+            + (
+                f"; the matrix's SQLite row (w=1, c={matrix.concurrency}, measured earlier): "
+                f"{matrix.server_cpu_ms:.2f} ms"
+                if matrix
+                else ""
+            ),
+            flush=True,
+        )
+        nproc = os.cpu_count() or 1
+        speedup = two.rps / one.rps if one.rps else 0.0
+        cpu_per_request = two.server_cpu_ms / one.server_cpu_ms if one.server_cpu_ms else 0.0
+        cores_enough = nproc >= TWO_NODES_CORES
+        if cores_enough:
+            print(
+                f"postgresql: 2 nodes {two.rps:.1f} vs 1 node {one.rps:.1f} req/s = "
+                f"{speedup:.2f}x (target >= {TWO_NODES_SPEEDUP_MIN}x: "
+                f"{_verdict(speedup >= TWO_NODES_SPEEDUP_MIN)}); CPU per request "
+                f"{two.server_cpu_ms:.2f} vs {one.server_cpu_ms:.2f} ms",
+                flush=True,
+            )
+        else:
+            print(
+                f"postgresql: 2 nodes on {nproc} cores: CPU per request "
+                f"{two.server_cpu_ms:.2f} vs {one.server_cpu_ms:.2f} ms for 1 node "
+                f"({cpu_per_request:.2f}x); the throughput ({two.rps:.1f} vs {one.rps:.1f} "
+                f"req/s, {speedup:.2f}x) is bounded by the cores here: the >= "
+                f"{TWO_NODES_SPEEDUP_MIN}x target needs >= {TWO_NODES_CORES}",
+                flush=True,
+            )
+        return {
+            "concurrency": one.concurrency,
+            "sqlite_server_cpu_ms": sqlite.server_cpu_ms,
+            "postgresql_server_cpu_ms": one.server_cpu_ms,
+            "postgresql_db_cpu_ms": one.db_cpu_ms,
+            "cpu_ratio": round(cpu_ratio, 3),
+            "cpu_ratio_target": PG_CPU_RATIO_MAX,
+            "cpu_ratio_met": cpu_ratio <= PG_CPU_RATIO_MAX,
+            "matrix_sqlite_server_cpu_ms": matrix.server_cpu_ms if matrix else None,
+            "two_nodes_rps": two.rps,
+            "one_node_rps": one.rps,
+            "two_nodes_speedup": round(speedup, 3),
+            "two_nodes_cpu_per_request_ratio": round(cpu_per_request, 3),
+            "nproc": nproc,
+            # On fewer cores the speedup says how many cores there are, not how the
+            # nodes share the database: the CPU per request is what is reported.
+            "speedup_target": TWO_NODES_SPEEDUP_MIN if cores_enough else None,
+            "speedup_met": speedup >= TWO_NODES_SPEEDUP_MIN if cores_enough else None,
+        }
+
+    def pg_scale(self, cluster: postgres.Cluster, base_url: str, node: Path) -> None:
+        """The scale run on PostgreSQL: the ``pg_compare`` database as the baseline, and
+        a copy of it with ``--scale`` certificates added by COPY, served by two servers
+        at once (node ``node``'s data directory, and a copy of it on the filled
+        database), in interleaved slices; then the operator queries at that size."""
+        a = self.args
+        scaled_url = postgres.clone_database(cluster, source_url=base_url, name="estkit_scaled")
+        print(f"scale (postgresql): writing {a.scale:,} certificates with COPY ...", flush=True)
+        fill = postgres.fill(
+            scaled_url,
+            a.scale,
+            now=dt.datetime.now(dt.UTC),
+            progress=lambda n: print(f"  {n:,} rows", flush=True),
+        )
+        postgres.analyze(base_url)
+        print(
+            f"scale (postgresql): {fill.rows:,} certificates of {fill.devices:,} devices "
+            f"written, indexed and analyzed in {fill.seconds:.1f} s (database "
+            f"{fill.db_bytes / MB:.0f} MB)",
+            flush=True,
+        )
+        scaled_dir = self.work / "pg-scaled"
+        postgres.repoint_node(
+            scaled_dir,
+            source=node,
+            database_url=scaled_url,
+            port=fleet.free_port(),
+            crl_port=fleet.free_port(),
+        )
+        baseline_rows = postgres.count_certificates(base_url)
+        stored = postgres.count_certificates(scaled_url)
+        sample_device = fleet.fleet_device_id(min(42, fill.devices - 1))
+        queries = fleet.store_queries(scaled_url, sample_device)
+        token = fleet.estkit(
+            "token", "create", "--data-dir", scaled_dir, "--name", "bench-pg", "--scope", "read"
+        ).split()[-1]
+        print(
+            f"scale (postgresql): simpleenroll on {baseline_rows:,} vs {stored:,} stored "
+            f"certificates, {a.rounds} interleaved slices each",
+            flush=True,
+        )
+        print(HEADER, flush=True)
+        workers, concurrency = max(a.workers), max(a.concurrency)
+        pid = postgres.postmaster_pid(cluster)
+        baseline_server, scaled_server = (
+            fleet.Server(
+                d,
+                port=fleet.free_port(),
+                workers=workers,
+                log=self.work / f"{d.name}-scale.log",
+                python=a.server_python,
+            )
+            for d in (node, scaled_dir)
+        )
+        with baseline_server as baseline, scaled_server as server:
+            plan = self.plan("simpleenroll", concurrency, a.requests, a.seconds)
+            base, scaled = measure_interleaved(
+                [
+                    Arm(
+                        "scale baseline",
+                        Serving((baseline,), pid),
+                        replace(plan, port=baseline.port),
+                        baseline_rows,
+                    ),
+                    Arm("scale", Serving((server,), pid), replace(plan, port=server.port), stored),
+                ],
+                rounds=a.rounds,
+            )
+            self.record(base)
+            self.record(scaled)
+            queries += fleet.rest_queries(server, token, sample_device)
+        _print_queries(queries)
+        change = (scaled.rps - base.rps) / base.rps * 100 if base.rps else float("nan")
+        slowest = max(queries, key=lambda q: q.per_call_ms)
+        print(
+            f"scale (postgresql): throughput {scaled.rps:.1f} vs {base.rps:.1f} req/s "
+            f"({change:+.1f} %; target within {SCALE_CHANGE_MAX:.0f} %: "
+            f"{_verdict(abs(change) <= SCALE_CHANGE_MAX)}), server CPU (estkit + PostgreSQL) "
+            f"{scaled.server_cpu_ms:.2f} vs {base.server_cpu_ms:.2f} ms per enrollment; "
+            f"slowest query {slowest.per_call_ms:.1f} ms per page ({slowest.via}: "
+            f"{slowest.name}; target <= {QUERY_MS_MAX:.0f} ms: "
+            f"{_verdict(slowest.per_call_ms <= QUERY_MS_MAX)})",
+            flush=True,
+        )
+        self.report["postgresql"]["scale"] = {
+            "fill": asdict(fill),
+            "placeholder_der_bytes": len(fleet.PLACEHOLDER_DER),
+            "queries": [asdict(q) | {"per_call_ms": round(q.per_call_ms, 2)} for q in queries],
+            "slowest_query_ms": round(slowest.per_call_ms, 2),
+            "queries_met": slowest.per_call_ms <= QUERY_MS_MAX,
+            "interleaved_rounds": a.rounds,
+            "baseline_rows": baseline_rows,
+            "enroll_rps_baseline": base.rps,
+            "enroll_rps_scaled": scaled.rps,
+            "throughput_change_percent": round(change, 1),
+            "throughput_met": abs(change) <= SCALE_CHANGE_MAX,
+        }
+
     def agent(self) -> None:
         from bench import device
 
@@ -540,6 +859,20 @@ class Bench:
         self.report["rows"] = [asdict(r) for r in self.rows]
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.report, indent=2) + "\n")
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "MISSED"
+
+
+def _print_queries(queries: list[fleet.QueryTiming]) -> None:
+    for q in queries:
+        per_page = f"  ({q.per_call_ms:.1f} ms per page)" if q.calls > 1 else ""
+        print(
+            f"  query via {q.via:<5} {q.name:<32} median {q.median_ms:8.1f} ms  "
+            f"max {q.max_ms:8.1f} ms  rows {q.rows}{per_page}",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,6 +904,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         bench.setup()
         bench.matrix()
+        if args.postgresql is False:
+            print("PostgreSQL: skipped (--no-postgresql)", flush=True)
+            bench.report["postgresql"] = {"skipped": "--no-postgresql"}
+        elif not postgres.installed():
+            print(f"PostgreSQL: not installed ({postgres.INSTALL_HINT})", flush=True)
+            bench.report["postgresql"] = {"skipped": "not installed"}
+        else:
+            bench.postgresql()
         if args.soak:
             bench.soak()
         if args.scale:

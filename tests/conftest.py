@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from backends import BACKENDS
+from backends import BACKENDS, server_database
 from estkit.store import SqlStore
 from estserver import DEFAULT_PORTS, EstServer, hold_port, make_server
 from pgcluster import PgCluster, running_cluster
@@ -36,10 +36,20 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         sock.close()
 
 
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The store backend of the test: each test that uses a store or a server runs on
+    each (``backends.sqlite_only`` / ``postgresql_only`` pick one)."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="session")
-def est_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
-    """One running server shared by the tests of a worker (default config)."""
-    server = make_server(tmp_path_factory.mktemp("est"))
+def est_server(
+    request: pytest.FixtureRequest, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EstServer]:
+    """One running server shared by the tests of a worker (default config), per backend."""
+    database = server_database(request, backend)
+    server = make_server(tmp_path_factory.mktemp("est"), database_url=database)
     server.start()
     try:
         yield server
@@ -48,9 +58,11 @@ def est_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
 
 
 @pytest.fixture
-def fresh_server(tmp_path: Path) -> Iterator[EstServer]:
+def fresh_server(
+    request: pytest.FixtureRequest, backend: str, tmp_path: Path
+) -> Iterator[EstServer]:
     """A server of the test's own, not yet started, whose config the test may change."""
-    server = make_server(tmp_path)
+    server = make_server(tmp_path, database_url=server_database(request, backend))
     try:
         yield server
     finally:
@@ -74,11 +86,11 @@ def pg_cluster() -> Iterator[PgCluster]:
         yield cluster
 
 
-@pytest.fixture(params=BACKENDS)
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A migrated database of the test's own: SQLite in ``tmp_path``, then a database
-    on this worker's PostgreSQL cluster (``backends.sqlite_only`` picks one)."""
-    if request.param == "sqlite":
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> Iterator[str]:
+    """A migrated database of the test's own: SQLite in ``tmp_path``, or a database on
+    this worker's PostgreSQL cluster."""
+    if backend == "sqlite":
         url = f"sqlite:///{tmp_path / 'estkit.db'}"
         migrated = SqlStore.open(url)
         migrated.migrate()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,14 +177,18 @@ class EstServer:
         raise AssertionError(f"server did not start within 30 s: {self.log()}")
 
     def stop(self) -> None:
+        """SIGTERM to the server's process group (its workers too); SIGKILL after 15 s.
+        A server that already exited (a failed start) is only reaped."""
         if self.proc is None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
         try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=15)
+        except ProcessLookupError:
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=5)
+        self.proc.wait(timeout=5)
         self.proc = None
 
     def restart(self) -> None:
@@ -194,12 +199,23 @@ class EstServer:
         return self.log_path.read_text()[-4000:] if self.log_path and self.log_path.exists() else ""
 
 
-def make_server(tmp: Path, *, config: dict[tuple[str, str], str] | None = None) -> EstServer:
+def make_server(
+    tmp: Path,
+    *,
+    config: dict[tuple[str, str], str] | None = None,
+    database_url: str | None = None,
+    init_args: Sequence[str | Path] = (),
+) -> EstServer:
+    """``estkit server init`` in ``tmp/server`` on free ports; on its own SQLite file, or
+    on ``database_url`` (see ``backends.server_database``); ``init_args``: more options
+    of ``server init`` (``--signer pkcs11 ...``)."""
     data_dir = tmp / "server"
     port, crl_port = free_port(), free_port()
+    database = ["--database-url", database_url] if database_url else []
     run_estkit(
-        "server", "init", "--data-dir", data_dir, "--port", str(port), "--crl-port", str(crl_port)
-    )
+        "server", "init", "--data-dir", data_dir, "--port", str(port),
+        "--crl-port", str(crl_port), *database, *init_args,
+    )  # fmt: skip
     for (section, key), value in (config or {}).items():
         set_config(data_dir, section, key, value)
     return EstServer(data_dir=data_dir, port=port, crl_port=crl_port)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import sqlite3
 import ssl
 import subprocess
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 
+import serverdb
 from estkit.pki.cms import decode_certs_only
 from estkit.pki.keys import PrivateKey, generate_key, key_to_pem
 from testpki import cn_name
@@ -92,19 +92,18 @@ def issued_cert(response: httpx.Response) -> x509.Certificate:
 
 
 def count_certificates(data_dir: Path) -> int:
-    with sqlite3.connect(data_dir / "estkit.db") as db:
-        return int(db.execute("SELECT count(*) FROM certificates").fetchone()[0])
+    return int(serverdb.rows(data_dir, "SELECT count(*) FROM certificates")[0][0])
 
 
 def audit_rows(data_dir: Path, device_id: str) -> list[tuple[str, str, str]]:
-    with sqlite3.connect(data_dir / "estkit.db") as db:
-        return [
-            (r[0], r[1], r[2])
-            for r in db.execute(
-                "SELECT action, outcome, detail FROM audit_events WHERE device_id = ? ORDER BY id",
-                (device_id,),
-            )
-        ]
+    return [
+        (r[0], r[1], r[2])
+        for r in serverdb.rows(
+            data_dir,
+            "SELECT action, outcome, detail FROM audit_events WHERE device_id = :d ORDER BY id",
+            d=device_id,
+        )
+    ]
 
 
 def new_key() -> PrivateKey:

@@ -155,6 +155,7 @@ def test_renewal_acts_on_the_refusal_code(
         with pytest.raises(RenewalRefused) as refused:
             device.renewer.renew(device.current)
         assert refused.value.reason == reason
+        assert refused.value.code == code  # logged and in status.json beside the reason
         assert device.est.paths == ["simplereenroll"]
     elif outcome == "fallback":
         renewal = device.renewer.renew(device.current)

@@ -64,6 +64,7 @@ CODE_MEANINGS = {
     "name-mismatch": Refusal.OTHER,
     "subject-changed": Refusal.OTHER,
     "san-not-permitted": Refusal.OTHER,
+    "name-constraints": Refusal.OTHER,  # retried later: the operator may mend the CA
     "channel-binding-mismatch": Refusal.OTHER,  # retried: a new connection, a new binding
     "scope-missing": Refusal.OTHER,
     "approval-pending": Refusal.OTHER,

@@ -25,8 +25,8 @@ def test_codes_are_stable_strings() -> None:
         "secret-invalid", "token-invalid", "certificate-required", "unknown-certificate",
         "wrong-ca", "expired", "not-yet-valid", "revoked", "not-registered", "disabled",
         "decommissioned", "name-mismatch", "subject-changed", "san-not-permitted",
-        "channel-binding-mismatch", "scope-missing", "approval-pending", "approval-denied",
-        "not-found", "conflict", "rate-limited", "unavailable",
+        "name-constraints", "channel-binding-mismatch", "scope-missing", "approval-pending",
+        "approval-denied", "not-found", "conflict", "rate-limited", "unavailable",
     }  # fmt: skip
     assert {Code.REVOKED, Code.DECOMMISSIONED} == FINAL
 
@@ -72,6 +72,7 @@ def test_statuses_by_kind() -> None:
     assert STATUS[Code.SECRET_INVALID] == 401
     assert STATUS[Code.REVOKED] == 403
     assert STATUS[Code.CHANNEL_BINDING_MISMATCH] == 403
+    assert STATUS[Code.NAME_CONSTRAINTS] == 403
     assert STATUS[Code.RATE_LIMITED] == 429
     assert STATUS[Code.UNAVAILABLE] == 503
     assert STATUS[Code.APPROVAL_PENDING] == 202

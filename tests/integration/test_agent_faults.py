@@ -14,17 +14,21 @@ import pytest
 from cryptography import x509
 
 from agentutil import AgentProcess, setup_agent, wait_until
+from backends import server_database
 from estkit.agent import PAUSE_STEPS
 from estkit.pki.certs import fingerprint, serial_hex
 from estserver import EstServer, make_server, run_estkit, set_config
 
 
 @pytest.fixture(scope="module")
-def long_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
+def long_server(
+    request: pytest.FixtureRequest, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EstServer]:
     """Certificates of 60 s: nothing falls due by itself during these tests."""
     server = make_server(
         tmp_path_factory.mktemp("est-long"),
         config={("profiles.operational", "validity"): '"60s"'},
+        database_url=server_database(request, backend),
     )
     server.start()
     try:
@@ -191,7 +195,7 @@ def _pending_rows(server: EstServer, device_id: str) -> list[list[str]]:
 
 
 def test_enrollment_waiting_for_approval_is_retried_with_the_same_request(
-    device_id: str, tmp_path: Path
+    request: pytest.FixtureRequest, backend: str, device_id: str, tmp_path: Path
 ) -> None:
     server = make_server(
         tmp_path / "approval",
@@ -199,6 +203,7 @@ def test_enrollment_waiting_for_approval_is_retried_with_the_same_request(
             ("labels.devices", "approval"): "true",
             ("labels.devices", "approval_retry_after"): "1",
         },
+        database_url=server_database(request, backend),
     )
     server.start()
     try:

@@ -16,6 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agentutil import AgentProcess, AgentSetup, setup_agent, wait_until
+from backends import server_database
 from estserver import EstServer, make_server
 from hubstandin import HubStandIn, make_hub_standin
 
@@ -24,10 +25,13 @@ SDK_PORT = 8883
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
+def server(
+    request: pytest.FixtureRequest, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EstServer]:
     est = make_server(
         tmp_path_factory.mktemp("est-hub"),
         config={("profiles.operational", "validity"): '"300s"'},
+        database_url=server_database(request, backend),
     )
     est.start()
     try:

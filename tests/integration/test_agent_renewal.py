@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from agentutil import AgentProcess, setup_agent, wait_until
+from backends import server_database
 from estkit.agent import StateDirectory
 from estkit.pki import keys
 from estkit.pki.certs import serial_hex
@@ -27,10 +28,13 @@ VALIDITY = 6  # seconds: at fraction 0.6, a renewal every ~3.5 s
 
 
 @pytest.fixture(scope="module")
-def short_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
+def short_server(
+    request: pytest.FixtureRequest, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EstServer]:
     server = make_server(
         tmp_path_factory.mktemp("est-short"),
         config={("profiles.operational", "validity"): f'"{VALIDITY}s"'},
+        database_url=server_database(request, backend),
     )
     server.start()
     try:
@@ -156,10 +160,14 @@ def test_decommissioned_device_stops_renewing_and_says_why(
     finally:
         agent.ensure_stopped()
     assert exit_code == 77, agent.log()
-    assert "ERROR estkit.agent.daemon: EST server refused device" in agent.log()
+    assert (
+        f"ERROR estkit.agent.daemon: EST server refused device {device_id} for good "
+        "(decommissioned): " in agent.log()
+    )
     status = setup.status()
     assert status["state"] == "refused"
     assert "decommissioned" in status["refused"]["reason"]
+    assert status["refused"]["code"] == "decommissioned"
     assert status["hub"]["connected"] is False  # it hung up on its way out
 
     # Restarted (as a service manager might), it asks once and stops again: no loop.

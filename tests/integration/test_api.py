@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from jwt.algorithms import ECAlgorithm
 
+from backends import server_database
 from estkit.pki.certs import fingerprint, serial_hex
 from estkit.pki.keys import PrivateKey
 from estkit.server.config import default_node_name
@@ -128,8 +129,12 @@ class Api:
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
-    server = make_server(tmp_path_factory.mktemp("api"))
+def api(
+    request: pytest.FixtureRequest, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Api]:
+    server = make_server(
+        tmp_path_factory.mktemp("api"), database_url=server_database(request, backend)
+    )
     provider, stranger = Signer("idp-key-1"), Signer("idp-key-1")
     (server.data_dir / "oidc").mkdir()
     (server.data_dir / "oidc" / "jwks.json").write_text(json.dumps({"keys": [provider.jwk()]}))

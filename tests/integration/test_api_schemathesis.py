@@ -28,6 +28,7 @@ from schemathesis import BaseSchema, Case, GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
 
+from backends import server_database
 from estserver import EstServer, make_server
 from estutil import csr_der, http, new_key
 
@@ -55,8 +56,12 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    server = make_server(tmp_path_factory.mktemp("fuzz"))
+def live(
+    request: pytest.FixtureRequest, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Live]:
+    server = make_server(
+        tmp_path_factory.mktemp("fuzz"), database_url=server_database(request, backend)
+    )
     admin = server.cli("token", "create", "--name", "fuzzer", "--scope", "admin").stdout.strip()
     server.start()
     try:

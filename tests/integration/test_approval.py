@@ -7,7 +7,6 @@ strongSwan ``pki --est`` must complete the polling flow on its own.
 
 from __future__ import annotations
 
-import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+import serverdb
+from backends import server_database
 from estkit.pki.certs import serial_hex
 from estserver import EstServer, make_server
 from estutil import Identity, csr_der, http, issued_cert, new_key, post_csr
@@ -53,18 +54,20 @@ def pending_rows(server: EstServer, device_id: str, *, every: bool = False) -> l
 
 
 def operational_serials(server: EstServer, device_id: str) -> list[str]:
-    with sqlite3.connect(server.data_dir / "estkit.db") as db:
-        return [
-            r[0]
-            for r in db.execute(
-                "SELECT serial FROM certificates WHERE device_id = ? AND ca = 'devices'",
-                (device_id,),
-            )
-        ]
+    return [
+        r[0]
+        for r in serverdb.rows(
+            server.data_dir,
+            "SELECT serial FROM certificates WHERE device_id = :d AND ca = 'devices'",
+            d=device_id,
+        )
+    ]
 
 
 @pytest.fixture(scope="module")
-def approval_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
+def approval_server(
+    request: pytest.FixtureRequest, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EstServer]:
     """One server whose default label needs approval; each test has its own device."""
     server = make_server(
         tmp_path_factory.mktemp("approval"),
@@ -72,6 +75,7 @@ def approval_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstSer
             ("labels.devices", "approval"): "true",
             ("labels.devices", "approval_retry_after"): "1",
         },
+        database_url=server_database(request, backend),
     )
     server.start()
     try:

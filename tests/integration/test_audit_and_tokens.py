@@ -2,25 +2,25 @@
 
 The audit log is produced by a real server (EST issuance and refusal) and the
 operator CLI (bootstrap, revoke, disable); tampering is done with plain SQL on
-a copy of the data directory, as an attacker with file access would.
+a copy of the data directory and its database, as an attacker with database access would.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import shutil
-import sqlite3
 import subprocess
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+import serverdb
+from backends import server_database
 from estkit.pki.certs import serial_hex
 from estkit.store.audit_chain import entry_hash
 from estkit.store.models import AuditEvent
@@ -42,9 +42,11 @@ class Audited:
 
 
 @pytest.fixture(scope="module")
-def audited(tmp_path_factory: pytest.TempPathFactory) -> Audited:
+def audited(
+    request: pytest.FixtureRequest, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Audited:
     tmp = tmp_path_factory.mktemp("audited")
-    server = make_server(tmp)
+    server = make_server(tmp, database_url=server_database(request, backend))
     device_id = "audit-dev-1"
     server.start()
     try:
@@ -69,34 +71,16 @@ def audit_verify(data_dir: Path) -> subprocess.CompletedProcess[str]:
     return run_estkit("audit", "verify", "--data-dir", data_dir, check=False)
 
 
-@contextmanager
-def db(data_dir: Path) -> Iterator[sqlite3.Connection]:
-    """One transaction on the server's SQLite file, closed afterwards (WAL files go with it)."""
-    conn = sqlite3.connect(data_dir / "estkit.db")
-    try:
-        with conn:
-            yield conn
-    finally:
-        conn.close()
-
-
-def copy_data_dir(src: Path, dst: Path) -> Path:
-    """The data directory with a consistent snapshot of its database (SQLite backup API)."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("estkit.db*"))
-    with db(src) as source, closing(sqlite3.connect(dst / "estkit.db")) as target:
-        source.backup(target)
-    return dst
-
-
 def audit_ids(data_dir: Path) -> list[int]:
-    with db(data_dir) as conn:
-        return [r[0] for r in conn.execute("SELECT id FROM audit_events ORDER BY id")]
+    return [r[0] for r in serverdb.rows(data_dir, "SELECT id FROM audit_events ORDER BY id")]
 
 
-def stored_event(row: list[str]) -> AuditEvent:
+def stored_event(row: list[Any]) -> AuditEvent:
+    """An entry as read back: SQLite gives its time as text, PostgreSQL as a datetime."""
     at, actor, action, outcome, device_id, serial, detail = row
+    when = at if isinstance(at, dt.datetime) else dt.datetime.fromisoformat(at)
     return AuditEvent(
-        at=dt.datetime.fromisoformat(at).replace(tzinfo=dt.UTC),
+        at=when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC),
         actor=actor,
         action=action,
         outcome=outcome,
@@ -106,22 +90,23 @@ def stored_event(row: list[str]) -> AuditEvent:
     )
 
 
-def rehash(conn: sqlite3.Connection, entry_id: int) -> None:
+def rehash(conn: sa.Connection, entry_id: int) -> None:
     """What an attacker who knows the scheme does: recompute the edited entry's own hash."""
     prev, _, *fields = conn.execute(
-        "SELECT prev_hash, entry_hash, at, actor, action, outcome, device_id, serial, detail "
-        "FROM audit_events WHERE id = ?",
-        (entry_id,),
-    ).fetchone()
+        sa.text(
+            "SELECT prev_hash, entry_hash, at, actor, action, outcome, device_id, serial, "
+            "detail FROM audit_events WHERE id = :id"
+        ),
+        {"id": entry_id},
+    ).one()
     conn.execute(
-        "UPDATE audit_events SET entry_hash = ? WHERE id = ?",
-        (entry_hash(prev, stored_event(fields), entry_id), entry_id),
+        sa.text("UPDATE audit_events SET entry_hash = :hash WHERE id = :id"),
+        {"hash": entry_hash(prev, stored_event(fields), entry_id), "id": entry_id},
     )
 
 
 def test_audit_verify_reports_intact_chain_with_every_entry_counted(audited: Audited) -> None:
-    with db(audited.data_dir) as conn:
-        count = conn.execute("SELECT count(*) FROM audit_events").fetchone()[0]
+    ((count,),) = serverdb.rows(audited.data_dir, "SELECT count(*) FROM audit_events")
 
     out = audit_verify(audited.data_dir)
 
@@ -132,11 +117,11 @@ def test_audit_verify_reports_intact_chain_with_every_entry_counted(audited: Aud
 
 def test_stored_audit_entries_hash_as_the_chain_says(audited: Audited) -> None:
     # Pins the test's own model of the chain (used by "rehashed" below) to the stored data.
-    with db(audited.data_dir) as conn:
-        rows = conn.execute(
-            "SELECT id, prev_hash, entry_hash, at, actor, action, outcome, device_id, serial, "
-            "detail FROM audit_events ORDER BY id"
-        ).fetchall()
+    rows = serverdb.rows(
+        audited.data_dir,
+        "SELECT id, prev_hash, entry_hash, at, actor, action, outcome, device_id, serial, "
+        "detail FROM audit_events ORDER BY id",
+    )
     for entry_id, prev, stored, *fields in rows:
         assert entry_hash(prev, stored_event(fields), entry_id) == stored
 
@@ -144,12 +129,12 @@ def test_stored_audit_entries_hash_as_the_chain_says(audited: Audited) -> None:
 @pytest.mark.parametrize(
     ("tamper", "where"),
     [
-        ("UPDATE audit_events SET detail = 'nothing to see' WHERE id = ?", "middle"),
-        ("UPDATE audit_events SET outcome = 'ok' WHERE id = ?", "middle"),
-        ("UPDATE audit_events SET actor = 'cli:someone-else' WHERE id = ?", "first"),
-        ("DELETE FROM audit_events WHERE id = ?", "middle"),
-        ("DELETE FROM audit_events WHERE id = ?", "last"),
-        ("UPDATE audit_events SET detail = 'edited and rehashed' WHERE id = ?", "rehashed"),
+        ("UPDATE audit_events SET detail = 'nothing to see' WHERE id = :id", "middle"),
+        ("UPDATE audit_events SET outcome = 'ok' WHERE id = :id", "middle"),
+        ("UPDATE audit_events SET actor = 'cli:someone-else' WHERE id = :id", "first"),
+        ("DELETE FROM audit_events WHERE id = :id", "middle"),
+        ("DELETE FROM audit_events WHERE id = :id", "last"),
+        ("UPDATE audit_events SET detail = 'edited and rehashed' WHERE id = :id", "rehashed"),
     ],
     ids=[
         "fail/middle-detail-edited",
@@ -161,13 +146,19 @@ def test_stored_audit_entries_hash_as_the_chain_says(audited: Audited) -> None:
     ],
 )
 def test_audit_verify_names_the_first_tampered_entry(
-    audited: Audited, tmp_path: Path, tamper: str, where: str
+    request: pytest.FixtureRequest,
+    backend: str,
+    audited: Audited,
+    tmp_path: Path,
+    tamper: str,
+    where: str,
 ) -> None:
-    data_dir = copy_data_dir(audited.data_dir, tmp_path / "copy")
+    database = server_database(request, backend)
+    data_dir = serverdb.copy_data_dir(audited.data_dir, tmp_path / "copy", database)
     ids = audit_ids(data_dir)
     target = {"first": ids[0], "last": ids[-1]}.get(where, ids[len(ids) // 2])
-    with db(data_dir) as conn:
-        assert conn.execute(tamper, (target,)).rowcount == 1
+    with serverdb.connect(data_dir) as conn:
+        assert conn.execute(sa.text(tamper), {"id": target}).rowcount == 1
         if where == "rehashed":
             rehash(conn, target)
     # A rehashed entry still matches its own hash; the next entry's link to it breaks.
@@ -210,12 +201,17 @@ def test_audit_log_records_each_decision_with_actor_device_and_serial(
         "operational": audited.operational_serial,
         None: None,
     }[expected.serial]
-    with db(audited.data_dir) as conn:
-        rows = conn.execute(
+    rows = [
+        r
+        for r in serverdb.rows(
+            audited.data_dir,
             "SELECT actor, device_id, serial, detail, at FROM audit_events "
-            "WHERE action = ? AND outcome = ? AND (serial = ? OR ? IS NULL)",
-            (expected.action, expected.outcome, serial, serial),
-        ).fetchall()
+            "WHERE action = :action AND outcome = :outcome",
+            action=expected.action,
+            outcome=expected.outcome,
+        )
+        if serial is None or r[2] == serial
+    ]
 
     matching = [r for r in rows if expected.detail in r[3]]
     assert len(matching) == 1, rows
@@ -231,16 +227,22 @@ def test_audit_log_records_each_decision_with_actor_device_and_serial(
 
 
 @pytest.fixture(scope="module")
-def operator_dir(tmp_path_factory: pytest.TempPathFactory) -> EstServer:
+def operator_dir(
+    request: pytest.FixtureRequest, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> EstServer:
     """A data directory (server not running) with token station-1, for commands that fail."""
-    server = make_server(tmp_path_factory.mktemp("operator"))
+    server = make_server(
+        tmp_path_factory.mktemp("operator"), database_url=server_database(request, backend)
+    )
     server.cli("token", "create", "--name", "station-1", "--scope", "provision")
     return server
 
 
 def token_rows(data_dir: Path) -> list[tuple[str, str, str]]:
-    with db(data_dir) as conn:
-        return conn.execute("SELECT name, token_hash, scopes FROM api_tokens").fetchall()
+    return [
+        (r[0], r[1], r[2])
+        for r in serverdb.rows(data_dir, "SELECT name, token_hash, scopes FROM api_tokens")
+    ]
 
 
 def token_list(server: EstServer) -> dict[str, list[str]]:

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import AttributeOID, NameOID
 from OpenSSL import SSL
 
+from backends import server_database
 from estkit.pki.binding import CHALLENGE_PASSWORD, EXPORTER_LABEL, EXPORTER_LENGTH
 from estkit.pki.csrattrs import decode_csrattrs
 from estkit.pki.keys import generate_key
@@ -39,8 +40,12 @@ BOUND = "bound"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
-    server = make_server(tmp_path_factory.mktemp("binding"))
+def server(
+    request: pytest.FixtureRequest, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EstServer]:
+    server = make_server(
+        tmp_path_factory.mktemp("binding"), database_url=server_database(request, backend)
+    )
     with (server.data_dir / "estkit.toml").open("a") as config:
         config.write(
             f'\n[labels.{BOUND}]\nca = "devices"\nprofile = "operational"\n'

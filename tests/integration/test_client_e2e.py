@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from backends import server_database
 from estkit.pki.certs import fingerprint
 from estserver import EstServer, make_server, run_estkit
 from estutil import Identity, assert_openssl_verifies
@@ -217,9 +218,13 @@ def test_unreachable_server_fails_with_one_line(tmp_path: Path, est_server: EstS
 
 
 @pytest.fixture(scope="module")
-def bound_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
+def bound_server(
+    request: pytest.FixtureRequest, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EstServer]:
     """A server whose ``bound`` label requires channel binding and offers serverkeygen."""
-    server = make_server(tmp_path_factory.mktemp("client-bound"))
+    server = make_server(
+        tmp_path_factory.mktemp("client-bound"), database_url=server_database(request, backend)
+    )
     with (server.data_dir / "estkit.toml").open("a") as config:
         config.write(
             '\n[labels.bound]\nca = "devices"\nprofile = "operational"\n'

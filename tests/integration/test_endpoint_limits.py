@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from backends import server_database
 from estkit.ca.limits import FAILURES_PER_SOURCE, FAILURES_PER_USERNAME_AND_SOURCE
 from estkit.server.limits import (
     HEAD_TIMEOUT,
@@ -33,9 +34,13 @@ HEALTH = b"GET /health HTTP/1.1\r\nHost: localhost\r\n"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
+def server(
+    request: pytest.FixtureRequest, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EstServer]:
     """A server of this module's own: its failure counts and connections are these tests'."""
-    server = make_server(tmp_path_factory.mktemp("limits"))
+    server = make_server(
+        tmp_path_factory.mktemp("limits"), database_url=server_database(request, backend)
+    )
     server.start()
     try:
         yield server

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from backends import server_database
 from estserver import EstServer, make_server
 from estutil import csr_der, new_key
 
@@ -61,9 +62,13 @@ class Peer:
 
 
 @pytest.fixture(scope="module")
-def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
+def peer(
+    request: pytest.FixtureRequest, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Peer]:
     """A default server plus one label, ``held``, whose requests wait for approval."""
-    server = make_server(tmp_path_factory.mktemp("wire"))
+    server = make_server(
+        tmp_path_factory.mktemp("wire"), database_url=server_database(request, backend)
+    )
     config = server.data_dir / "estkit.toml"
     config.write_text(
         config.read_text()

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from backends import server_database
 from estserver import EstServer, add_label, make_server
 from estutil import openssl_verify
 
@@ -86,11 +87,15 @@ Run = Callable[..., Bc]
 
 
 @pytest.fixture(scope="module")
-def est_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
+def est_server(
+    request: pytest.FixtureRequest, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EstServer]:
     """This module's own server (the ``bootstrap`` fixture uses it too), access log on:
     it shows the 401 challenge BC answers. Two labels do serverkeygen."""
     server = make_server(
-        tmp_path_factory.mktemp("bc-est"), config={("server", "access_log"): "true"}
+        tmp_path_factory.mktemp("bc-est"),
+        config={("server", "access_log"): "true"},
+        database_url=server_database(request, backend),
     )
     for name, (key_type, _, _) in KEYGEN_LABELS.items():
         add_label(server.data_dir, name, serverkeygen=True, serverkeygen_key_type=key_type)

@@ -2,8 +2,8 @@
 PostgreSQL database, each with its own data directory, ports and CRL directory.
 
 Node B's data directory is a copy of node A's (same CAs, same database URL) with
-its own ports. A device may use either node; what one node decides, the other
-honours on the next request.
+its own ports and node name. A device may use either node; what one node decides,
+the other honours on the next request.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def fleet(pg_cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory) -> It
         set_config(b_dir, "server", "port", str(port_b))
         set_config(b_dir, "server", "public_url", f'"https://localhost:{port_b}"')
         set_config(b_dir, "crl", "http_port", str(crl_b))
+        set_config(b_dir, "node", "name", '"node-b"')  # a copy keeps A's; one name, one node
         a = EstServer(data_dir=a_dir, port=port_a, crl_port=crl_a)
         b = EstServer(data_dir=b_dir, port=port_b, crl_port=crl_b)
         a.start()

@@ -11,13 +11,15 @@ stored nor logged; the issuance is audited.
 from __future__ import annotations
 
 import re
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from cryptography import x509
 
+import serverdb
+from backends import server_database
 from estkit.pki.certs import serial_hex
 from estserver import EstServer, add_label, make_server
 from estutil import audit_rows
@@ -30,8 +32,12 @@ MIME_LINE = re.compile(rb"[A-Za-z0-9+/]{1,76}={0,2}")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EstServer]:
-    server = make_server(tmp_path_factory.mktemp("serverkeygen"))
+def server(
+    request: pytest.FixtureRequest, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EstServer]:
+    server = make_server(
+        tmp_path_factory.mktemp("serverkeygen"), database_url=server_database(request, backend)
+    )
     for name, key_type in LABELS.items():
         add_label(server.data_dir, name, serverkeygen=True, serverkeygen_key_type=key_type)
     server.start()
@@ -185,17 +191,19 @@ def test_the_generated_key_is_audited_but_neither_stored_nor_logged(
     actions = [(action, outcome) for action, outcome, _ in audit_rows(server.data_dir, device_id)]
     assert ("est-serverkeygen", "ok") in actions
     key_der = (tmp_path / "key.der").read_bytes()
-    with sqlite3.connect(server.data_dir / "estkit.db") as db:
-        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        for table in tables:
-            columns = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
+    with serverdb.connect(server.data_dir) as conn:
+        schema = sa.inspect(conn)
+        for table in schema.get_table_names():
+            columns = [c["name"] for c in schema.get_columns(table)]
             assert not [c for c in columns if "private" in c or c == "key"], (table, columns)
-        via = db.execute(
-            "SELECT serial, requested_via FROM certificates WHERE device_id = ? AND ca = 'devices'",
-            (device_id,),
-        ).fetchall()
+    via = serverdb.rows(
+        server.data_dir,
+        "SELECT serial, requested_via FROM certificates WHERE device_id = :d AND ca = 'devices'",
+        d=device_id,
+    )
     assert via == [(serial_hex(issued.serial_number), "est-serverkeygen")]
-    database = b"".join(p.read_bytes() for p in server.data_dir.glob("estkit.db*"))
+    database = serverdb.dump(server.data_dir)
+    assert key_der.hex().encode() not in database  # how pg_dump writes bytea
     assert key_der not in database
     logged = server.log_path.read_bytes() if server.log_path else b""
     assert b"PRIVATE KEY" not in logged

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from backends import server_database
 from estserver import (
     DEFAULT_PORTS,
     EstServer,
@@ -106,9 +107,11 @@ def test_init_with_the_default_port_busy_works_and_run_names_the_port(
     assert f"cannot listen on 127.0.0.1:{port} (server.port)" in one_line(proc)
 
 
-def test_the_server_serves_on_the_socket_it_bound_itself(tmp_path: Path) -> None:
+def test_the_server_serves_on_the_socket_it_bound_itself(
+    request: pytest.FixtureRequest, backend: str, tmp_path: Path
+) -> None:
     """The start-up line people and scripts wait for still names https, host and port."""
-    server = make_server(tmp_path)
+    server = make_server(tmp_path, database_url=server_database(request, backend))
     server.start()
     try:
         assert f"Uvicorn running on https://127.0.0.1:{server.port}" in server.log()

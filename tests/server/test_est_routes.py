@@ -17,6 +17,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 
+from backends import server_database
 from estkit.ca.authority import Authority, Label, Principal
 from estkit.ca.errors import Code, Refusal
 from estkit.server.config import load_config
@@ -30,9 +31,14 @@ from estutil import csr_der, new_key
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def data_dir(
+    request: pytest.FixtureRequest, backend: str, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     d = tmp_path_factory.mktemp("routes") / "data"
-    run_estkit("server", "init", "--data-dir", d)
+    database = server_database(request, backend)
+    run_estkit(
+        "server", "init", "--data-dir", d, *(["--database-url", database] if database else [])
+    )
     return d
 
 

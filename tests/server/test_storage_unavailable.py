@@ -1,8 +1,10 @@
 """Finding 3 of issue 10: a database that cannot write (full disk, read-only, locked) answers
 503 + Retry-After with the code ``unavailable``, in one log line, and nothing is half-written.
 
-In-process (httpx's ASGI transport): the server's own engine is made read-only by a
-connection hook, which a separate process could not do.
+In-process (httpx's ASGI transport). On SQLite the server's own engine is made
+read-only by a connection hook, which a separate process could not do; on PostgreSQL
+the database itself turns read-only (``default_transaction_read_only``, what a standby
+that was the primary answers), and the server's pool reconnects.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from backends import server_database
 from estkit.server.app import _build
 from estkit.server.config import load_config
 from estserver import run_estkit
@@ -23,12 +26,24 @@ from estutil import csr_der, new_key
 
 
 def _read_only(engine: sa.Engine) -> None:
-    def apply(dbapi_conn: Any, _record: Any) -> None:
-        cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA query_only = 1")
-        cursor.close()
+    if engine.dialect.name == "sqlite":
 
-    sa.event.listen(engine, "connect", apply)
+        def apply(dbapi_conn: Any, _record: Any) -> None:
+            cursor = dbapi_conn.cursor()
+            cursor.execute("PRAGMA query_only = 1")
+            cursor.close()
+
+        sa.event.listen(engine, "connect", apply)
+    else:
+        admin = sa.create_engine(engine.url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+        try:
+            with admin.connect() as conn:
+                name = conn.exec_driver_sql("SELECT current_database()").scalar_one()
+                conn.exec_driver_sql(
+                    f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'
+                )
+        finally:
+            admin.dispose()
     engine.dispose()
 
 
@@ -42,10 +57,13 @@ def _call(app: Any, method: str, url: str, **kwargs: Any) -> httpx.Response:
 
 
 def test_read_only_database_answers_503_and_writes_nothing(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    request: pytest.FixtureRequest, backend: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     data = tmp_path / "data"
-    run_estkit("server", "init", "--data-dir", data)
+    database = server_database(request, backend)
+    run_estkit(
+        "server", "init", "--data-dir", data, *(["--database-url", database] if database else [])
+    )
     secret = run_estkit("device", "add", "--data-dir", data, "dev-1").stdout.strip()
     token = run_estkit(
         "token", "create", "--data-dir", data, "--name", "ops", "--scope", "admin"

@@ -261,13 +261,15 @@ class Agent:
     def _refused(self, exc: RenewalRefused) -> None:
         now = self._clock()
         log.error(
-            "EST server refused device %s for good: %s. Renewals stopped until an operator acts",
+            "EST server refused device %s for good (%s): %s. Renewals stopped until an "
+            "operator acts",
             self.config.device_id,
+            exc.code or "no refusal code",
             exc.reason,
         )
         self.status.update(
             state=st.REFUSED,
-            refused={"at": iso(now), "reason": exc.reason},
+            refused={"at": iso(now), "code": exc.code, "reason": exc.reason},
             last_error=_error(exc, now),
             next_renewal=None,
             pid=None,

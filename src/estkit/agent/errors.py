@@ -67,8 +67,10 @@ class RenewalError(AgentError):
 
 
 class RenewalRefused(AgentError):
-    """The server refused this device for good (``reason`` is its text): renewals stop."""
+    """The server refused this device for good (``reason`` is its text, ``code`` its
+    refusal code when it sent one): renewals stop."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, code: str | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.code = code

@@ -238,7 +238,7 @@ class Renewer:
             except _Refused as refused:
                 kind = refused.kind
                 if kind is Refusal.FINAL:
-                    raise RenewalRefused(refused.error.reason or str(refused.error)) from None
+                    raise _final(refused) from None
                 if kind is Refusal.FALLBACK and fallback:
                     log.warning(
                         "operational certificate refused (%s): enrolling with the bootstrap "
@@ -262,7 +262,7 @@ class Renewer:
             return self._run(self._enroll, current)
         except _Refused as refused:
             if refused.kind is Refusal.FINAL:
-                raise RenewalRefused(refused.error.reason or str(refused.error)) from None
+                raise _final(refused) from None
             raise RenewalError(str(refused.error), slow=True) from None
 
     def confirm(self, version: Version) -> bool:
@@ -492,6 +492,10 @@ class _Refused(Exception):
         super().__init__(str(error))
         self.error = error
         self.kind = kind
+
+
+def _final(refused: _Refused) -> RenewalRefused:
+    return RenewalRefused(refused.error.reason or str(refused.error), refused.error.code)
 
 
 def _read(path: Path, field: str) -> bytes:

@@ -22,6 +22,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from estkit.ca import policy, secrets
+from estkit.ca.constraints import chain_name_constraints
 from estkit.ca.errors import Code, Refusal
 from estkit.ca.policy import SAN_TYPES, Grant, Label, Principal, check_device_id
 from estkit.ca.ports import AuthorityStore, translated, translated_future
@@ -116,8 +117,9 @@ class Authority(Generic[StoreT]):
                     f"label {label.name!r}: serverkeygen with approval would keep a generated "
                     "key until an operator decides"
                 )
-        if "bootstrap" not in cas or "root" not in cas:
-            raise ValueError("the CAs 'root' and 'bootstrap' must be configured")
+        # The root is here only when its key is (an offline root ends the chains).
+        if "bootstrap" not in cas:
+            raise ValueError("the CA 'bootstrap' must be configured")
         self.cas = dict(cas)
         self.labels = dict(labels)
         self.bootstrap_profile = bootstrap_profile
@@ -129,6 +131,8 @@ class Authority(Generic[StoreT]):
         # every CA an EST label issues from.
         self._client_cas = frozenset({"bootstrap", *(lb.ca for lb in labels.values())})
         self._bootstrap_label = Label(name="bootstrap", ca="bootstrap", profile=bootstrap_profile)
+        # Facts policy checks every grant against: the name constraints of each CA's chain.
+        self._name_constraints = {n: chain_name_constraints(ca.chain) for n, ca in cas.items()}
 
     # -- lookups -------------------------------------------------------------
 
@@ -255,8 +259,9 @@ class Authority(Generic[StoreT]):
             who.actor,
             "enroll",
             now,
-            lambda: policy.decide_enroll(
-                label, _bound_request(label, csr_der, channel_binding), who
+            lambda: policy.check_name_constraints(
+                policy.decide_enroll(label, _bound_request(label, csr_der, channel_binding), who),
+                self._name_constraints[label.ca],
             ),
             device_id=who.device_id,
         )
@@ -276,8 +281,9 @@ class Authority(Generic[StoreT]):
             who.actor,
             "reenroll",
             now,
-            lambda: policy.decide_reenroll(
-                label, _bound_request(label, csr_der, channel_binding), who
+            lambda: policy.check_name_constraints(
+                policy.decide_reenroll(label, _bound_request(label, csr_der, channel_binding), who),
+                self._name_constraints[label.ca],
             ),
             device_id=who.device_id,
             serial=who.cert_serial,
@@ -312,7 +318,9 @@ class Authority(Generic[StoreT]):
             who.actor,
             "serverkeygen",
             now,
-            lambda: policy.decide_serverkeygen(label, request, who),
+            lambda: policy.check_name_constraints(
+                policy.decide_serverkeygen(label, request, who), self._name_constraints[label.ca]
+            ),
             device_id=who.device_id,
         )
         recipient = self._key_recipient(request, who, now)
@@ -445,12 +453,15 @@ class Authority(Generic[StoreT]):
             actor,
             via,
             now,
-            lambda: policy.decide_provision(
-                label,
-                policy.parse_request(csr_der),
-                device_id=device_id,
-                device_status=device.status if device is not None else None,
-                dns_names=dns_names,
+            lambda: policy.check_name_constraints(
+                policy.decide_provision(
+                    label,
+                    policy.parse_request(csr_der),
+                    device_id=device_id,
+                    device_status=device.status if device is not None else None,
+                    dns_names=dns_names,
+                ),
+                self._name_constraints[label.ca],
             ),
             device_id=device_id if _valid_id(device_id) else None,
         )

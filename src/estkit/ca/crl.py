@@ -10,6 +10,12 @@ CRL number handed out: each CRL takes the next number there, so a CA's numbers
 increase across all nodes (RFC 5280 5.2.3), and ``<dir>/<ca>.state`` records
 the revision and number a node's file was built from, so ``refresh_due``
 republishes a file the moment the database has moved past it.
+
+An offline root's CRL is signed on the root's own machine (``estkit root crl``) and
+imported (``estkit ca import --root-crl``); the publisher never signs it. It copies the
+imported file into the directory whenever it changes, if its signature is the root's,
+and logs a warning from ``IMPORTED_CRL_WARNING`` before its nextUpdate (or from the
+last quarter of its validity, when that is shorter), once a day, and when it has expired.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +35,92 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from estkit.ca.authority import IssuingCa
 from estkit.ca.files import write_atomic
+from estkit.durations import format_duration
 from estkit.pki.crl import build_crl
 from estkit.store import SqlStore
 from estkit.store.errors import Unavailable
 
 log = logging.getLogger("estkit.ca")
+
+# How long before an imported CRL's nextUpdate the server starts warning (at most a
+# quarter of the CRL's validity): time enough to hold a root ceremony.
+IMPORTED_CRL_WARNING = dt.timedelta(days=30)
+# A warning that still holds is logged again after this long.
+_WARN_AGAIN = dt.timedelta(days=1)
+
+
+def load_crl(data: bytes, *, issuer: x509.Certificate) -> x509.CertificateRevocationList:
+    """A CRL (DER or PEM) of ``issuer``: its name and signature are checked, and it must
+    carry a nextUpdate and a CRL number; ``ValueError`` saying what is wrong."""
+    try:
+        crl = (
+            x509.load_pem_x509_crl(data)
+            if data.lstrip().startswith(b"-----BEGIN")
+            else x509.load_der_x509_crl(data)
+        )
+    except ValueError:
+        raise ValueError("not a CRL (DER or PEM)") from None
+    who = issuer.subject.rfc4514_string()
+    if crl.issuer != issuer.subject:
+        raise ValueError(f"issued by {crl.issuer.rfc4514_string()}, not by {who}")
+    if not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
+        raise ValueError(f"its signature is not {who}'s")
+    if crl.next_update_utc is None:
+        raise ValueError("it has no nextUpdate")
+    try:
+        crl.extensions.get_extension_for_class(x509.CRLNumber)
+    except x509.ExtensionNotFound:
+        raise ValueError("it has no CRL number") from None
+    return crl
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
+def imported_crl_warning(
+    crl: x509.CertificateRevocationList, *, name: str, now: dt.datetime
+) -> str | None:
+    """What to warn about an offline CA's CRL at ``now``: expired, or expiring within
+    ``IMPORTED_CRL_WARNING`` (or the last quarter of its validity); else None."""
+    next_update = crl.next_update_utc
+    if next_update is None:
+        return None
+    renew = (
+        f"sign a new one on the {name} CA's machine (`estkit root crl`) and import it "
+        "here (`estkit ca import --root-crl`)"
+    )
+    if now >= next_update:
+        return (
+            f"the CRL of the offline {name} CA expired at {next_update.isoformat()}: "
+            f"relying parties that check it refuse every certificate under it; {renew}"
+        )
+    ahead = min(IMPORTED_CRL_WARNING, (next_update - crl.last_update_utc) / 4)
+    left = next_update - now
+    if left > ahead:
+        return None
+    return (
+        f"the CRL of the offline {name} CA expires at {next_update.isoformat()} "
+        f"(in {_roughly(left)}); {renew}"
+    )
+
+
+def _roughly(left: dt.timedelta) -> str:
+    """``left`` rounded down to whole days, hours or minutes: ``19d``, ``5h``, ``12m``."""
+    for unit in (dt.timedelta(days=1), dt.timedelta(hours=1), dt.timedelta(minutes=1)):
+        if left >= unit:
+            return format_duration(unit * (left // unit))
+    return format_duration(dt.timedelta(seconds=max(1, int(left.total_seconds()))))
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedCrl:
+    """An offline CA (the root): its certificate, and where ``estkit ca import`` keeps its
+    CRL, signed on its own machine. Served, never signed, here."""
+
+    name: str
+    cert: x509.Certificate
+    source: Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,11 +140,18 @@ class CrlPublisher:
         store: SqlStore,
         directory: Path,
         validity: dt.timedelta,
+        imported: Sequence[ImportedCrl] = (),
     ) -> None:
         self._cas = dict(cas)
         self._store = store
         self.directory = directory
         self.validity = validity
+        self._imported = {i.name: i for i in imported}
+        # Per imported CRL: the bytes last installed (or refused) and what was last logged
+        # about it, and when, so a file checked every second is logged about rarely.
+        self._seen: dict[str, bytes] = {}
+        self._current_crl: dict[str, x509.CertificateRevocationList] = {}
+        self._logged: dict[str, tuple[str, dt.datetime]] = {}
 
     def path(self, ca: str) -> Path:
         return self.directory / f"{ca}.crl"
@@ -107,6 +201,8 @@ class CrlPublisher:
             os.close(fd)  # releases the lock
 
     def publish(self, ca: str, *, now: dt.datetime) -> x509.CertificateRevocationList:
+        if ca in self._imported:
+            raise ValueError(f"CA {ca!r} is offline: its CRL is signed on its own machine")
         issuing = self._cas[ca]
         with self._locked(ca):
             number, revision, revoked = self._store.next_crl(
@@ -159,4 +255,54 @@ class CrlPublisher:
                     log.warning("cannot publish the CRL of CA %s: %s", name, exc)
                     continue
                 due.append(name)
+        for imported in self._imported.values():
+            if self._install(imported, now=now):
+                due.append(imported.name)
         return due
+
+    def _install(self, imported: ImportedCrl, *, now: dt.datetime) -> bool:
+        """Serve the imported CRL of an offline CA if it changed; warn about its nextUpdate.
+        True when a new file was installed."""
+        name = imported.name
+        try:
+            data = imported.source.read_bytes()
+        except OSError as exc:
+            why = f"{imported.source}: {exc.strerror or exc}"
+            self._log_once(name, "missing", f"no CRL of the offline {name} CA to serve: {why}", now)
+            return False
+        installed = False
+        if data != self._seen.get(name):
+            self._seen[name] = data
+            self._current_crl.pop(name, None)
+            try:
+                crl = load_crl(data, issuer=imported.cert)
+            except ValueError as exc:
+                self._log_once(name, "refused", f"{imported.source}: not served: {exc}", now)
+                return False
+            served = self._last_number(name)
+            if crl_number(crl) < served:
+                why = f"CRL number {crl_number(crl)} is older than the one served ({served})"
+                self._log_once(name, "older", f"{imported.source}: not served: {why}", now)
+                return False
+            der = crl.public_bytes(Encoding.DER)
+            path = self.path(name)
+            installed = not path.exists() or path.read_bytes() != der
+            if installed:
+                write_atomic(path, der)
+            self._current_crl[name] = crl
+        current = self._current_crl.get(name)
+        if current is not None and (warning := imported_crl_warning(current, name=name, now=now)):
+            next_update = current.next_update_utc
+            expired = next_update is not None and now >= next_update
+            self._log_once(
+                name, f"{'expired' if expired else 'expiring'} {next_update}", warning, now
+            )
+        return installed
+
+    def _log_once(self, name: str, what: str, message: str, now: dt.datetime) -> None:
+        """Log ``message`` unless ``what`` was logged about ``name`` within a day."""
+        last = self._logged.get(name)
+        if last is not None and last[0] == what and now - last[1] < _WARN_AGAIN:
+            return
+        self._logged[name] = (what, now)
+        log.warning("%s", message)

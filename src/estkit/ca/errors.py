@@ -7,6 +7,7 @@ people and may be reworded at any time; a code never changes meaning.
 
 CaError
 └── Refusal        ``code`` (``Code``), a one-line ``reason``, ``retry_after`` seconds or None
+    └── SignerUnavailable   ``unavailable``: a CA key's token cannot sign right now
 
 ``server/errors.py`` is the one place that maps a code to an HTTP status.
 """
@@ -41,6 +42,8 @@ class Code(StrEnum):
     NAME_MISMATCH = "name-mismatch"  # CSR CN is not the authenticated device id
     SUBJECT_CHANGED = "subject-changed"  # renewal CSR's Subject or SAN differs
     SAN_NOT_PERMITTED = "san-not-permitted"  # SAN type, name or count outside policy
+    # The subject or a SAN is outside the nameConstraints of the issuing CA's chain.
+    NAME_CONSTRAINTS = "name-constraints"
     # The CSR's challengePassword is not this TLS connection's channel binding (RFC 7030 3.5).
     CHANNEL_BINDING_MISMATCH = "channel-binding-mismatch"
     SCOPE_MISSING = "scope-missing"  # API caller lacks the scope
@@ -73,3 +76,23 @@ class Refusal(CaError):
 
     def __repr__(self) -> str:
         return f"Refusal({self.code.value!r}, {self.reason!r})"
+
+
+# How long a client should wait when a CA's token cannot sign: a token put back, an HSM
+# failing over or a network HSM reconnecting takes seconds, not minutes.
+SIGNER_RETRY_AFTER = 10
+
+
+class SignerUnavailable(Refusal):
+    """A CA's key cannot sign now (its PKCS#11 token was removed, lost its session, or
+    failed); nothing was issued. Raised by the key itself, so every signature (certificate,
+    CRL) refuses the same way; ``cause`` is for the operator's log, never for the client."""
+
+    def __init__(self, ca: str, cause: str) -> None:
+        super().__init__(
+            Code.UNAVAILABLE,
+            f"the signing key of CA {ca} is unavailable; retry later",
+            retry_after=SIGNER_RETRY_AFTER,
+        )
+        self.ca = ca
+        self.cause = cause

@@ -7,7 +7,10 @@ its code (``ca.errors.Code``); tests/ca/ pins each one without a server.
 
 What an issued certificate says is built here, never copied: the subject is
 CN = device id plus the profile's fixed attributes; SANs are the CSR's only
-when the label permits their types and names, and at most ``max_sans``.
+when the label permits their types and names, and at most ``max_sans``; and
+all of it within the name constraints of the issuing CA's chain
+(``check_name_constraints``, the chain's constraints being facts the authority
+passes).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from estkit.ca.constraints import CaNameConstraints, leaf_violation
 from estkit.ca.errors import Code, Refusal
 from estkit.pki import binding, names
 from estkit.pki.csr import CertificationRequest, parse_csr
@@ -244,6 +248,17 @@ def _san_problem(kind: str, entry: x509.GeneralName, *, wildcard: bool) -> str |
     if kind == "ip" and not isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
         return "subjectAltName ip: a single address is needed, not a network"
     return None
+
+
+def check_name_constraints(grant: Grant, chain: Sequence[CaNameConstraints]) -> Grant:
+    """The grant, when the names it certifies (its subject, SANs, and a CN that reads as a
+    host name) are within the nameConstraints of the issuing CA's ``chain``
+    (``ca.constraints``: RFC 5280 4.2.1.10 as OpenSSL reads it); refused otherwise: a
+    certificate outside them would fail every verifier."""
+    problem = leaf_violation(grant.subject, grant.sans, chain)
+    if problem is not None:
+        raise Refusal(Code.NAME_CONSTRAINTS, problem)
+    return grant
 
 
 def _same_names(request: CertificationRequest, cert: x509.Certificate) -> None:

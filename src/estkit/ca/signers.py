@@ -1,28 +1,94 @@
-"""Signer backends, chosen by name in config. Only ``file`` exists yet (PKCS#11 will join it)."""
+"""Signer backends, chosen by name in config: where a CA's private key lives.
+
+``file``: a PEM key file (0600) beside the certificate. ``pkcs11``: a key inside a
+PKCS#11 token (``ca/hsm.py``, the ``estkit[hsm]`` extra), found by token and key label
+or id, logged in with a PIN read from a file (0600 or 0400) or an environment variable,
+never from the config (``ca/keyrefs.py``). Either way the rest of estkit sees a
+``cryptography`` private key. ``offline``: no key on this server at all (an offline
+root): the CA is only a certificate, the end of its issuing CAs' chains.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import datetime as dt
+import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 
 from estkit.ca.authority import IssuingCa
+from estkit.ca.constraints import check_chain
+from estkit.ca.keyrefs import TokenKeyRef, read_pin, token_key_spec
 from estkit.pki.certs import load_pem_certificates
 from estkit.pki.keys import PrivateKey, load_private_key_pem, public_keys_match
+
+__all__ = [
+    "OFFLINE",
+    "SIGNERS",
+    "CaSpec",
+    "TokenKeyRef",
+    "chain_to_root",
+    "load_cas",
+    "load_file_ca",
+    "read_pin",
+    "token_key_spec",
+]
+
+# The signer of a CA whose key is not on this server (an offline root): its certificate
+# is a trust anchor and a chain's end here, and its CRL is imported, never signed.
+OFFLINE = "offline"
+
+
+class CaSpec(Protocol):
+    """What ``load_cas`` reads of a CA's settings (``server.config.CaConfig`` has it)."""
+
+    @property
+    def signer(self) -> str: ...
+    @property
+    def cert(self) -> Path: ...
+    @property
+    def key_file(self) -> Path | None: ...
+    @property
+    def token(self) -> TokenKeyRef | None: ...
 
 
 def load_file_ca(name: str, cert_path: Path, key_path: Path) -> tuple[x509.Certificate, PrivateKey]:
     """A CA certificate and its PEM key file; the key must belong to the certificate."""
     cert = load_pem_certificates(cert_path.read_bytes())[0]
+    return cert, _file_key(name, cert_path, cert, key_path)
+
+
+def _file_key(name: str, cert_path: Path, cert: x509.Certificate, key_path: Path) -> PrivateKey:
     key = load_private_key_pem(key_path.read_bytes())
     if not public_keys_match(cert.public_key(), key.public_key()):
         raise ValueError(f"CA {name!r}: key {key_path} does not belong to certificate {cert_path}")
-    return cert, key
+    return key
 
 
-SIGNERS: dict[str, Callable[[str, Path, Path], tuple[x509.Certificate, PrivateKey]]] = {
-    "file": load_file_ca,
+def _load_file(
+    name: str, spec: CaSpec, cert: x509.Certificate, environ: Mapping[str, str]
+) -> PrivateKey:
+    if spec.key_file is None:
+        raise ValueError(f"CA {name!r}: signer 'file' needs a key file")
+    return _file_key(name, spec.cert, cert, spec.key_file)
+
+
+def _load_pkcs11(
+    name: str, spec: CaSpec, cert: x509.Certificate, environ: Mapping[str, str]
+) -> PrivateKey:
+    ref = spec.token
+    if ref is None:
+        raise ValueError(f"CA {name!r}: signer 'pkcs11' needs the token's settings")
+    from estkit.ca import hsm
+
+    return hsm.open_token_key(name, token_key_spec(name, ref, environ), cert.public_key())
+
+
+SIGNERS: Mapping[str, Callable[[str, CaSpec, x509.Certificate, Mapping[str, str]], PrivateKey]] = {
+    "file": _load_file,
+    "pkcs11": _load_pkcs11,
 }
 
 
@@ -46,18 +112,39 @@ def chain_to_root(
 
 
 def load_cas(
-    specs: dict[str, tuple[str, Path, Path]],
+    specs: Mapping[str, CaSpec],
+    *,
+    environ: Mapping[str, str] | None = None,
+    now: dt.datetime | None = None,
 ) -> dict[str, IssuingCa]:
-    """Load each CA ``name -> (signer, cert, key)`` once, with its chain to the root."""
-    loaded: dict[str, tuple[x509.Certificate, PrivateKey]] = {}
-    for name, (signer, cert_path, key_path) in specs.items():
-        try:
-            factory = SIGNERS[signer]
-        except KeyError:
-            raise ValueError(f"CA {name!r}: unknown signer {signer!r}") from None
-        loaded[name] = factory(name, cert_path, key_path)
-    certs = {name: cert for name, (cert, _) in loaded.items()}
-    return {
-        name: IssuingCa(name=name, cert=cert, key=key, chain=chain_to_root(cert, certs))
-        for name, (cert, key) in loaded.items()
+    """Load each CA that signs here once, with its key (``SIGNERS[spec.signer]``) and its
+    chain to the root. An ``offline`` CA's certificate ends the chains of the CAs below
+    it, and it is not among the CAs returned: nothing here can sign with it.
+
+    Each chain must be able to issue at ``now`` (default: the current time): every CA in
+    it a CA, allowed to sign certificates (and CRLs), valid, within its path length and
+    name constraints (``constraints.check_chain``); ``ValueError`` naming the CA if not.
+
+    ``environ``: where ``pin_env`` PINs are read (default: this process's environment).
+    """
+    env = os.environ if environ is None else environ
+    certs: dict[str, x509.Certificate] = {}
+    keys: dict[str, PrivateKey] = {}
+    for name, spec in specs.items():
+        factory = SIGNERS.get(spec.signer)
+        if factory is None and spec.signer != OFFLINE:
+            raise ValueError(f"CA {name!r}: unknown signer {spec.signer!r}")
+        cert = load_pem_certificates(spec.cert.read_bytes())[0]
+        certs[name] = cert
+        if factory is not None:
+            keys[name] = factory(name, spec, cert, env)
+    cas = {
+        name: IssuingCa(
+            name=name, cert=certs[name], key=key, chain=chain_to_root(certs[name], certs)
+        )
+        for name, key in keys.items()
     }
+    at = dt.datetime.now(dt.UTC) if now is None else now
+    for ca in cas.values():
+        check_chain(ca.name, ca.chain, now=at)
+    return cas

@@ -255,7 +255,8 @@ def _status_text(report: dict[str, Any]) -> str:
         )
     if report["refused"]:
         lines.append(
-            f"REFUSED:       {report['refused'].get('reason')} (at {report['refused'].get('at')}); "
+            f"REFUSED:       {report['refused'].get('code') or 'no code'}: "
+            f"{report['refused'].get('reason')} (at {report['refused'].get('at')}); "
             "renewals stopped"
         )
     error = report["last_error"]

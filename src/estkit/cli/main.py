@@ -27,6 +27,7 @@ _GROUPS = {
     "estkit.cli.factory_cmds": ("factory",),
     "estkit.cli.server_cmds": ("server", "ca", "device", "cert", "token", "audit", "pending"),
     "estkit.cli.agent_cmds": ("agent",),
+    "estkit.cli.root_cmds": ("root",),
 }
 
 

@@ -9,35 +9,46 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import errno
 import functools
 import getpass
 import importlib.util
+import os
 import re
 import socket
+import stat
 import sys
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from estkit.cli.errors import (
     EXIT_CONFIG,
+    EXIT_FAILURE,
     EXIT_LISTEN,
     EXIT_NEEDS_SERVER,
     EXIT_TEMPFAIL,
     SERVER_EXTRA,
     CliError,
 )
+from estkit.fileio import PRIVATE, PUBLIC
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from estkit.ca.authority import Authority
     from estkit.ca.errors import CaError
+    from estkit.ca.setup import CaKeyStore
+    from estkit.ca.signers import TokenKeyRef
     from estkit.server.config import ServerConfig
     from estkit.store import SqlStore
 
 DEFAULT_DATA_DIR = Path("var/estkit")
 DEFAULT_PORT = 8443  # as server/config.py, which a device-only install cannot import
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072")
+EXIT_USAGE = 2  # as argparse's own refusals
 # The top-level modules of the ``server`` extra (pyproject.toml) and what they pull in.
 SERVER_MODULES = (
     "sqlalchemy",
@@ -124,12 +135,15 @@ def _load(args: argparse.Namespace) -> ServerConfig:
 
 
 def _authority(args: argparse.Namespace) -> Authority[SqlStore]:
+    from estkit.server.config import ConfigError
     from estkit.server.wiring import build_authority, open_store
     from estkit.store.errors import SchemaError
 
     config = _load(args)
     try:
-        return build_authority(config, open_store(config))
+        return build_authority(config, open_store(config), environ=os.environ)
+    except ConfigError as exc:  # a CA key, token or PIN that does not work
+        raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
     except SchemaError as exc:
         raise CliError(str(exc)) from None
 
@@ -142,6 +156,18 @@ def _ca_error(exc: CaError, *, hint: str = "") -> CliError:
         return CliError(str(exc))
     later = exc.code in (Code.UNAVAILABLE, Code.RATE_LIMITED) or exc.retry_after is not None
     return CliError(f"{exc.reason}{hint}", exit_code=EXIT_TEMPFAIL if later else 1)
+
+
+def _pin_env(value: str) -> str:
+    if not _PIN_ENV_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"an environment variable's name, got {value!r}")
+    return value
+
+
+def _key_label_prefix(value: str) -> str:
+    if not _KEY_LABEL_PREFIX.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"1-32 letters, digits, '.', '-' or '_', got {value!r}")
+    return value
 
 
 def _port(value: str) -> int:
@@ -162,17 +188,34 @@ def cmd_server_init(args: argparse.Namespace) -> int:
     import tomllib
 
     from estkit.ca.files import write_atomic
-    from estkit.ca.setup import create_pki
+    from estkit.ca.setup import create_pki, prepare_offline_pki
     from estkit.server.config import CONFIG_NAME, DEFAULT_CONFIG, ConfigError, parse_config
     from estkit.store import SqlStore
 
     data_dir: Path = args.data_dir
+    token = _token_options(args)
     if args.join is not None:
+        if args.signer is not None or args.offline_root:
+            raise CliError(
+                "--join: the CAs and their keys are the joined node's ([cas.*] of its "
+                "config); leave out --signer, --offline-root and the token options",
+                exit_code=EXIT_USAGE,
+            )
         return _join(args)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    data_dir.chmod(0o700)
+    _check_not_a_root_dir(data_dir)
     config_path = data_dir / CONFIG_NAME
     if config_path.exists():
+        existing = _load(args)
+        if args.offline_root and not existing.cas["root"].offline:
+            raise CliError(
+                f"{config_path} exists and its root's key is on this server "
+                f"(cas.root.signer = {existing.cas['root'].signer!r}): --offline-root applies "
+                "only when init writes a new config",
+                exit_code=EXIT_CONFIG,
+            )
+        if args.signer is not None:
+            _check_signer_unchanged(existing, token, config_path)
+        data_dir.chmod(0o700)
         changes = [
             c for c in (_update_ports(args, config_path), _update_database(args, config_path)) if c
         ]
@@ -195,22 +238,44 @@ def cmd_server_init(args: argparse.Namespace) -> int:
             assert edited is not None  # the template has a [database] section
             text = edited
         text = _node_settings(text, args)
+        if args.offline_root:
+            text = _offline_root_config(text)
+        if token is not None:
+            text = _token_cas(text, token)
         try:  # nothing written that the next command would refuse
             parse_config(tomllib.loads(text), data_dir)
         except ConfigError as exc:
             raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
+        if token is not None:  # nor when the token would refuse
+            _check_token(token, use_existing=args.use_existing_keys, offline_root=args.offline_root)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.chmod(0o700)
         write_atomic(config_path, text.encode(), mode=0o600)
         print(f"config: created {config_path}")
     config = _load(args)
-    report = create_pki(
-        ca_paths={n: (c.cert, c.key) for n, c in config.cas.items()},
-        tls_cert=config.tls_cert,
-        tls_key=config.tls_key,
-        hostnames=args.hostname,
-        key_type=args.key_type,
-        organization=args.organization,
-        now=_now(),
-    )
+    offline = config.cas["root"].offline
+    try:
+        if offline:
+            report = prepare_offline_pki(
+                cas=_key_stores(config),
+                tls_cert=config.tls_cert,
+                tls_key=config.tls_key,
+                hostnames=args.hostname,
+                key_type=args.key_type,
+                organization=args.organization,
+            )
+        else:
+            report = create_pki(
+                cas=_key_stores(config),
+                tls_cert=config.tls_cert,
+                tls_key=config.tls_key,
+                hostnames=args.hostname,
+                key_type=args.key_type,
+                organization=args.organization,
+                now=_now(),
+            )
+    except ValueError as exc:  # a CA key or PIN that the config names but cannot be used
+        raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
     for line in report:
         print(line)
     db_file = _sqlite_file(config.database_url)
@@ -223,7 +288,309 @@ def cmd_server_init(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"database: schema up to date ({config.database_url.split('://')[0]})")
+    if offline:
+        _print_offline_steps(config)
     return 0
+
+
+# -- server init --offline-root, ca import ------------------------------------------------
+
+OFFLINE_EPILOG = """An offline root (--offline-root): the root's key is never on this server. init
+makes the devices and bootstrap CAs' keys here (files, or in the token with
+--signer pkcs11) and their certification requests (ca/devices.csr,
+ca/bootstrap.csr), writes [cas.root] with signer = "offline", and prints what
+to carry where: the requests to the root's machine (`estkit root sign-ca`), the
+signed certificates, root.pem and the root's CRL (`estkit root crl`) back, for
+`estkit ca import`. Until then `estkit server run` refuses (exit 78). The TLS
+server certificate is issued by the bootstrap CA at import, for the key and
+names of tls/server.csr.
+"""
+
+
+def _offline_root_config(text: str) -> str:
+    """``text`` (the config template) with the root as certificate and CRL only."""
+    root = 'cert = "ca/root.pem"\nkey = "ca/root.key"\nsigner = "file"\n'
+    tls = (
+        "# The server's certificate chain and key. `server init` issues one under the\n"
+        "# estkit root, so the one trust anchor a device gets verifies the server too;\n"
+    )
+    assert text.count(root) == 1 and text.count(tls) == 1  # the template's
+    text = text.replace(
+        root,
+        'cert = "ca/root.pem"\n'
+        "# Offline: the root's key is on another machine. `estkit ca import` installs\n"
+        "# its certificate and its CRL (signed there, served here, never signed here).\n"
+        'signer = "offline"\n'
+        'crl = "ca/root.crl"\n',
+    )
+    return text.replace(
+        tls,
+        "# The server's certificate chain and key. `estkit ca import` issues one from the\n"
+        "# bootstrap CA (the root is offline), so a device's trust anchor verifies it too;\n",
+    )
+
+
+def _check_not_a_root_dir(data_dir: Path) -> None:
+    from estkit.ca.offline import SETTINGS
+
+    if (data_dir / SETTINGS).exists():
+        raise CliError(
+            f"--data-dir: {data_dir} holds an offline root ({SETTINGS}); the server's data "
+            "directory is another, on another machine",
+            exit_code=EXIT_CONFIG,
+        )
+
+
+def _print_offline_steps(config: ServerConfig) -> None:
+    """What to carry to the offline root's machine, what to run there, and what to bring
+    back; or that all is imported."""
+    from estkit.ca.setup import request_path
+    from estkit.server.wiring import offline_root_pending
+
+    if offline_root_pending(config) is None:
+        print("offline root: imported; `estkit server run` serves")
+        return
+    data = config.data_dir
+    issuing = {name: ca for name, ca in config.cas.items() if not ca.offline}
+    waiting = {name: request_path(ca.cert) for name, ca in issuing.items() if not ca.cert.exists()}
+    print()
+    print("The root is offline: its key stays on its own machine. To finish:")
+    step = 1
+    if waiting:
+        print(f"{step}. carry to the root's machine: {', '.join(map(str, waiting.values()))}")
+        step += 1
+        print(f"{step}. there (R: the root's directory, `estkit root init --dir R` made it):")
+        for name, csr in waiting.items():
+            print(
+                f"     estkit root sign-ca --dir R --name {name} --csr {csr.name} --out {name}.pem"
+            )
+    else:
+        print(f"{step}. on the root's machine (R: the root's directory):")
+    print("     estkit root crl --dir R --out root.crl")
+    step += 1
+    back = ["R/root.pem", *(f"{name}.pem" for name in waiting), "root.crl"]
+    print(f"{step}. carry back: {', '.join(back)}; compare root.pem's SHA-256 fingerprint")
+    print("   with the one `estkit root init` printed, then here:")
+    certs = "".join(f" --cert {name}={name}.pem" for name in waiting)
+    print(f"     estkit ca import --data-dir {data} --root root.pem{certs} --root-crl root.crl")
+    step += 1
+    print(f"{step}. estkit server run --data-dir {data}")
+
+
+# -- server init --signer pkcs11 -----------------------------------------------------
+
+INIT_EPILOG = """\
+CA keys in a PKCS#11 token (an HSM; SoftHSM2 for tests):
+  --signer pkcs11 --pkcs11-module LIB --token-label T (--pin-file F | --pin-env VAR)
+  makes the root, devices and bootstrap CA keys inside token T: token objects,
+  sensitive and never extractable, for signing only, labelled root, devices and
+  bootstrap (or Proot, ... with --key-label-prefix P), with the certificate's
+  SubjectKeyIdentifier as CKA_ID. estkit.toml gets signer = "pkcs11", the module,
+  token and key labels and where the PIN is read (F or VAR, never the PIN
+  itself). No CA key file is written; the TLS server key is a file, as always.
+
+  Nothing is written and no key is made unless the PIN file is its owner's only,
+  the module loads, the token is there and takes the PIN, and none of the labels
+  is taken. estkit never replaces a token key: if the token already holds a key
+  under one of the labels, init stops and names them. Then either choose other
+  labels (--key-label-prefix), or make this server's CAs from the keys there
+  (--use-existing-keys: each needs its public key object beside it; certificates
+  are made for them, --key-type does not apply to them, labels that are free get
+  new keys).
+
+  Once estkit.toml exists it is the truth: init finds the keys where [cas.*] say
+  (the token's, by label or id), makes a missing CA certificate for the key there
+  (making the key only if there is none), and refuses --signer and the token
+  options unless they say the same. Hand-written [cas.*] for keys made elsewhere
+  work the same way.
+
+exit status: 0 done; 1 the token already holds keys under those labels; 2 an
+  option missing or out of place; 69 python-pkcs11 not installed (estkit[hsm]);
+  78 the module, token, PIN, PIN file or existing config does not work.
+"""
+
+_KEY_LABEL_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,32}")
+_PIN_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True, slots=True)
+class _TokenOptions:
+    """``server init --signer pkcs11``: the token the CA keys are made in, and where the
+    server reads its PIN (a file or an environment variable, never the config)."""
+
+    module: Path
+    token_label: str
+    pin_file: Path | None
+    pin_env: str | None
+    key_label_prefix: str
+
+    def key_label(self, ca: str) -> str:
+        return f"{self.key_label_prefix}{ca}"
+
+
+def _token_options(args: argparse.Namespace) -> _TokenOptions | None:
+    """The token options of ``server init``, or None for file keys; an option missing or
+    out of place is one line (exit 2)."""
+    given = [
+        flag
+        for flag, value in (
+            ("--pkcs11-module", args.pkcs11_module),
+            ("--token-label", args.token_label),
+            ("--pin-file", args.pin_file),
+            ("--pin-env", args.pin_env),
+            ("--key-label-prefix", args.key_label_prefix),
+            ("--use-existing-keys", args.use_existing_keys or None),
+        )
+        if value is not None
+    ]
+    if args.signer != "pkcs11":
+        if given:
+            raise CliError(f"{given[0]}: only with --signer pkcs11", exit_code=EXIT_USAGE)
+        return None
+    missing = [flag for flag in ("--pkcs11-module", "--token-label") if flag not in given]
+    if args.pin_file is None and args.pin_env is None:
+        missing.append("--pin-file or --pin-env")
+    if missing:
+        raise CliError(f"--signer pkcs11 needs {' and '.join(missing)}", exit_code=EXIT_USAGE)
+    if args.pin_file is not None and args.pin_env is not None:
+        raise CliError("--pin-file or --pin-env, not both", exit_code=EXIT_USAGE)
+    return _TokenOptions(
+        module=args.pkcs11_module.absolute(),
+        token_label=args.token_label,
+        pin_file=None if args.pin_file is None else args.pin_file.absolute(),
+        pin_env=args.pin_env,
+        key_label_prefix=args.key_label_prefix or "",
+    )
+
+
+def _token_ref(token: _TokenOptions, ca: str) -> TokenKeyRef:
+    """The ``TokenKeyRef`` that ``[cas.<ca>]`` of a config written for ``token`` parses to."""
+    from estkit.ca.signers import TokenKeyRef
+
+    return TokenKeyRef(
+        module=token.module,
+        token_label=token.token_label,
+        key_label=token.key_label(ca),
+        pin_file=token.pin_file,
+        pin_env=token.pin_env,
+        field=f"cas.{ca}",
+    )
+
+
+def _token_cas(text: str, token: _TokenOptions) -> str:
+    """``text`` (the config template) with each CA's key in the token, not in a file (an
+    offline root's is in neither)."""
+    import json
+
+    from estkit.server.config import CA_NAMES
+
+    pin = (
+        f"pin_file = {json.dumps(str(token.pin_file))}"
+        if token.pin_file is not None
+        else f"pin_env = {json.dumps(token.pin_env)}"
+    )
+    for ca in CA_NAMES:
+        file_key = f'key = "ca/{ca}.key"\nsigner = "file"\n'
+        if ca == "root" and file_key not in text:  # offline
+            continue
+        assert text.count(file_key) == 1  # the template's [cas.<ca>]
+        lines = [
+            'signer = "pkcs11"',
+            f"module = {json.dumps(str(token.module))}",
+            f"token_label = {json.dumps(token.token_label)}",
+            f"key_label = {json.dumps(token.key_label(ca))}",
+            pin,
+        ]
+        text = text.replace(file_key, "".join(f"{line}\n" for line in lines))
+    return text
+
+
+def _check_token(token: _TokenOptions, *, use_existing: bool, offline_root: bool) -> None:
+    """Before anything is written or made: the PIN can be read, the module loads, the token
+    is there and takes the PIN (else exit 78), and no key in it has one of the labels the
+    CA keys would get, unless ``use_existing`` (else exit 1)."""
+    from estkit.ca.signers import read_pin
+    from estkit.server.config import CA_NAMES
+
+    try:
+        from estkit.ca import hsm
+    except ImportError:
+        raise CliError(
+            "--signer pkcs11 needs python-pkcs11: pip install 'estkit[hsm]'",
+            exit_code=EXIT_NEEDS_SERVER,
+        ) from None
+    ref = _token_ref(token, "root")
+    try:
+        pin = read_pin(ref, os.environ)
+    except ValueError as exc:  # named by the option, not by the config field it becomes
+        message = str(exc).replace(f"{ref.field}.pin_file", "--pin-file")
+        raise CliError(
+            message.replace(f"{ref.field}.pin_env", "--pin-env"), exit_code=EXIT_CONFIG
+        ) from None
+    labels = [token.key_label(ca) for ca in CA_NAMES if not (offline_root and ca == "root")]
+    try:
+        taken = hsm.token_labels_in_use(
+            module=token.module, token_label=token.token_label, pin=pin, labels=labels
+        )
+    except ValueError as exc:
+        raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
+    if taken and not use_existing:
+        raise CliError(
+            f"token {token.token_label!r} already holds keys labelled {', '.join(taken)}, "
+            "and estkit never replaces a token key; nothing written: make new keys under "
+            "other labels (--key-label-prefix P: Proot, Pdevices, Pbootstrap), or make this "
+            "server's CAs from the keys there (--use-existing-keys)",
+            exit_code=EXIT_FAILURE,
+        )
+
+
+def _check_signer_unchanged(
+    config: ServerConfig, token: _TokenOptions | None, config_path: Path
+) -> None:
+    """``--signer`` (and the token options) on an existing config must say what its
+    ``[cas.*]`` say: keys are never moved, and an option that would be ignored is refused."""
+    from estkit.server.config import CA_NAMES
+
+    for ca in CA_NAMES:
+        existing = config.cas[ca]
+        if existing.offline:  # its key is on no signer here
+            continue
+        wanted = "file" if token is None else "pkcs11"
+        if existing.signer != wanted or (
+            token is not None and existing.token != _token_ref(token, ca)
+        ):
+            what = (
+                f"signer {existing.signer!r}"
+                if existing.signer != wanted
+                else "another token key, token or PIN source"
+            )
+            raise CliError(
+                f"{config_path} exists and [cas.{ca}] there names {what}: --signer and the "
+                "token options apply only when init writes a new config; leave them out, or "
+                "edit [cas.*] there",
+                exit_code=EXIT_CONFIG,
+            )
+
+
+def _key_stores(config: ServerConfig) -> dict[str, tuple[Path, CaKeyStore]]:
+    """Each CA's certificate file and where ``create_pki`` keeps its key (an offline
+    root has none here)."""
+    from estkit.ca.setup import FileKeyStore, TokenKeyStore
+    from estkit.ca.signers import token_key_spec
+
+    stores: dict[str, tuple[Path, CaKeyStore]] = {}
+    for name, ca in config.cas.items():
+        if ca.offline:
+            continue
+        if ca.token is not None:
+            try:
+                spec = token_key_spec(name, ca.token, os.environ)
+            except ValueError as exc:
+                raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
+            stores[name] = (ca.cert, TokenKeyStore(spec))
+        else:
+            stores[name] = (ca.cert, FileKeyStore(ca.key))
+    return stores
 
 
 def _node_settings(text: str, args: argparse.Namespace) -> str:
@@ -255,12 +622,12 @@ def _join(args: argparse.Namespace) -> int:
 
     The same CAs (certificates and keys), TLS material and database; its own node
     name, region, public URL and ports. The database is shared, so nothing is
-    migrated and no CA is created.
+    migrated and no CA is created. Everything is checked and read before anything is
+    written, and the directory appears whole or not at all (``_create_data_dir``).
     """
     import json
     import tomllib
 
-    from estkit.ca.files import write_atomic
     from estkit.server.config import (
         CONFIG_NAME,
         ConfigError,
@@ -273,6 +640,11 @@ def _join(args: argparse.Namespace) -> int:
 
     source: Path = args.join
     data_dir: Path = args.data_dir
+    if args.database_url is not None:
+        raise CliError("--join: the database is the joined node's; leave out --database-url")
+    if args.port is None:
+        raise CliError("--join: --port is required (the new node's HTTPS port)")
+    target = _new_data_dir(data_dir)
     try:
         joined = load_config(source)
     except ConfigError as exc:
@@ -283,13 +655,6 @@ def _join(args: argparse.Namespace) -> int:
             "(`estkit server init --database-url postgresql://…` on the first node)",
             exit_code=EXIT_CONFIG,
         )
-    if args.database_url is not None:
-        raise CliError("--join: the database is the joined node's; leave out --database-url")
-    config_path = data_dir / CONFIG_NAME
-    if config_path.exists():
-        raise CliError(f"--join: {config_path} exists; a joining node needs a new data directory")
-    if args.port is None:
-        raise CliError("--join: --port is required (the new node's HTTPS port)")
     port = args.port
     crl_port = args.crl_port or port + 1
     hostname = args.hostname[0] if args.hostname else "localhost"
@@ -311,24 +676,12 @@ def _join(args: argparse.Namespace) -> int:
     finally:
         store.close()
 
+    copies = _join_copies(joined)
+    files = [(c.name, _read_for_join(c), c.mode) for c in copies]
     text = (source / CONFIG_NAME).read_text()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    data_dir.chmod(0o700)
-    files = [(f"cas.{n}", "cert", c.cert, False) for n, c in joined.cas.items()]
-    files += [(f"cas.{n}", "key", c.key, True) for n, c in joined.cas.items()]
-    files += [("tls", "cert", joined.tls_cert, False), ("tls", "key", joined.tls_key, True)]
-    copied = 0
-    for section, key, path, secret in files:
-        try:
-            relative = path.relative_to(joined.data_dir)
-        except ValueError:  # outside the joined node's directory: into ours
-            relative = Path("ca" if section.startswith("cas.") else "tls") / path.name
-        target = data_dir / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(target, path.read_bytes(), mode=0o600 if secret else 0o644)
-        copied += 1
-        literal = _literal(json.dumps(str(relative)))
-        text = _set_toml_value(text, section, key, literal, insert=True) or text
+    for copy in copies:
+        literal = _literal(json.dumps(copy.name))
+        text = _set_toml_value(text, copy.section, copy.key, literal, insert=True) or text
     for section, key, value in (
         ("server", "port", str(port)),
         ("crl", "http_port", str(crl_port)),
@@ -339,16 +692,189 @@ def _join(args: argparse.Namespace) -> int:
         text = _set_toml_value(text, section, key, _literal(value), insert=True) or text
     args.public_url, args.node_name, args.region = public_url, name, region
     text = _node_settings(text, args)
+    config_path = data_dir / CONFIG_NAME
     try:
-        parse_config(tomllib.loads(text), data_dir)
+        config = parse_config(tomllib.loads(text), target)
     except (ConfigError, tomllib.TOMLDecodeError) as exc:
         raise CliError(f"{config_path}: not written: {exc}", exit_code=EXIT_CONFIG) from None
-    write_atomic(config_path, text.encode(), mode=0o600)
+    named = _named_files(config)
+    for copy in copies:  # a setting the text edit could not reach would name D's file
+        if named.get(copy.setting) != target / copy.name:
+            raise CliError(
+                f"--join: {copy.setting} in {source / CONFIG_NAME} could not be pointed at "
+                f"the copy {copy.name}; write it in a [{copy.section}] table",
+                exit_code=EXIT_CONFIG,
+            )
+    try:
+        _create_data_dir(target, [*files, (CONFIG_NAME, text.encode(), 0o600)])
+    except OSError as exc:
+        raise CliError(f"--join: cannot create {data_dir}: {exc}; nothing written") from None
     print(f"config: created {config_path}")
     print(f"node: {name}, region {region}, {public_url}")
-    print(f"copied {copied} CA and TLS files from {source} (keys 0600)")
+    into = ", ".join(sorted({f"{c.name.partition('/')[0]}/" for c in copies}))
+    print(f"copied {len(files)} files from {source} into {into} (keys 0600, the rest 0644)")
     print("database: shared with the joined node, not migrated")
     return 0
+
+
+# A CA's name names its files in a joined node's directory (``ca/<name>.pem``).
+_CA_FILE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_CA_FILE_SUFFIXES = {"cert": ".pem", "key": ".key", "pin_file": ".pin", "crl": ".crl"}
+
+
+@dataclass(frozen=True, slots=True)
+class _JoinCopy:
+    """A file the joined node's config names, and where the joining node keeps its copy."""
+
+    section: str
+    key: str
+    source: Path
+    name: str  # in the new data directory, by what the file is, never by its old name
+    mode: int
+
+    @property
+    def setting(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+def _named_files(config: ServerConfig) -> dict[str, Path]:
+    """Every file ``config`` names, by setting: the CAs' (certificate, and key file or
+    token PIN file, or an offline root's CRL; a PKCS#11 module is the host's, not copied),
+    TLS and the OIDC key set."""
+    files: dict[str, Path] = {}
+    for name, ca in config.cas.items():
+        files[f"cas.{name}.cert"] = ca.cert
+        if ca.key_file is not None:
+            files[f"cas.{name}.key"] = ca.key_file
+        if ca.token is not None and ca.token.pin_file is not None:
+            files[f"cas.{name}.pin_file"] = ca.token.pin_file
+        if ca.crl is not None:
+            files[f"cas.{name}.crl"] = ca.crl
+    files["tls.cert"] = config.tls_cert
+    files["tls.key"] = config.tls_key
+    oidc = config.api.get("oidc")
+    if isinstance(oidc, Mapping) and isinstance(jwks := oidc.get("jwks_file"), str):
+        files["api.oidc.jwks_file"] = config.data_dir / jwks  # an absolute one stays
+    return files
+
+
+def _join_copies(joined: ServerConfig) -> list[_JoinCopy]:
+    """What a node joining ``joined`` copies: two CAs whose files share a name (in two
+    directories) get a copy each."""
+    copies: list[_JoinCopy] = []
+    for setting, path in _named_files(joined).items():
+        section, _, key = setting.rpartition(".")
+        if section.startswith("cas."):
+            ca = section.removeprefix("cas.")
+            if not _CA_FILE_NAME.fullmatch(ca):
+                raise CliError(
+                    f"--join: [{section}]: its files are copied as ca/<name>.pem, .key, .pin, "
+                    f"so a CA name of 1-64 letters, digits, '-' or '_' is needed, got {ca!r}",
+                    exit_code=EXIT_CONFIG,
+                )
+            name = f"ca/{ca}{_CA_FILE_SUFFIXES[key]}"
+        elif section == "tls":
+            name = "tls/server.pem" if key == "cert" else "tls/server.key"
+        else:
+            name = "api/jwks.json"
+        mode = PRIVATE if key in ("key", "pin_file") else PUBLIC
+        copies.append(_JoinCopy(section, key, path, name, mode))
+    return copies
+
+
+def _read_for_join(copy: _JoinCopy) -> bytes:
+    """The bytes of ``copy``'s source; a symbolic link anywhere on its path, a ``..``,
+    or anything but a regular file is refused in one line (exit 78)."""
+    try:
+        return _read_no_symlinks(copy.source)
+    except OSError as exc:
+        why = (
+            "a symbolic link on its path (not followed: point it at the file itself)"
+            if exc.errno == errno.ELOOP
+            else exc.strerror or str(exc)
+        )
+    except ValueError as exc:
+        why = str(exc)
+    raise CliError(f"--join: {copy.setting}: {copy.source}: {why}", exit_code=EXIT_CONFIG)
+
+
+def _read_no_symlinks(path: Path) -> bytes:
+    """The bytes of the regular file at the absolute ``path``, opening each directory on
+    the way and the file itself with ``O_NOFOLLOW``: a symbolic link anywhere is
+    ``OSError(ELOOP)``, a ``..`` or a non-regular file ``ValueError``."""
+    if not path.is_absolute():
+        raise ValueError("not an absolute path")
+    if ".." in path.parts:
+        raise ValueError("a path with '..' (not followed: give the file's own path)")
+    nofollow = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+    directory = os.open(path.anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in path.parts[1:-1]:
+            try:
+                inner = os.open(part, nofollow | os.O_DIRECTORY, dir_fd=directory)
+            except NotADirectoryError:  # what Linux says for a symbolic link here
+                entry = os.stat(part, dir_fd=directory, follow_symlinks=False)
+                if stat.S_ISLNK(entry.st_mode):
+                    raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), part) from None
+                raise
+            os.close(directory)
+            directory = inner
+        # O_NONBLOCK: a FIFO planted there must not hang the command; it is refused below.
+        fd = os.open(path.name, nofollow | os.O_NONBLOCK, dir_fd=directory)
+    finally:
+        os.close(directory)
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise ValueError("not a regular file")
+        return handle.read()
+
+
+def _new_data_dir(data_dir: Path) -> Path:
+    """``data_dir`` resolved, when it does not exist or is an empty directory; else a
+    refusal (exit 78): a joining node's directory holds nothing of anyone else's."""
+    target = data_dir.resolve()
+    try:
+        entries = os.listdir(target)
+    except FileNotFoundError:
+        return target
+    except OSError as exc:
+        raise CliError(
+            f"--data-dir: {data_dir}: {exc.strerror or exc}; a joining node needs a new "
+            "(or empty) data directory",
+            exit_code=EXIT_CONFIG,
+        ) from None
+    if entries:
+        raise CliError(
+            f"--data-dir: {data_dir} exists and is not empty; a joining node needs a new "
+            "(or empty) data directory",
+            exit_code=EXIT_CONFIG,
+        )
+    return target
+
+
+def _create_data_dir(target: Path, files: list[tuple[str, bytes, int]]) -> None:
+    """Create the data directory ``target`` (0700) holding ``files`` (relative name,
+    bytes, mode), whole or not at all: built in a temporary directory beside it and
+    renamed into place, over ``target`` if that is an empty directory."""
+    import shutil
+    import tempfile
+
+    from estkit.fileio import fsync_directory, write_new
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".join", dir=target.parent))
+    try:
+        for name, data, mode in files:
+            path = temp / name
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            write_new(path, data, mode=mode)
+        for directory in {(temp / name).parent for name, _, _ in files}:
+            fsync_directory(directory)
+        os.rename(temp, target)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    fsync_directory(target.parent)
 
 
 def _update_ports(args: argparse.Namespace, path: Path) -> str | None:
@@ -505,11 +1031,20 @@ def cmd_server_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_imported(config: ServerConfig) -> None:
+    """With an offline root, refuse (exit 78) until ``ca import`` has installed its part."""
+    from estkit.server.wiring import offline_root_pending
+
+    if (pending := offline_root_pending(config)) is not None:
+        raise CliError(pending, exit_code=EXIT_CONFIG)
+
+
 def cmd_server_info(args: argparse.Namespace) -> int:
     """What a person needs to point a device at this server, ready to copy."""
     from estkit.pki.certs import fingerprint, load_pem_certificates
 
     config = _load(args)
+    _require_imported(config)
     root = load_pem_certificates(config.cas["root"].cert.read_bytes())[0]
     fp = fingerprint(root)
     data = args.data_dir
@@ -541,6 +1076,7 @@ def cmd_ca_list(args: argparse.Namespace) -> int:
     from estkit.store.errors import StoreError
 
     config = _load(args)
+    _require_imported(config)
     store = SqlStore.open(config.database_url)
     try:
         store.check_schema()
@@ -556,6 +1092,7 @@ def cmd_ca_list(args: argparse.Namespace) -> int:
         cas.append(
             {
                 "name": name,
+                "signer": ca.signer,
                 "subject": cert.subject.rfc4514_string(),
                 "not_after": cert.not_valid_after_utc.isoformat(),
                 "fingerprint_sha256": fingerprint(cert),
@@ -578,7 +1115,10 @@ def cmd_ca_list(args: argparse.Namespace) -> int:
         print(json.dumps({"cas": cas, "labels": labels}, indent=2))
         return 0
     for ca_out in cas:
-        print(f"CA {ca_out['name']}")
+        offline = (
+            " (offline: its key is not on this server)" if ca_out["signer"] == "offline" else ""
+        )
+        print(f"CA {ca_out['name']}{offline}")
         print(f"  subject:     {ca_out['subject']}")
         print(f"  not after:   {ca_out['not_after']}")
         print(f"  sha256:      {ca_out['fingerprint_sha256']}")
@@ -599,9 +1139,249 @@ def cmd_ca_chain(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.ca not in config.cas:
         raise CliError(f"unknown CA {args.ca!r}; configured: {', '.join(config.cas)}")
+    _require_imported(config)
     certs = {n: load_pem_certificates(c.cert.read_bytes())[0] for n, c in config.cas.items()}
     sys.stdout.write(certs_to_pem(chain_to_root(certs[args.ca], certs)).decode())
     return 0
+
+
+def _import_cert_arg(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"NAME=FILE (devices=devices.pem), got {value!r}")
+    return name, Path(path)
+
+
+def _read_input(option: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"{option}: {exc.strerror or exc}") from None
+
+
+def _certificates(option: str, path: Path) -> list[x509.Certificate]:
+    from estkit.pki.certs import load_pem_certificates
+
+    try:
+        return load_pem_certificates(_read_input(option, path))
+    except ValueError:
+        raise CliError(f"{option}: not a PEM certificate") from None
+
+
+@dataclass(frozen=True, slots=True)
+class _Install:
+    """A file ``ca import`` writes once everything given has been checked."""
+
+    path: Path
+    data: bytes
+    said: str
+
+
+def cmd_ca_import(args: argparse.Namespace) -> int:
+    """Install what the offline root's machine produced: its certificate, the issuing CA
+    certificates it signed for this server's keys, and its CRL. Everything given is
+    checked before anything is written; then the TLS server certificate is issued from
+    the bootstrap CA if there is none yet."""
+    from estkit.ca.files import write_atomic
+    from estkit.ca.setup import issue_tls
+    from estkit.pki.certs import load_pem_certificates
+    from estkit.server.wiring import offline_root_pending
+
+    if args.root is None and not args.cert and args.root_crl is None:
+        raise CliError(
+            "nothing to import: give --root, --cert NAME=FILE or --root-crl",
+            exit_code=EXIT_USAGE,
+        )
+    config = _load(args)
+    root_ca = config.cas["root"]
+    if not root_ca.offline:
+        raise CliError(
+            f"the root of {args.data_dir} is not offline (cas.root.signer = "
+            f"{root_ca.signer!r}): its certificates are made here, there is nothing to import"
+        )
+    now = _now()
+    root, installs = _import_root(args, root_ca.cert, now=now)
+    stores = _key_stores(config)
+    given: set[str] = set()
+    for name, path in args.cert:
+        if name in given:
+            raise CliError(f"--cert {name}={path}: {name} given twice", exit_code=EXIT_USAGE)
+        given.add(name)
+        installs += _import_ca_cert(args, name, path, stores, root=root, now=now)
+    if args.root_crl is not None:
+        assert root_ca.crl is not None  # an offline root's
+        installs += _import_root_crl(args.root_crl, root_ca.crl, root=root, now=now)
+
+    for install in installs:
+        write_atomic(install.path, install.data)
+        print(install.said)
+    if not config.tls_cert.exists() and config.cas["bootstrap"].cert.exists():
+        cert_path, keys = stores["bootstrap"]
+        issuer = load_pem_certificates(cert_path.read_bytes())[0]
+        try:
+            issuer_key = keys.load("bootstrap", issuer)
+            said = issue_tls(
+                tls_cert=config.tls_cert,
+                tls_key=config.tls_key,
+                issuer=issuer,
+                issuer_key=issuer_key,
+                issuer_name="bootstrap",
+                now=now,
+            )
+        except ValueError as exc:
+            raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
+        print(said)
+    pending = offline_root_pending(config)
+    print(pending or f"ready: estkit server run --data-dir {args.data_dir}")
+    return 0
+
+
+def _import_root(
+    args: argparse.Namespace, installed: Path, *, now: dt.datetime
+) -> tuple[x509.Certificate, list[_Install]]:
+    """The root to check the rest against: ``--root`` (checked: self-signed, a CA, the
+    fingerprint asked for, the one installed if there is one), or the one installed."""
+    from estkit.ca.offline import check_root
+    from estkit.pki.certs import (
+        certs_to_pem,
+        fingerprint,
+        load_pem_certificates,
+        normalize_fingerprint,
+    )
+
+    current = load_pem_certificates(installed.read_bytes())[0] if installed.exists() else None
+    if args.root is None:
+        if current is None:
+            raise CliError(
+                f"--root: the root's certificate is not installed yet ({installed}): give the "
+                "root.pem of the root's directory"
+            )
+        return current, []
+    option = f"--root {args.root}"
+    root, *rest = _certificates(option, args.root)
+    if rest:
+        raise CliError(f"{option}: one certificate expected, found {1 + len(rest)}")
+    try:
+        check_root(root, now=now)
+    except ValueError as exc:
+        raise CliError(f"{option}: {exc}") from None
+    if args.root_fingerprint is not None:
+        try:
+            wanted = normalize_fingerprint(args.root_fingerprint)
+        except ValueError as exc:
+            raise CliError(f"--root-fingerprint: {exc}", exit_code=EXIT_USAGE) from None
+        if fingerprint(root) != wanted:
+            raise CliError(
+                f"{option}: its SHA-256 fingerprint is {fingerprint(root)}, not {wanted}: "
+                "not the root you meant; nothing imported"
+            )
+    if current is not None and current != root:
+        raise CliError(
+            f"{option}: another root than the one installed ({installed}, "
+            f"{fingerprint(current)}); estkit never replaces the trust anchor"
+        )
+    if current is not None:
+        print(f"root CA: {installed} unchanged")
+        return root, []
+    said = f"root CA: installed {installed} (SHA-256 {fingerprint(root)})"
+    return root, [_Install(installed, certs_to_pem([root]), said)]
+
+
+def _import_ca_cert(
+    args: argparse.Namespace,
+    name: str,
+    path: Path,
+    stores: Mapping[str, tuple[Path, CaKeyStore]],
+    *,
+    root: x509.Certificate,
+    now: dt.datetime,
+) -> list[_Install]:
+    """``--cert NAME=FILE`` checked: a CA certificate under ``root`` for the key that CA
+    has here (the one its request was made with)."""
+    from estkit.ca.offline import check_issuing_ca
+    from estkit.ca.setup import request_path
+    from estkit.pki.certs import certs_to_pem, load_pem_certificates
+    from estkit.pki.keys import public_keys_match
+
+    option = f"--cert {name}={path}"
+    if name not in stores:
+        raise CliError(f"{option}: not an issuing CA of this server ({', '.join(stores)})")
+    cert, *rest = _certificates(option, path)
+    if any(extra != root for extra in rest):
+        raise CliError(f"{option}: the file holds certificates other than its own and the root")
+    try:
+        check_issuing_ca(cert, root=root, now=now)
+    except ValueError as exc:
+        raise CliError(f"{option}: {exc}") from None
+    cert_path, keys = stores[name]
+    try:
+        key = keys.pending(name)
+    except (OSError, ValueError) as exc:  # a key file, token or PIN that does not work
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise CliError(f"{option}: the {name} CA's key: {why}", exit_code=EXIT_CONFIG) from None
+    if key is None:
+        raise CliError(
+            f"{option}: the {name} CA has no key on this server yet; `estkit server init "
+            f"--data-dir {args.data_dir}` makes it and its request",
+            exit_code=EXIT_CONFIG,
+        )
+    if not public_keys_match(key.public_key(), cert.public_key()):
+        raise CliError(
+            f"{option}: not a certificate of the {name} CA's key (its request is "
+            f"{request_path(cert_path)}); sign that request"
+        )
+    if cert_path.exists():
+        current = load_pem_certificates(cert_path.read_bytes())[0]
+        if current == cert:
+            print(f"{name} CA: {cert_path} unchanged")
+            return []
+        if current.subject != cert.subject:
+            raise CliError(
+                f"{option}: the installed {cert_path} names {current.subject.rfc4514_string()}; "
+                "a CA certificate is replaced only by one of the same name and key"
+            )
+    said = f"{name} CA: installed {cert_path} (until {cert.not_valid_after_utc.isoformat()})"
+    return [_Install(cert_path, certs_to_pem([cert]), said)]
+
+
+def _import_root_crl(
+    path: Path, installed: Path, *, root: x509.Certificate, now: dt.datetime
+) -> list[_Install]:
+    """``--root-crl FILE`` checked: the root's, current, not older than the installed one."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from estkit.ca.crl import crl_number, load_crl
+
+    option = f"--root-crl {path}"
+    try:
+        crl = load_crl(_read_input(option, path), issuer=root)
+    except ValueError as exc:
+        raise CliError(f"{option}: {exc}") from None
+    next_update = crl.next_update_utc
+    assert next_update is not None  # load_crl checks it
+    if next_update <= now:
+        raise CliError(
+            f"{option}: expired at {next_update.isoformat()}; sign a new one (`estkit root crl`)"
+        )
+    der = crl.public_bytes(Encoding.DER)
+    try:
+        current = load_crl(installed.read_bytes(), issuer=root)
+    except (OSError, ValueError):
+        current = None
+    if current is not None:
+        if current.public_bytes(Encoding.DER) == der:
+            print(f"root CRL: {installed} unchanged")
+            return []
+        if crl_number(crl) < crl_number(current):
+            raise CliError(
+                f"{option}: CRL number {crl_number(crl)} is older than the installed one's "
+                f"({crl_number(current)})"
+            )
+    said = (
+        f"root CRL: installed {installed} (number {crl_number(crl)}, next update "
+        f"{next_update.isoformat()})"
+    )
+    return [_Install(installed, der, said)]
 
 
 # -- device and cert -----------------------------------------------------------------
@@ -864,10 +1644,22 @@ def register(sub: Any) -> None:
     server = sub.add_parser("server", help="initialise and run the EST server").add_subparsers(
         dest="server_command", required=True, metavar="ACTION"
     )
-    p = server.add_parser("init", help="create config, CAs, TLS certificate and database once")
+    p = server.add_parser(
+        "init",
+        help="create config, CAs, TLS certificate and database once",
+        description="Create the config, the root, devices and bootstrap CAs, the TLS\n"
+        "certificate and the database, whichever is missing; what exists is kept.",
+        epilog=f"{INIT_EPILOG}\n{OFFLINE_EPILOG}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _data_dir_arg(p)
     p.add_argument("--hostname", action="append", default=[], help="TLS name (repeatable)")
-    p.add_argument("--key-type", choices=KEY_TYPES, default="ec-p256")
+    p.add_argument(
+        "--key-type",
+        choices=KEY_TYPES,
+        default="ec-p256",
+        help="of the keys made: CAs and TLS (default %(default)s)",
+    )
     p.add_argument("--organization", default="estkit", help="O= of the CA names")
     p.add_argument(
         "--port",
@@ -903,6 +1695,50 @@ def register(sub: Any) -> None:
         metavar="NAME",
         help="unique among the nodes (default: the host's short name; --join: host-region-port)",
     )
+    hsm = p.add_argument_group(
+        "CA keys in a PKCS#11 token (HSM)", "with the estkit[hsm] extra; see the end of this help"
+    )
+    hsm.add_argument(
+        "--signer",
+        choices=("file", "pkcs11"),
+        help="where the CA keys are made: file (default; PEM files in the data directory) "
+        "or pkcs11 (inside the token)",
+    )
+    hsm.add_argument(
+        "--pkcs11-module", type=Path, metavar="LIB", help="the token vendor's PKCS#11 library"
+    )
+    hsm.add_argument("--token-label", metavar="LABEL", help="the token's label")
+    hsm.add_argument(
+        "--pin-file",
+        type=Path,
+        metavar="FILE",
+        help="the token's user PIN, in a file only its owner may read (0600 or 0400)",
+    )
+    hsm.add_argument(
+        "--pin-env",
+        type=_pin_env,
+        metavar="VAR",
+        help="or: the environment variable holding the PIN (here and when the server runs)",
+    )
+    hsm.add_argument(
+        "--key-label-prefix",
+        type=_key_label_prefix,
+        metavar="P",
+        help="label the keys Proot, Pdevices, Pbootstrap (default: root, devices, bootstrap)",
+    )
+    p.add_argument(
+        "--offline-root",
+        action="store_true",
+        help="the root's key stays on another machine (`estkit root`): make the issuing CAs' "
+        "keys and requests here, for `estkit ca import` (see the end of this help)",
+    )
+    hsm.add_argument(
+        "--use-existing-keys",
+        action="store_true",
+        default=None,
+        help="make the CAs' certificates for keys the token already holds under those "
+        "labels (made in a key ceremony, say) instead of refusing; missing ones are made",
+    )
     _command(p, cmd_server_init)
     p = server.add_parser("info", help="print the EST URL, trust anchor and an example")
     _data_dir_arg(p)
@@ -927,6 +1763,40 @@ def register(sub: Any) -> None:
     _data_dir_arg(p)
     p.add_argument("--ca", default="root", help="devices, bootstrap or root (default)")
     _command(p, cmd_ca_chain)
+    p = ca.add_parser(
+        "import",
+        help="install what an offline root signed: its certificate, the CA certificates, its CRL",
+        description="Install what the offline root's machine produced for this server "
+        "(`server init --offline-root`): the root's certificate, the issuing CA "
+        "certificates it signed from this server's requests, and the root's CRL. "
+        "Each is checked before anything is written: the root is self-signed, each CA "
+        "certificate is a CA's, chains to the root and is for the key of that CA here, the "
+        "CRL is the root's and current. Then the TLS server certificate is issued from the "
+        "bootstrap CA, if there is none yet. Run it again with a new --root-crl whenever "
+        "the root signs one; a running server serves it within a second.",
+        epilog="exit status: 0 imported (what is still missing is printed); 1 refused (the "
+        "line says why; nothing written); 2 bad arguments; 78 the config, a CA key or its "
+        "token does not work",
+    )
+    _data_dir_arg(p)
+    p.add_argument("--root", type=Path, metavar="FILE", help="root.pem of the root's directory")
+    p.add_argument(
+        "--root-fingerprint",
+        metavar="SHA256",
+        help="refuse --root unless its SHA-256 fingerprint is this (as `root init` printed it)",
+    )
+    p.add_argument(
+        "--cert",
+        type=_import_cert_arg,
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="an issuing CA's certificate, signed by the root (devices=devices.pem); repeatable",
+    )
+    p.add_argument(
+        "--root-crl", type=Path, metavar="FILE", help="the root's CRL (`estkit root crl`)"
+    )
+    _command(p, cmd_ca_import)
 
     device = sub.add_parser("device", help="register and manage devices").add_subparsers(
         dest="device_command", required=True, metavar="ACTION"

@@ -47,7 +47,14 @@ from estkit.server.limits import (
     BasicCheckPool,
     basic_threads,
 )
-from estkit.server.nodes import Heartbeat, heartbeat_interval, stale_after
+from estkit.server.nodes import (
+    Heartbeat,
+    NameTaken,
+    claim,
+    heartbeat_interval,
+    stale_after,
+    takeover_after,
+)
 from estkit.server.oidc import OidcVerifier, parse_oidc_config
 from estkit.server.tls import (
     client_ca_path,
@@ -86,7 +93,7 @@ def create_app(config: ServerConfig) -> EstApp:
 
 def _build(config: ServerConfig) -> tuple[EstApp, Authority[SqlStore]]:
     store = open_store(config)
-    authority = build_authority(config, store)
+    authority = build_authority(config, store, environ=os.environ)
     threads = basic_threads(config.workers)
     est = EstRoutes(
         authority,
@@ -161,11 +168,8 @@ def _heartbeat_interval() -> float:
         raise ConfigError(str(exc)) from None
 
 
-def start_heartbeat(config: ServerConfig, store: SqlStore) -> threading.Event:
-    """Register this node now and keep it seen from a daemon thread (ends with the
-    process); setting the returned event stops it sooner."""
-    now = utcnow()
-    node = Node(
+def _this_node(config: ServerConfig, now: dt.datetime) -> Node:
+    return Node(
         name=config.node.name,
         region=config.node.region,
         public_url=config.public_url,
@@ -173,8 +177,35 @@ def start_heartbeat(config: ServerConfig, store: SqlStore) -> threading.Event:
         last_seen=now,
         version=__version__,
     )
+
+
+def _takeover(config: ServerConfig) -> dt.timedelta:
+    shared = not config.database_url.startswith("sqlite")
+    return takeover_after(shared=shared, interval=_heartbeat_interval())
+
+
+def claim_node_name(config: ServerConfig, store: SqlStore) -> None:
+    """Register this node, or a ``ConfigError`` naming ``node.name`` when another
+    running node holds the name (a copied data directory, say)."""
+    now = utcnow()
+    try:
+        claim(store, _this_node(config, now), now=now, takeover=_takeover(config))
+    except NameTaken as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def start_heartbeat(config: ServerConfig, store: SqlStore) -> threading.Event:
+    """Register this node now and keep it seen from a daemon thread (ends with the
+    process); setting the returned event stops it sooner."""
     stop = threading.Event()
-    Heartbeat(store, node, clock=utcnow, interval=_heartbeat_interval(), stop=stop).start()
+    Heartbeat(
+        store,
+        _this_node(config, utcnow()),
+        clock=utcnow,
+        interval=_heartbeat_interval(),
+        takeover=_takeover(config),
+        stop=stop,
+    ).start()
     return stop
 
 
@@ -261,9 +292,9 @@ def serve(
 ) -> None:
     """Check everything the configuration names, then listen, then serve until stopped.
 
-    No port is bound before the CA keys, the schema, the client-CA bundle and the
-    TLS certificate and key have been checked: a broken config is reported as
-    itself, not as whatever a busy port says. uvicorn gets the bound socket
+    No port is bound before the CA keys, the schema, the node name, the client-CA
+    bundle and the TLS certificate and key have been checked: a broken config is
+    reported as itself, not as whatever a busy port says. uvicorn gets the bound socket
     (``sockets=``), so the one place a port error is raised and worded is here;
     ``port_setting`` says where ``port`` came from (``server.port``, ``--port``).
     """
@@ -271,6 +302,7 @@ def serve(
     from uvicorn.supervisors import Multiprocess
 
     _, authority = _build(config)
+    claim_node_name(config, authority.store)
     client_ca_bundle(config)
     server_tls_context(config)  # a bad TLS certificate or key fails here, not per connection
     publisher = crl_publisher(config, authority)

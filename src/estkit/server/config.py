@@ -12,7 +12,7 @@ import difflib
 import re
 import socket
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from estkit.ca.policy import (
     SERVERKEYGEN_KEY_TYPES,
     SUBJECT_ATTRIBUTES,
 )
+from estkit.ca.signers import OFFLINE, TokenKeyRef
 from estkit.pki.profiles import Kind, Profile
 
 CONFIG_NAME = "estkit.toml"
@@ -53,7 +54,22 @@ SECTION_KEYS: Mapping[str, frozenset[str]] = {
     "node": frozenset({"name", "region"}),
 }
 NAMED_SECTION_KEYS: Mapping[str, frozenset[str]] = {
-    "cas": frozenset({"cert", "key", "signer"}),
+    # ``pin`` is known so that it is refused with its own reason (``_ca``), not as a typo.
+    "cas": frozenset(
+        {
+            "cert",
+            "key",
+            "signer",
+            "module",
+            "token_label",
+            "key_label",
+            "key_id",
+            "pin_file",
+            "pin_env",
+            "pin",
+            "crl",
+        }
+    ),
     "profiles": frozenset({"kind", "validity", "subject"}),
     "labels": frozenset(
         {
@@ -88,12 +104,41 @@ def parse_duration(value: object, field: str) -> dt.timedelta:
         raise ConfigError(f"{field}: {exc}") from None
 
 
+SIGNER_NAMES = ("file", "pkcs11", OFFLINE)
+# The settings of each signer besides ``cert`` and ``signer``.
+_SIGNER_KEYS: Mapping[str, frozenset[str]] = {
+    "file": frozenset({"key"}),
+    "pkcs11": frozenset({"module", "token_label", "key_label", "key_id", "pin_file", "pin_env"}),
+    OFFLINE: frozenset({"crl"}),
+}
+_PIN_ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 @dataclass(frozen=True, slots=True)
 class CaConfig:
+    """A CA: its certificate and where its key is, a PEM file (``signer = "file"``,
+    ``key_file``) or a PKCS#11 token (``signer = "pkcs11"``, ``token``), or nowhere on
+    this server (``signer = "offline"``: an offline root, whose CRL, signed on its own
+    machine and imported, is ``crl``)."""
+
     name: str
     cert: Path
-    key: Path
     signer: str
+    key_file: Path | None = None
+    token: TokenKeyRef | None = None
+    crl: Path | None = None
+
+    @property
+    def offline(self) -> bool:
+        return self.signer == OFFLINE
+
+    @property
+    def key(self) -> Path:
+        """The key file of a ``file`` CA (kept for callers that know only file keys)."""
+        if self.key_file is None:
+            where = "not on this server" if self.offline else "in a PKCS#11 token"
+            raise ConfigError(f"cas.{self.name}: its key is {where}, not in a file")
+        return self.key_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,18 +314,7 @@ def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
     if db_url.startswith("sqlite:///") and not db_url.startswith("sqlite:////"):
         db_url = f"sqlite:///{path_of(db_url.removeprefix('sqlite:///'))}"
 
-    cas: dict[str, CaConfig] = {}
-    for name, table in _named_tables(data, "cas"):
-        f = f"cas.{name}"
-        signer = _get(table, "signer", str, f"{f}.signer", "file")
-        if signer != "file":
-            raise ConfigError(f"{f}.signer: unknown signer {signer!r} (available: file)")
-        cas[name] = CaConfig(
-            name=name,
-            cert=path_of(_get(table, "cert", str, f"{f}.cert")),
-            key=path_of(_get(table, "key", str, f"{f}.key")),
-            signer=signer,
-        )
+    cas = {name: _ca(name, table, path_of) for name, table in _named_tables(data, "cas")}
     for name in ("root", "bootstrap"):
         if name not in cas:
             raise ConfigError(f"cas.{name}: required")
@@ -338,6 +372,75 @@ def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
         api=_section(data, "api"),
         node=_node(_section(data, "node")),
     )
+
+
+def _ca(name: str, table: Mapping[str, Any], path_of: Callable[[str], Path]) -> CaConfig:
+    f = f"cas.{name}"
+    if "pin" in table:
+        raise ConfigError(
+            f"{f}.pin: a PIN is never written in the config; use pin_file (a file only its "
+            "owner can read) or pin_env (an environment variable)"
+        )
+    signer = _get(table, "signer", str, f"{f}.signer", "file")
+    if signer not in SIGNER_NAMES:
+        raise ConfigError(
+            f"{f}.signer: unknown signer {signer!r} (available: {', '.join(SIGNER_NAMES)})"
+        )
+    if signer == OFFLINE and name != "root":
+        raise ConfigError(
+            f"{f}.signer: only the root may be {OFFLINE!r}; CA {name!r} signs on this server"
+        )
+    key_settings = _SIGNER_KEYS["file"] | _SIGNER_KEYS["pkcs11"]
+    if signer == OFFLINE and (stray := sorted(key_settings & set(table))):
+        raise ConfigError(
+            f"{f}.{stray[0]}: the key of an offline root is never on this server "
+            '(signer = "offline"); remove it'
+        )
+    for other, keys in _SIGNER_KEYS.items():
+        if other != signer and (stray := sorted(keys & set(table))):
+            raise ConfigError(f"{f}.{stray[0]}: only with signer = {other!r}, not {signer!r}")
+    cert = path_of(_get(table, "cert", str, f"{f}.cert"))
+    if signer == OFFLINE:
+        crl = path_of(_get(table, "crl", str, f"{f}.crl", f"ca/{name}.crl"))
+        return CaConfig(name=name, cert=cert, signer=signer, crl=crl)
+    if signer == "file":
+        key = path_of(_get(table, "key", str, f"{f}.key"))
+        return CaConfig(name=name, cert=cert, signer=signer, key_file=key)
+    module = _get(table, "module", str, f"{f}.module")
+    token_label = _get(table, "token_label", str, f"{f}.token_label")
+    key_label = table.get("key_label")
+    if key_label is not None and not (isinstance(key_label, str) and key_label):
+        raise ConfigError(f"{f}.key_label: expected a non-empty string, got {key_label!r}")
+    key_id = None
+    if "key_id" in table:
+        raw = _get(table, "key_id", str, f"{f}.key_id")
+        try:
+            key_id = bytes.fromhex(raw.replace(":", ""))
+        except ValueError:
+            key_id = b""
+        if not key_id:
+            raise ConfigError(f'{f}.key_id: the key\'s CKA_ID in hex (e.g. "01a2"), got {raw!r}')
+    if key_label is None and key_id is None:
+        raise ConfigError(f"{f}: key_label or key_id required (which key in the token)")
+    pin_file = pin_env = None
+    if "pin_file" in table:
+        pin_file = path_of(_get(table, "pin_file", str, f"{f}.pin_file"))
+    if "pin_env" in table:
+        pin_env = _get(table, "pin_env", str, f"{f}.pin_env")
+        if not _PIN_ENV.fullmatch(pin_env):
+            raise ConfigError(f"{f}.pin_env: an environment variable's name, got {pin_env!r}")
+    if (pin_file is None) == (pin_env is None):
+        raise ConfigError(f"{f}: exactly one of pin_file or pin_env (where the PIN is read)")
+    token = TokenKeyRef(
+        module=path_of(module),
+        token_label=token_label,
+        key_label=key_label,
+        key_id=key_id,
+        pin_file=pin_file,
+        pin_env=pin_env,
+        field=f,
+    )
+    return CaConfig(name=name, cert=cert, signer=signer, token=token)
 
 
 def _node(table: Mapping[str, Any]) -> NodeConfig:
@@ -495,7 +598,16 @@ url = "sqlite:///estkit.db"
 
 # The CAs. `root` is the trust anchor devices are given; `devices` issues the
 # short-lived operational certificates; `bootstrap` the factory certificates.
-# signer = "file": the key is a PEM file (0600).
+# signer = "file": the key is a PEM file (0600). signer = "offline" (the root
+# only): its key is on another machine; cert and crl are what `estkit ca import`
+# installed from there. signer = "pkcs11": the key is in a PKCS#11 token (an HSM;
+# the estkit[hsm] extra), and never leaves it:
+#   signer = "pkcs11"
+#   module = "/usr/lib/softhsm/libsofthsm2.so"   # the vendor's PKCS#11 library
+#   token_label = "estkit"
+#   key_label = "devices"                         # and/or key_id = "<CKA_ID in hex>"
+#   pin_file = "/etc/estkit/token.pin"            # 0600; or pin_env = "ESTKIT_TOKEN_PIN"
+# (never the PIN itself in this file).
 [cas.root]
 cert = "ca/root.pem"
 key = "ca/root.key"

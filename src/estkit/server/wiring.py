@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
 from cryptography import x509
 
 from estkit.ca.authority import Authority, IssuingCa, Label
-from estkit.ca.crl import CrlPublisher
+from estkit.ca.crl import CrlPublisher, ImportedCrl
 from estkit.ca.signers import load_cas
 from estkit.pki.binding import CHALLENGE_PASSWORD
-from estkit.server.config import LabelConfig, ServerConfig
+from estkit.pki.certs import load_pem_certificates
+from estkit.server.config import ConfigError, LabelConfig, ServerConfig
 from estkit.store import SqlStore
 
 
@@ -20,9 +22,22 @@ def open_store(config: ServerConfig) -> SqlStore:
     return store
 
 
-def build_authority(config: ServerConfig, store: SqlStore) -> Authority[SqlStore]:
-    """The authority, with CRLs republished after every revocation it makes."""
-    cas = load_cas({n: (c.signer, c.cert, c.key) for n, c in config.cas.items()})
+def build_authority(
+    config: ServerConfig, store: SqlStore, *, environ: Mapping[str, str] | None = None
+) -> Authority[SqlStore]:
+    """The authority, with CRLs republished after every revocation it makes.
+
+    ``environ``: where ``pin_env`` token PINs are read (the caller's environment; default
+    this process's). A CA whose key cannot be used (wrong token, key or PIN, a key that
+    is not its certificate's) is a ``ConfigError`` naming the CA; so is an offline root
+    whose certificates are not imported yet (``offline_root_pending``).
+    """
+    if (pending := offline_root_pending(config)) is not None:
+        raise ConfigError(pending)
+    try:
+        cas = load_cas(config.cas, environ=environ)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     crl = _crl_publisher(config, cas, store)
     labels = {
         name: Label(
@@ -68,6 +83,53 @@ def crl_publisher(config: ServerConfig, authority: Authority[SqlStore]) -> CrlPu
 def _crl_publisher(
     config: ServerConfig, cas: Mapping[str, IssuingCa], store: SqlStore
 ) -> CrlPublisher:
+    imported = [
+        ImportedCrl(name=name, cert=load_pem_certificates(ca.cert.read_bytes())[0], source=ca.crl)
+        for name, ca in config.cas.items()
+        if ca.offline and ca.crl is not None
+    ]
     return CrlPublisher(
-        cas=cas, store=store, directory=config.crl.directory, validity=config.crl.validity
+        cas=cas,
+        store=store,
+        directory=config.crl.directory,
+        validity=config.crl.validity,
+        imported=imported,
     )
+
+
+def offline_root_pending(config: ServerConfig) -> str | None:
+    """With an offline root, what ``estkit ca import`` has not installed yet and what to
+    do, in one line; None when nothing is missing (or the root is not offline)."""
+    offline = [ca for ca in config.cas.values() if ca.offline]
+    if not offline:
+        return None
+    wanted = [ca.cert for ca in config.cas.values()]
+    wanted += [ca.crl for ca in offline if ca.crl is not None]
+    wanted.append(config.tls_cert)
+    missing = [path for path in wanted if not path.exists()]
+    if not missing:
+        return None
+    csrs = [
+        _shown(csr, config.data_dir)
+        for ca in config.cas.values()
+        if not ca.offline and not ca.cert.exists() and (csr := ca.cert.with_suffix(".csr")).exists()
+    ]
+    sign = (
+        f"sign {' and '.join(csrs)} on the root's machine (`estkit root sign-ca`), then "
+        if csrs
+        else ""
+    )
+    shown = ", ".join(_shown(path, config.data_dir) for path in missing)
+    return (
+        f"offline root: not imported yet: {shown}; "
+        f"{sign}install them with `estkit ca import --data-dir {config.data_dir}` "
+        f"(`estkit server init --data-dir {config.data_dir}` prints the steps)"
+    )
+
+
+def _shown(path: Path, data_dir: Path) -> str:
+    """``path`` relative to the data directory when it is inside it."""
+    try:
+        return str(path.relative_to(data_dir))
+    except ValueError:
+        return str(path)

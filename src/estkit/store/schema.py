@@ -28,6 +28,11 @@ class UtcDateTime(sa.TypeDecorator[dt.datetime]):
         return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
+# The id of a table that grows with the fleet (audit entries, pending requests,
+# enrollment secrets): 64 bits on PostgreSQL (revision 0004); on SQLite an INTEGER
+# PRIMARY KEY is 64 bits already, and must stay INTEGER to be the rowid.
+Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
 metadata = sa.MetaData()
 
 devices = sa.Table(
@@ -64,7 +69,7 @@ certificates = sa.Table(
 enrollment_secrets = sa.Table(
     "enrollment_secrets",
     metadata,
-    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
     sa.Column("device_id", sa.String(128), nullable=False, index=True),
     sa.Column("secret_hash", sa.LargeBinary(), nullable=False),
     sa.Column("created_at", UtcDateTime(), nullable=False),
@@ -75,7 +80,7 @@ enrollment_secrets = sa.Table(
 audit_events = sa.Table(
     "audit_events",
     metadata,
-    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
     sa.Column("at", UtcDateTime(), nullable=False, index=True),
     sa.Column("actor", sa.String(256), nullable=False),
     sa.Column("action", sa.String(32), nullable=False),
@@ -106,7 +111,7 @@ api_tokens = sa.Table(
 pending_requests = sa.Table(
     "pending_requests",
     metadata,
-    sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
     sa.Column("label", sa.String(64), nullable=False),
     sa.Column("device_id", sa.String(128), nullable=False, index=True),
     sa.Column("csr_sha256", sa.String(64), nullable=False, index=True),
@@ -127,7 +132,7 @@ audit_head = sa.Table(
     "audit_head",
     metadata,
     sa.Column("id", sa.Integer(), primary_key=True),
-    sa.Column("last_id", sa.Integer(), nullable=False),
+    sa.Column("last_id", Id, nullable=False),
     sa.Column("last_hash", sa.String(64), nullable=False),
 )
 

@@ -1,8 +1,9 @@
 """Which database errors mean "cannot take the request now" (``Unavailable``).
 
-A full disk, a read-only or locked database, an I/O error or a lost
-connection are not the request's fault and not a bug: the caller answers
-503 + Retry-After and writes nothing. Everything else stays what it was.
+A full disk, a read-only or locked database, an I/O error, a lost
+connection or a prepared statement that a schema change made stale are not
+the request's fault and not a bug: the caller answers 503 + Retry-After and
+writes nothing. Everything else stays what it was.
 """
 
 from __future__ import annotations
@@ -71,10 +72,21 @@ def _is_psycopg_operational(exc: BaseException) -> bool:
     )
 
 
+def _stale_prepared_statement(exc: BaseException) -> bool:
+    """PostgreSQL refusing a statement psycopg prepared before a schema change altered
+    what it returns (a migration run while this node serves)."""
+    return getattr(exc, "sqlstate", None) == "0A000" and "cached plan must not change" in str(exc)
+
+
 def translate_unavailable(context: Any) -> None:
     """SQLAlchemy's ``handle_error`` hook: raise ``Unavailable`` in place of such errors."""
     unavailable = classify(context.original_exception)
     if unavailable is None and context.is_disconnect:
         unavailable = Unavailable("connection lost")
+    if _stale_prepared_statement(context.original_exception):
+        # Every pooled connection holds the stale statement and would fail on it
+        # until it is closed: handled as a lost connection, the pool starts over.
+        context.is_disconnect = True
+        unavailable = Unavailable("the database schema changed under a prepared statement")
     if unavailable is not None:
         raise unavailable from context.original_exception
