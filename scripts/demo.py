@@ -18,13 +18,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the server and hub stand-in helpers
+
+from demolib import AgentRun, Timeline, agent_config, run_in_workdir, short  # noqa: E402
 
 from estserver import ESTKIT, EstServer, make_server, set_config  # noqa: E402
 from hubstandin import HubStandIn, Observer, make_hub_standin  # noqa: E402
@@ -35,70 +35,23 @@ TELEMETRY = 4  # seconds between heartbeats
 DEADLINE = 300  # seconds for the whole demo
 RENEWALS = 2
 
-_start = time.monotonic()
-_print_lock = threading.Lock()
+_timeline = Timeline(source_width=8)
+say = _timeline.say
 
 
-def say(source: str, text: str) -> None:
-    with _print_lock:
-        print(f"[{time.monotonic() - _start:6.1f}s] {source:<8}| {text}", flush=True)
-
-
-def short(serial: str) -> str:
-    return serial[:8] + "…"
-
-
-class AgentWatcher:
+class AgentWatcher(AgentRun):
     """Runs `estkit agent run`, echoing its log lines and counting renewals."""
 
-    _PREFIX = re.compile(r"^(INFO|WARNING|ERROR) estkit\.agent\.(\w+): ")
+    _SERIAL = re.compile(r"\b([0-9A-F]{32})\b")
 
     def __init__(self, config: Path, log_path: Path) -> None:
         self.renewals = 0
-        self.log_path = log_path
-        self.proc = subprocess.Popen(
-            [*ESTKIT, "agent", "run", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
+        super().__init__(_timeline, "agent", config, log_path)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        with self.log_path.open("w") as log:
-            for line in self.proc.stdout:
-                log.write(line)
-                line = line.rstrip()
-                match = self._PREFIX.match(line)
-                if match is None:
-                    continue
-                level, part = match.groups()
-                text = line[match.end() :]
-                if "renewed:" in text:
-                    self.renewals += 1
-                if part == "hub" and text.startswith("connecting"):
-                    continue  # "connected" says it
-                text = re.sub(r"\b([0-9A-F]{32})\b", lambda m: short(m.group(1)), text)
-                say("agent", f"{'' if level == 'INFO' else level + ': '}{text}")
-
-    def wait(self, timeout: float) -> int | None:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self._thread.join(timeout=5)
+    def heard(self, part: str, text: str) -> bool:
+        if "renewed:" in text:
+            self.renewals += 1
+        return not (part == "hub" and text.startswith("connecting"))  # "connected" says it
 
 
 def show_hub_traffic(observer: Observer, seen: int) -> int:
@@ -136,31 +89,26 @@ def run(workdir: Path) -> int:
         say("factory", factory.stdout.strip().split(", files in")[0])
         config = workdir / "device" / "agent.toml"
         config.write_text(
-            f"""device_id = "{DEVICE}"
-state_dir = "{workdir / "device" / "state"}"
-[est]
-url = "{server.url}"
-trust_anchor = "{server.root_pem}"
-[bootstrap]
-cert = "{boot / "cert.pem"}"
-key = "{boot / "key.pem"}"
-chain = "{boot / "chain.pem"}"
-[renewal]
-retry_min = "1s"
-retry_max = "5s"
-[hub]
+            agent_config(
+                device_id=DEVICE,
+                state_dir=workdir / "device" / "state",
+                est_url=server.url,
+                trust_anchor=server.root_pem,
+                bootstrap=boot,
+                extra=f"""[hub]
 host = "localhost"
 port = {hub.port}
 hub_name = "demo-hub.azure-devices.net"
 ca_file = "{hub.ca_file}"
 telemetry_interval = "{TELEMETRY}s"
 reconnect_max = "5s"
-"""
+""",
+            )
         )
         say("device", "agent starts: bootstrap certificate, EST URL and trust anchor, nothing else")
         agent = AgentWatcher(config, workdir / "device" / "agent.log")
         seen = 0
-        deadline = _start + DEADLINE
+        deadline = _timeline.start + DEADLINE
         # First enrollment, then RENEWALS renewals, then a little more telemetry.
         while agent.renewals < RENEWALS + 1 and time.monotonic() < deadline:
             seen = show_hub_traffic(observer, seen)
@@ -210,16 +158,7 @@ def main() -> int:
     if shutil.which("mosquitto") is None:
         print("demo: needs mosquitto (Debian package 'mosquitto')", file=sys.stderr)
         return 1
-    workdir = Path(tempfile.mkdtemp(prefix="estkit-demo-"))
-    try:
-        code = run(workdir)
-    finally:
-        if args.keep:
-            say("demo", f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    say("demo", "done" if code == 0 else "FAILED")
-    return code
+    return run_in_workdir(_timeline, run, prefix="estkit-demo-", keep=args.keep)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,9 @@ import base64
 import datetime as dt
 import os
 import re
-import shutil
 import signal
 import ssl
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +39,9 @@ from estkit.pki.keys import generate_key
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the server and PostgreSQL helpers
 
-from estserver import ESTKIT, EstServer, free_ports, run_estkit, set_config  # noqa: E402
+from demolib import AgentRun, Timeline, agent_config, run_in_workdir, short  # noqa: E402
+
+from estserver import EstServer, free_ports, run_estkit, set_config  # noqa: E402
 from pgcluster import bin_dir, running_cluster  # noqa: E402
 
 LABEL = "devices"
@@ -56,17 +54,8 @@ def time_allowed(validity: int) -> float:
     return 60 + 6 * validity
 
 
-_start = time.monotonic()
-_print_lock = threading.Lock()
-
-
-def say(source: str, text: str) -> None:
-    with _print_lock:
-        print(f"[{time.monotonic() - _start:6.1f}s] {source:<9}| {text}", flush=True)
-
-
-def short(serial: str) -> str:
-    return serial[:8] + "…"
+_timeline = Timeline(source_width=9)
+say = _timeline.say
 
 
 class DemoFailed(Exception):
@@ -104,44 +93,22 @@ class Node:
         return f"{self.server.crl_url}/{LABEL}.crl"
 
 
-class Agent:
+class Agent(AgentRun):
     """``estkit agent run`` for one device, echoing its log lines and noting its renewals."""
 
-    _PREFIX = re.compile(r"^(INFO|WARNING|ERROR) estkit\.agent\.\w+: ")
     _RENEWED = re.compile(r"^renewed: (\w+) ")
 
     def __init__(self, name: str, device_id: str, config: Path, log_path: Path) -> None:
-        self.name = name
         self.device_id = device_id
         self.state_dir = config.parent / "state"
         self.operations: list[str] = []  # of each renewal: simpleenroll, simplereenroll
-        self._log_path = log_path
-        self.proc = subprocess.Popen(
-            [*ESTKIT, "agent", "run", "--config", str(config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-        )
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
+        super().__init__(_timeline, name, config, log_path)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        with self._log_path.open("w") as log:
-            for line in self.proc.stdout:
-                log.write(line)
-                line = line.rstrip()
-                match = self._PREFIX.match(line)
-                if match is None:
-                    continue
-                level = match.group(1)
-                text = line[match.end() :]
-                renewed = self._RENEWED.match(text)
-                if renewed is not None:
-                    self.operations.append(renewed.group(1))
-                text = re.sub(r"\b([0-9A-F]{16,40})\b", lambda m: short(m.group(1)), text)
-                say(self.name, f"{'' if level == 'INFO' else level + ': '}{text}")
+    def heard(self, part: str, text: str) -> bool:
+        renewed = self._RENEWED.match(text)
+        if renewed is not None:
+            self.operations.append(renewed.group(1))
+        return True
 
     def reenrollments(self) -> int:
         return self.operations.count("simplereenroll")
@@ -151,21 +118,6 @@ class Agent:
         return x509.load_pem_x509_certificate(
             (self.state_dir / "current" / "cert.pem").read_bytes()
         )
-
-    def exit_status(self) -> int | None:
-        return self.proc.poll()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self._thread.join(timeout=5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 def wait_for(what: str, condition: Callable[[], bool], *, deadline: float) -> None:
@@ -267,20 +219,14 @@ def start_agent(node: Node, est_url: str, number: int, workdir: Path) -> Agent:
     say("factory", f"bootstrap certificate for {device_id}: serial {short(serial)}")
     config = directory / "agent.toml"
     config.write_text(
-        f"""device_id = "{device_id}"
-state_dir = "{directory / "state"}"
-[est]
-url = "{est_url}"
-trust_anchor = "{node.server.root_pem}"
-timeout = "5s"
-[bootstrap]
-cert = "{boot / "cert.pem"}"
-key = "{boot / "key.pem"}"
-chain = "{boot / "chain.pem"}"
-[renewal]
-retry_min = "1s"
-retry_max = "5s"
-"""
+        agent_config(
+            device_id=device_id,
+            state_dir=directory / "state",
+            est_url=est_url,
+            trust_anchor=node.server.root_pem,
+            bootstrap=boot,
+            est_extra='timeout = "5s"\n',
+        )
     )
     say("demo", f"agent {number} ({device_id}) starts with the {node.region} EST URL, no hub")
     return Agent(f"agent {number}", device_id, config, directory / "agent.log")
@@ -397,7 +343,7 @@ def fleet(
 
 
 def run(workdir: Path, *, validity: int) -> int:
-    deadline = _start + time_allowed(validity)
+    deadline = _timeline.start + time_allowed(validity)
     say("demo", f"working directory {workdir}")
     with running_cluster() as cluster, cluster.database() as database_url:
         say("postgres", f"throwaway cluster on 127.0.0.1:{cluster.port} (initdb + pg_ctl)")
@@ -436,16 +382,12 @@ def main() -> int:
     if bin_dir() is None:
         print("demo-fleet: needs PostgreSQL (Debian package 'postgresql')", file=sys.stderr)
         return 1
-    workdir = Path(tempfile.mkdtemp(prefix="estkit-fleet-"))
-    try:
-        code = run(workdir, validity=args.validity)
-    finally:
-        if args.keep:
-            say("demo", f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    say("demo", "done" if code == 0 else "FAILED")
-    return code
+    return run_in_workdir(
+        _timeline,
+        lambda workdir: run(workdir, validity=args.validity),
+        prefix="estkit-fleet-",
+        keep=args.keep,
+    )
 
 
 if __name__ == "__main__":

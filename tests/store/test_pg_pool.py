@@ -127,3 +127,24 @@ def test_reads_keep_the_statements_psycopg_prepared(database_url: str) -> None:
             assert prepared.scalar_one() >= 1
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("operation", OPERATIONS, ids=OPERATION_IDS)
+def test_every_pooled_connection_busy_is_unavailable_not_a_raw_timeout(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, operation: Callable[[SqlStore], object]
+) -> None:
+    """A slow or partitioned database holds every connection: the next request is
+    answered 503 after ``POOL_TIMEOUT``, not a 500 from SQLAlchemy's TimeoutError."""
+    import estkit.store.sql as sql
+
+    monkeypatch.setattr(sql, "POOL_TIMEOUT", 0.2)
+    store = SqlStore.open(database_url)
+    pool = store._engine.pool
+    held = [store._engine.connect() for _ in range(pool.size() + pool._max_overflow)]  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(Unavailable, match="every database connection"):
+            operation(store)
+    finally:
+        for conn in held:
+            conn.close()
+        store.close()

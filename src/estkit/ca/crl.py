@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from estkit.ca.authority import IssuingCa
 from estkit.ca.files import write_atomic
+from estkit.ca.offline import load_pem_or_der
 from estkit.durations import format_duration
 from estkit.pki.crl import build_crl
 from estkit.store import SqlStore
@@ -52,14 +53,12 @@ _WARN_AGAIN = dt.timedelta(days=1)
 def load_crl(data: bytes, *, issuer: x509.Certificate) -> x509.CertificateRevocationList:
     """A CRL (DER or PEM) of ``issuer``: its name and signature are checked, and it must
     carry a nextUpdate and a CRL number; ``ValueError`` saying what is wrong."""
-    try:
-        crl = (
-            x509.load_pem_x509_crl(data)
-            if data.lstrip().startswith(b"-----BEGIN")
-            else x509.load_der_x509_crl(data)
-        )
-    except ValueError:
-        raise ValueError("not a CRL (DER or PEM)") from None
+    crl = load_pem_or_der(
+        data,
+        pem=x509.load_pem_x509_crl,
+        der=x509.load_der_x509_crl,
+        what="a CRL (DER or PEM)",
+    )
     who = issuer.subject.rfc4514_string()
     if crl.issuer != issuer.subject:
         raise ValueError(f"issued by {crl.issuer.rfc4514_string()}, not by {who}")

@@ -27,11 +27,11 @@ import fcntl
 import json
 import os
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 
@@ -52,6 +52,21 @@ ISSUED = "issued"
 SERVER_CONFIG = "estkit.toml"
 
 
+_Loaded = TypeVar("_Loaded")
+
+
+def load_pem_or_der(
+    data: bytes, *, pem: Callable[[bytes], _Loaded], der: Callable[[bytes], _Loaded], what: str
+) -> _Loaded:
+    """``data`` as what is carried between the root's machine and the server may be: PEM
+    (read by ``pem``) when it starts so, else DER (``der``); ``ValueError`` "not ``what``"
+    when it is neither."""
+    try:
+        return pem(data) if data.lstrip().startswith(b"-----BEGIN") else der(data)
+    except ValueError:
+        raise ValueError(f"not {what}") from None
+
+
 # -- what the root signs --------------------------------------------------------------
 
 
@@ -59,14 +74,12 @@ def load_request(data: bytes) -> x509.CertificateSigningRequest:
     """A certification request (PEM or DER) whose signature verifies and whose key is of
     a type estkit accepts; ``ValueError`` saying what is wrong. Its extensions are
     ignored: the profile decides what the certificate carries."""
-    try:
-        csr = (
-            x509.load_pem_x509_csr(data)
-            if data.lstrip().startswith(b"-----BEGIN")
-            else x509.load_der_x509_csr(data)
-        )
-    except ValueError:
-        raise ValueError("not a certification request (PKCS#10, PEM or DER)") from None
+    csr = load_pem_or_der(
+        data,
+        pem=x509.load_pem_x509_csr,
+        der=x509.load_der_x509_csr,
+        what="a certification request (PKCS#10, PEM or DER)",
+    )
     try:
         key_type_of(csr.public_key())
     except ValueError as exc:  # pki's KeyPolicyError

@@ -17,18 +17,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from estkit.cli.errors import EXIT_CONFIG, EXIT_FAILURE, EXIT_NEEDS_SERVER, CliError
+from estkit.cli.pkcs11_options import labels_in_use, pin_env, pkcs11_chosen
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from estkit.ca.hsm import TokenKeySpec
     from estkit.ca.keyrefs import TokenKeyRef
     from estkit.ca.offline import RootDirectory
     from estkit.pki.keys import PrivateKey
 
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072")
-EXIT_USAGE = 2
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _KEY_LABEL = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_PIN_ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 INIT_EPILOG = """\
 The root's key is made here and never leaves this directory (--signer file:
@@ -68,12 +69,6 @@ def _key_label(text: str) -> str:
     return text
 
 
-def _pin_env(text: str) -> str:
-    if not _PIN_ENV.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"an environment variable's name, got {text!r}")
-    return text
-
-
 def _serial(text: str) -> str:
     from estkit.pki.certs import parse_serial, serial_hex
 
@@ -92,6 +87,18 @@ def _root_dir(args: argparse.Namespace) -> RootDirectory:
     except ValueError as exc:
         raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
     return root
+
+
+def _print_cert(cert: x509.Certificate, *, serial: bool = False) -> None:
+    """What the operator compares on the root's machine and on the server: the subject,
+    (the serial,) the end of validity and the SHA-256 fingerprint."""
+    from estkit.pki.certs import fingerprint, serial_hex
+
+    print(f"  subject:     {cert.subject.rfc4514_string()}")
+    if serial:
+        print(f"  serial:      {serial_hex(cert.serial_number)}")
+    print(f"  not after:   {cert.not_valid_after_utc.isoformat()}")
+    print(f"  SHA-256:     {fingerprint(cert)}")
 
 
 def _root_key(root: RootDirectory) -> PrivateKey:
@@ -121,29 +128,11 @@ def _token_ref(args: argparse.Namespace) -> TokenKeyRef | None:
     """The token the root's key is made in, from the options (None: a key file)."""
     from estkit.ca.keyrefs import TokenKeyRef
 
-    given = [
-        flag
-        for flag, value in (
-            ("--pkcs11-module", args.pkcs11_module),
-            ("--token-label", args.token_label),
-            ("--pin-file", args.pin_file),
-            ("--pin-env", args.pin_env),
-            ("--key-label", args.key_label),
-            ("--use-existing-key", args.use_existing_key or None),
-        )
-        if value is not None
-    ]
-    if args.signer != "pkcs11":
-        if given:
-            raise CliError(f"{given[0]}: only with --signer pkcs11", exit_code=EXIT_USAGE)
+    use_existing = args.use_existing_key or None
+    if not pkcs11_chosen(
+        args, own=(("--key-label", args.key_label), ("--use-existing-key", use_existing))
+    ):
         return None
-    missing = [flag for flag in ("--pkcs11-module", "--token-label") if flag not in given]
-    if args.pin_file is None and args.pin_env is None:
-        missing.append("--pin-file or --pin-env")
-    if missing:
-        raise CliError(f"--signer pkcs11 needs {' and '.join(missing)}", exit_code=EXIT_USAGE)
-    if args.pin_file is not None and args.pin_env is not None:
-        raise CliError("--pin-file or --pin-env, not both", exit_code=EXIT_USAGE)
     return TokenKeyRef(
         module=args.pkcs11_module.absolute(),
         token_label=args.token_label,
@@ -161,7 +150,7 @@ def cmd_root_init(args: argparse.Namespace) -> int:
     from estkit.ca.files import write_atomic
     from estkit.ca.offline import RootSettings, RootState
     from estkit.ca.setup import CaKeyStore, FileKeyStore, TokenKeyStore
-    from estkit.pki.certs import certs_to_pem, fingerprint
+    from estkit.pki.certs import certs_to_pem
     from estkit.pki.profiles import issue_ca
 
     root = _root_dir(args)
@@ -205,9 +194,7 @@ def cmd_root_init(args: argparse.Namespace) -> int:
     write_atomic(root.settings_path, settings.to_toml(root.path).encode(), mode=0o600)
     root.save_state(RootState())
     print(f"root CA: created {root.cert_path} ({where})")
-    print(f"  subject:     {cert.subject.rfc4514_string()}")
-    print(f"  not after:   {cert.not_valid_after_utc.isoformat()}")
-    print(f"  SHA-256:     {fingerprint(cert)}")
+    _print_cert(cert)
     print(
         f"Carry {root.cert_path} to the server (the devices' trust anchor); {root.path} stays "
         "here. Next: `estkit root sign-ca` for each request of `estkit server init "
@@ -219,29 +206,10 @@ def cmd_root_init(args: argparse.Namespace) -> int:
 def _token_spec(ref: TokenKeyRef, *, use_existing: bool) -> TokenKeySpec:
     """The root key's place in its token, once the PIN reads, the token takes it and (unless
     ``use_existing``) no key there has the label; each refused in one line."""
-    from estkit.ca.keyrefs import read_pin, token_key_spec
+    from estkit.ca.keyrefs import token_key_spec
 
-    try:
-        from estkit.ca import hsm
-    except ImportError:
-        raise CliError(
-            "--signer pkcs11 needs python-pkcs11: pip install 'estkit[hsm]'",
-            exit_code=EXIT_NEEDS_SERVER,
-        ) from None
-    try:
-        pin = read_pin(ref, os.environ)
-    except ValueError as exc:
-        message = (
-            str(exc).replace("root.pin_file", "--pin-file").replace("root.pin_env", "--pin-env")
-        )
-        raise CliError(message, exit_code=EXIT_CONFIG) from None
     assert ref.key_label is not None
-    try:
-        taken = hsm.token_labels_in_use(
-            module=ref.module, token_label=ref.token_label, pin=pin, labels=[ref.key_label]
-        )
-    except ValueError as exc:
-        raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
+    taken = labels_in_use(ref, [ref.key_label])
     if taken and not use_existing:
         raise CliError(
             f"token {ref.token_label!r} already holds a key labelled {ref.key_label!r}, and "
@@ -258,7 +226,7 @@ def _token_spec(ref: TokenKeyRef, *, use_existing: bool) -> TokenKeySpec:
 def cmd_root_sign_ca(args: argparse.Namespace) -> int:
     from estkit.ca.files import write_atomic
     from estkit.ca.offline import load_request, sign_ca
-    from estkit.pki.certs import certs_to_pem, fingerprint, serial_hex
+    from estkit.pki.certs import certs_to_pem
 
     root = _root_dir(args)
     try:
@@ -277,10 +245,7 @@ def cmd_root_sign_ca(args: argparse.Namespace) -> int:
     kept = root.record(args.name, cert)
     write_atomic(args.out, certs_to_pem([cert]))
     print(f"{args.name} CA: signed {args.out} (a copy in {kept})")
-    print(f"  subject:     {cert.subject.rfc4514_string()}")
-    print(f"  serial:      {serial_hex(cert.serial_number)}")
-    print(f"  not after:   {cert.not_valid_after_utc.isoformat()}")
-    print(f"  SHA-256:     {fingerprint(cert)}")
+    _print_cert(cert, serial=True)
     print(
         f"Carry {args.out} to the server: estkit ca import --data-dir D "
         f"--cert {args.name}={args.out.name}"
@@ -363,11 +328,8 @@ def cmd_root_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(shown, indent=2))
         return 0
-    out = shown["root"]
-    print(f"root CA {root.cert_path} ({out['key']})")
-    print(f"  subject:     {out['subject']}")
-    print(f"  not after:   {out['not_after']}")
-    print(f"  SHA-256:     {out['fingerprint_sha256']}")
+    print(f"root CA {root.cert_path} ({shown['root']['key']})")
+    _print_cert(cert)
     print(
         f"  last CRL:    number {state.crl_number}" if state.crl_number else "  last CRL:    none"
     )
@@ -416,7 +378,7 @@ def register(sub: Any) -> None:
     token.add_argument("--pkcs11-module", type=Path, metavar="LIB")
     token.add_argument("--token-label", metavar="LABEL")
     token.add_argument("--pin-file", type=Path, metavar="FILE", help="0600 or 0400")
-    token.add_argument("--pin-env", type=_pin_env, metavar="VAR")
+    token.add_argument("--pin-env", type=pin_env, metavar="VAR")
     token.add_argument("--key-label", type=_key_label, metavar="LABEL", help="default root")
     token.add_argument(
         "--use-existing-key",

@@ -33,6 +33,7 @@ from estkit.cli.errors import (
     SERVER_EXTRA,
     CliError,
 )
+from estkit.cli.pkcs11_options import labels_in_use, pin_env, pkcs11_chosen
 from estkit.fileio import PRIVATE, PUBLIC
 
 if TYPE_CHECKING:
@@ -158,12 +159,6 @@ def _ca_error(exc: CaError, *, hint: str = "") -> CliError:
     return CliError(f"{exc.reason}{hint}", exit_code=EXIT_TEMPFAIL if later else 1)
 
 
-def _pin_env(value: str) -> str:
-    if not _PIN_ENV_NAME.fullmatch(value):
-        raise argparse.ArgumentTypeError(f"an environment variable's name, got {value!r}")
-    return value
-
-
 def _key_label_prefix(value: str) -> str:
     if not _KEY_LABEL_PREFIX.fullmatch(value):
         raise argparse.ArgumentTypeError(f"1-32 letters, digits, '.', '-' or '_', got {value!r}")
@@ -254,26 +249,17 @@ def cmd_server_init(args: argparse.Namespace) -> int:
         print(f"config: created {config_path}")
     config = _load(args)
     offline = config.cas["root"].offline
+    # An offline root's issuing CAs get requests for it to sign, not certificates.
+    make_pki = prepare_offline_pki if offline else functools.partial(create_pki, now=_now())
     try:
-        if offline:
-            report = prepare_offline_pki(
-                cas=_key_stores(config),
-                tls_cert=config.tls_cert,
-                tls_key=config.tls_key,
-                hostnames=args.hostname,
-                key_type=args.key_type,
-                organization=args.organization,
-            )
-        else:
-            report = create_pki(
-                cas=_key_stores(config),
-                tls_cert=config.tls_cert,
-                tls_key=config.tls_key,
-                hostnames=args.hostname,
-                key_type=args.key_type,
-                organization=args.organization,
-                now=_now(),
-            )
+        report = make_pki(
+            cas=_key_stores(config),
+            tls_cert=config.tls_cert,
+            tls_key=config.tls_key,
+            hostnames=args.hostname,
+            key_type=args.key_type,
+            organization=args.organization,
+        )
     except ValueError as exc:  # a CA key or PIN that the config names but cannot be used
         raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
     for line in report:
@@ -410,7 +396,6 @@ exit status: 0 done; 1 the token already holds keys under those labels; 2 an
 """
 
 _KEY_LABEL_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,32}")
-_PIN_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,29 +416,12 @@ class _TokenOptions:
 def _token_options(args: argparse.Namespace) -> _TokenOptions | None:
     """The token options of ``server init``, or None for file keys; an option missing or
     out of place is one line (exit 2)."""
-    given = [
-        flag
-        for flag, value in (
-            ("--pkcs11-module", args.pkcs11_module),
-            ("--token-label", args.token_label),
-            ("--pin-file", args.pin_file),
-            ("--pin-env", args.pin_env),
-            ("--key-label-prefix", args.key_label_prefix),
-            ("--use-existing-keys", args.use_existing_keys or None),
-        )
-        if value is not None
-    ]
-    if args.signer != "pkcs11":
-        if given:
-            raise CliError(f"{given[0]}: only with --signer pkcs11", exit_code=EXIT_USAGE)
+    use_existing = args.use_existing_keys or None
+    if not pkcs11_chosen(
+        args,
+        own=(("--key-label-prefix", args.key_label_prefix), ("--use-existing-keys", use_existing)),
+    ):
         return None
-    missing = [flag for flag in ("--pkcs11-module", "--token-label") if flag not in given]
-    if args.pin_file is None and args.pin_env is None:
-        missing.append("--pin-file or --pin-env")
-    if missing:
-        raise CliError(f"--signer pkcs11 needs {' and '.join(missing)}", exit_code=EXIT_USAGE)
-    if args.pin_file is not None and args.pin_env is not None:
-        raise CliError("--pin-file or --pin-env, not both", exit_code=EXIT_USAGE)
     return _TokenOptions(
         module=args.pkcs11_module.absolute(),
         token_label=args.token_label,
@@ -509,31 +477,10 @@ def _check_token(token: _TokenOptions, *, use_existing: bool, offline_root: bool
     """Before anything is written or made: the PIN can be read, the module loads, the token
     is there and takes the PIN (else exit 78), and no key in it has one of the labels the
     CA keys would get, unless ``use_existing`` (else exit 1)."""
-    from estkit.ca.signers import read_pin
     from estkit.server.config import CA_NAMES
 
-    try:
-        from estkit.ca import hsm
-    except ImportError:
-        raise CliError(
-            "--signer pkcs11 needs python-pkcs11: pip install 'estkit[hsm]'",
-            exit_code=EXIT_NEEDS_SERVER,
-        ) from None
-    ref = _token_ref(token, "root")
-    try:
-        pin = read_pin(ref, os.environ)
-    except ValueError as exc:  # named by the option, not by the config field it becomes
-        message = str(exc).replace(f"{ref.field}.pin_file", "--pin-file")
-        raise CliError(
-            message.replace(f"{ref.field}.pin_env", "--pin-env"), exit_code=EXIT_CONFIG
-        ) from None
     labels = [token.key_label(ca) for ca in CA_NAMES if not (offline_root and ca == "root")]
-    try:
-        taken = hsm.token_labels_in_use(
-            module=token.module, token_label=token.token_label, pin=pin, labels=labels
-        )
-    except ValueError as exc:
-        raise CliError(str(exc), exit_code=EXIT_CONFIG) from None
+    taken = labels_in_use(_token_ref(token, "root"), labels)
     if taken and not use_existing:
         raise CliError(
             f"token {token.token_label!r} already holds keys labelled {', '.join(taken)}, "
@@ -1716,7 +1663,7 @@ def register(sub: Any) -> None:
     )
     hsm.add_argument(
         "--pin-env",
-        type=_pin_env,
+        type=pin_env,
         metavar="VAR",
         help="or: the environment variable holding the PIN (here and when the server runs)",
     )

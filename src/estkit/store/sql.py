@@ -28,7 +28,14 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from estkit.store import schema
 from estkit.store.audit_chain import GENESIS, entry_hash
-from estkit.store.errors import Conflict, NotApproved, NotFound, SchemaError, SecretUsed
+from estkit.store.errors import (
+    Conflict,
+    NotApproved,
+    NotFound,
+    SchemaError,
+    SecretUsed,
+    Unavailable,
+)
 from estkit.store.models import (
     ApiToken,
     AuditEvent,
@@ -118,6 +125,23 @@ IDLE_PING_AFTER = 2.0
 # hours: not one that a NAT or firewall forgot while it sat idle, nor one to a server
 # that a failover moved behind the same name.
 RECYCLE_AFTER = 1800
+# A request waits at most this long for a pooled connection (all of them busy: a slow
+# or partitioned database); then it is answered 503 + Retry-After, not held or failed
+# with a 500.
+POOL_TIMEOUT = 10.0
+
+
+class _BoundedPool(sa.pool.QueuePool):
+    """A QueuePool whose "every connection busy" is ``Unavailable`` (503), like any
+    other state of the database a request cannot wait out."""
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        try:
+            return super()._do_get()
+        except sa.exc.TimeoutError as exc:
+            raise Unavailable("every database connection of this process is busy") from exc
+
+
 _IDLE_SINCE = "estkit_idle_since"
 
 
@@ -130,6 +154,12 @@ def _postgresql_engine(url: str, *, idle_ping_after: float) -> Engine:
         "keepalives_idle": 60,
         "keepalives_interval": 10,
         "keepalives_count": 3,
+        # A database that cannot be reached is a 503 within seconds, not a request
+        # hanging through TCP's SYN retries (2 min) or, mid-statement, its
+        # retransmissions (15 min): libpq gives up connecting after 10 s, and on an
+        # established connection once sent data stays unacknowledged for 30 s.
+        "connect_timeout": 10,
+        "tcp_user_timeout": 30_000,
     }
     # Those the URL sets win.
     connect_args = {k: v for k, v in connect_args.items() if k not in sa.make_url(url).query}
@@ -148,8 +178,10 @@ def _postgresql_engine(url: str, *, idle_ping_after: float) -> Engine:
     engine = sa.create_engine(
         url,
         future=True,
+        poolclass=_BoundedPool,
         pool_size=5,
         max_overflow=10,
+        pool_timeout=POOL_TIMEOUT,
         pool_recycle=RECYCLE_AFTER,
         connect_args=connect_args,
     )
@@ -835,10 +867,17 @@ class SqlStore:
         return Page(items, str(items[-1].id) if len(rows) > limit else None)
 
     def verify_audit_chain(self) -> tuple[int, int | None, str]:
-        """Recompute the chain: (entries checked, first broken id or None, why)."""
+        """Recompute the chain: (entries checked, first broken id or None, why).
+
+        The head and the entries are read in one snapshot: an entry another process or
+        node commits meanwhile is simply not seen, never mistaken for a cut."""
         a = schema.audit_events.c
         prev, expected_id, checked = GENESIS, 1, 0
         with self._engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN")  # pysqlite opens no transaction for reads
+            else:
+                conn.execution_options(isolation_level="REPEATABLE READ")
             head = conn.execute(sa.select(schema.audit_head)).one()
             for row in conn.execute(sa.select(schema.audit_events).order_by(a.id)):
                 if row.id != expected_id:

@@ -75,7 +75,12 @@ def _is_psycopg_operational(exc: BaseException) -> bool:
 def _stale_prepared_statement(exc: BaseException) -> bool:
     """PostgreSQL refusing a statement psycopg prepared before a schema change altered
     what it returns (a migration run while this node serves)."""
-    return getattr(exc, "sqlstate", None) == "0A000" and "cached plan must not change" in str(exc)
+    if getattr(exc, "sqlstate", None) != "0A000":  # feature_not_supported
+        return False
+    # Told apart by where PostgreSQL raised it (its plan cache), not by its message,
+    # which lc_messages may translate; the message is the fallback of an old server.
+    source = getattr(getattr(exc, "diag", None), "source_file", None) or ""
+    return source.endswith("plancache.c") or "cached plan must not change" in str(exc)
 
 
 def translate_unavailable(context: Any) -> None:
