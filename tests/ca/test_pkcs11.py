@@ -25,14 +25,15 @@ from typing import Any, TypeVar
 import pkcs11
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from caenv import BOOTSTRAP, NOW, OPERATIONAL, Cas, label, make_csr
+from estkit.ca import hsm
 from estkit.ca.authority import Authority, IssuingCa
 from estkit.ca.errors import SIGNER_RETRY_AFTER, Code, Refusal, SignerUnavailable
-from estkit.ca.hsm import TokenKeySpec, TokenPrivateKey, generate_token_key
+from estkit.ca.hsm import TokenKeySpec, TokenPrivateKey, existing_token_key, generate_token_key
 from estkit.ca.signers import TokenKeyRef, load_cas
 from estkit.pki.certs import certs_to_pem
 from estkit.pki.crl import build_crl
@@ -322,6 +323,84 @@ def test_a_token_that_goes_away_refuses_with_unavailable_and_recovers_when_back(
     assert any("signs again" in line for line in lines), lines
 
 
+class CountingLogins:
+    """A loaded PKCS#11 library that counts logins (``Token.open`` with a user PIN):
+    SoftHSM2 never locks a PIN, so the attempts a real HSM would count are counted here."""
+
+    def __init__(self, lib: Any) -> None:
+        self.lib = lib
+        self.logins = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.lib, name)
+
+    def get_token(self, **kwargs: Any) -> Any:
+        return _CountedToken(self.lib.get_token(**kwargs), self)
+
+
+class _CountedToken:
+    def __init__(self, token: Any, counter: CountingLogins) -> None:
+        self.token = token
+        self.counter = counter
+
+    def open(self, **kwargs: Any) -> Any:
+        if kwargs.get("user_pin") is not None:
+            self.counter.logins += 1
+        return self.token.open(**kwargs)
+
+
+def test_a_pin_the_token_refused_is_never_offered_again_until_restart(
+    softhsm: SoftHsm, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, devices = token_hierarchy(softhsm, "ec-p256")
+    leaf(devices)
+    module = hsm._Module.of(softhsm.module)
+    counting = CountingLogins(module._library())
+    monkeypatch.setattr(module, "_lib", counting)
+    monkeypatch.setattr(hsm, "REOPEN_INTERVAL", 0.0)  # every signature may reopen
+    caplog.set_level(logging.WARNING, logger="estkit.ca")
+    # Another program changes the PIN; this process is still logged in with the old one.
+    new_pin = "0042-new"
+    pkcs11_tool(softhsm, "--login", "--pin", softhsm.pin, "--change-pin", "--new-pin", new_pin)
+    leaf(devices)
+
+    away = softhsm.remove()
+    unavailable(lambda: leaf(devices))  # the session is lost
+    softhsm.put_back(away)
+    deadline = time.monotonic() + 5  # the first reopen may wait out an earlier one
+    while counting.logins == 0 and time.monotonic() < deadline:
+        unavailable(lambda: leaf(devices))
+        time.sleep(0.05)
+    assert counting.logins == 1  # the reopen tried the old PIN
+    refusals = [unavailable(lambda: leaf(devices)) for _ in range(5)]
+
+    assert counting.logins == 1  # and never again
+    assert all(isinstance(r, SignerUnavailable) and "refused the PIN" in r.cause for r in refusals)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "restarted with the right PIN" in errors[0], errors
+    assert softhsm.pin not in errors[0] and new_pin not in errors[0]
+    # The token is not locked: the new PIN still logs in.
+    pkcs11_tool(softhsm, "--login", "--pin", new_pin, "--list-objects")
+
+
+def test_two_spellings_of_one_module_share_its_library_and_sessions(
+    softhsm: SoftHsm, tmp_path: Path
+) -> None:
+    key = generate_token_key("devices", token_spec(softhsm, "devices"), "ec-p256")
+    link = tmp_path / "p11.so"
+    link.symlink_to(softhsm.module)
+    dotted = softhsm.module.parent / "." / softhsm.module.name
+    modules = {id(hsm._Module.of(path)) for path in (softhsm.module, link, dotted)}
+    assert len(modules) == 1
+    via_link = hsm.open_token_key(
+        "devices", replace(token_spec(softhsm, "devices"), module=link), key.public_key()
+    )
+    probe = b"signed through the symlink"
+    via_link.public_key().verify(
+        via_link.sign(probe, ec.ECDSA(hashes.SHA256())), probe, ec.ECDSA(hashes.SHA256())
+    )
+
+
 def test_an_authority_with_a_token_ca_issues_and_answers_unavailable_while_it_is_away(
     softhsm: SoftHsm,
     cas: Cas,
@@ -477,6 +556,21 @@ def test_a_token_setting_that_is_wrong_fails_at_start_with_one_line(
         load_cas({"devices": spec}, environ={PIN_ENV: pin or softhsm.pin})
     assert "\n" not in str(caught.value)
     assert softhsm.pin not in str(caught.value)
+
+
+def test_an_existing_key_that_can_leave_the_token_is_refused(softhsm: SoftHsm) -> None:
+    pkcs11_tool(
+        softhsm, "--login", "--pin", softhsm.pin, "--keypairgen", "--key-type", "EC:prime256v1",
+        "--label", "devices", "--id", "c0ffee", "--extractable",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="CKA_EXTRACTABLE True") as caught:
+        existing_token_key("devices", token_spec(softhsm, "devices"))
+    assert "\n" not in str(caught.value) and "can be exported" in str(caught.value)
+    pkcs11_tool(
+        softhsm, "--login", "--pin", softhsm.pin, "--keypairgen", "--key-type", "EC:prime256v1",
+        "--label", "kept", "--id", "c0ffe1",
+    )  # fmt: skip
+    assert existing_token_key("kept", token_spec(softhsm, "kept")) is not None
 
 
 def test_a_key_that_is_not_the_certificates_is_refused_at_start(

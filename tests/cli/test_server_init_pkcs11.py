@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -405,3 +406,39 @@ def test_a_joining_node_copies_the_pin_file_not_the_module(
         assert token.pin_file.read_text() == softhsm.pin_file.read_text()
     assert private_key_files(target) == ["tls/server.key"]
     load_cas(config.cas, environ={})
+
+
+def test_server_run_without_python_pkcs11_says_so_in_one_line(
+    softhsm: SoftHsm, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    init(data_dir, *token_args(softhsm))
+    # As on an install without estkit[hsm]: importing pkcs11 fails.
+    blocked = (
+        "import sys; sys.modules['pkcs11'] = None; "
+        "from estkit.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", blocked, "server", "run", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 78, proc.stderr
+    line = one_line(proc)
+    assert "signer 'pkcs11' needs python-pkcs11 (pip install 'estkit[hsm]')" in line
+
+
+def test_init_refuses_an_existing_key_that_can_leave_the_token(
+    softhsm: SoftHsm, tmp_path: Path
+) -> None:
+    pkcs11_tool(
+        softhsm, "--login", "--pin", softhsm.pin, "--keypairgen", "--key-type", "EC:prime256v1",
+        "--label", "root", "--id", "c0ffee", "--extractable",
+    )  # fmt: skip
+    data_dir = tmp_path / "data"
+    proc = init(data_dir, *token_args(softhsm), "--use-existing-keys", check=False)
+    assert proc.returncode == 78, proc.stderr
+    assert "the private key can be exported" in one_line(proc)
+    assert sorted(private_keys(softhsm)) == ["root"]  # nothing made beside it

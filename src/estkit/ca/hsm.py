@@ -21,6 +21,11 @@ most once per ``REOPEN_INTERVAL``, re-initialises the library (``C_Finalize`` +
 ``C_Initialize``: tokens are found again, as most libraries scan slots only there), logs
 in and finds the key; until that works every signature is refused the same way.
 
+A refused PIN (``CKR_PIN_INCORRECT``, ``CKR_PIN_LOCKED``, ``CKR_PIN_EXPIRED``, ...) is not
+a loss: the token counts failed logins and locks the user PIN after a few, so a PIN it
+refused once is never offered to it again by this process. Signing with it answers 503
+until the server is restarted with the right PIN (one ERROR line says so).
+
 Errors at start (``open_token_key``, ``generate_token_key``, and for ``server init``
 ``token_labels_in_use``, ``existing_token_key``): ``ValueError`` naming the CA and what is
 wrong (no such module or token, PIN refused, no such key, key of another certificate).
@@ -38,7 +43,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Final, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Final, Generic, Self, TypeVar
 
 import pkcs11
 from cryptography import x509
@@ -64,10 +69,14 @@ from pkcs11.exceptions import (
     MultipleTokensReturned,
     NoSuchKey,
     NoSuchToken,
+    PinExpired,
     PinIncorrect,
+    PinInvalid,
+    PinLenRange,
     PinLocked,
     PKCS11Error,
     TokenWriteProtected,
+    UserPinNotInitialized,
 )
 from pkcs11.types import SignMixin
 from pkcs11.util.ec import encode_ec_public_key, encode_named_curve_parameters
@@ -105,6 +114,16 @@ _DIGEST_INFO: Final = {
     "sha384": bytes.fromhex("3041300d060960864801650304020205000430"),
     "sha512": bytes.fromhex("3051300d060960864801650304020305000440"),
 }
+
+# What C_Login answers when it refuses the PIN itself, rather than the token being gone.
+_LOGIN_REFUSALS: Final = (
+    PinIncorrect,
+    PinLocked,
+    PinExpired,
+    PinInvalid,
+    PinLenRange,
+    UserPinNotInitialized,
+)
 
 T = TypeVar("T")
 
@@ -147,6 +166,8 @@ class _Module:
         self._pid = os.getpid()
         # token label -> this process's session on it, and the PIN it logged in with
         self._sessions: dict[str, tuple[pkcs11.Session, str]] = {}
+        # (token label, PIN) -> why the token refused that PIN: never offered to it again.
+        self._refused: dict[tuple[str, str], str] = {}
         self._lost = False
         self._next_reopen = 0.0
         # Bumped whenever sessions are dropped: key handles from an older generation are dead.
@@ -154,10 +175,13 @@ class _Module:
 
     @classmethod
     def of(cls, path: Path) -> _Module:
+        # By the file, not its spelling: a library is loaded and initialised once per
+        # process, whatever path (symlink, ``./``) each CA names it by.
+        real = os.path.realpath(path)
         with cls._all_lock:
-            module = cls._all.get(str(path))
+            module = cls._all.get(real)
             if module is None:
-                module = cls._all[str(path)] = cls(str(path))
+                module = cls._all[real] = cls(str(path))
             return module
 
     def _library(self) -> Library:
@@ -186,7 +210,10 @@ class _Module:
         """This process's logged-in session on ``token_label``; the caller holds ``lock``.
 
         After a fork, or when sessions were lost, the library is re-initialised first (a lost
-        one at most once per ``REOPEN_INTERVAL``: ``_Throttled`` in between)."""
+        one at most once per ``REOPEN_INTERVAL``: ``_Throttled`` in between). A PIN the
+        token refused is ``_PinRefused``, then and ever after, without asking it again."""
+        if (refused := self._refused.get((token_label, pin))) is not None:
+            raise _PinRefused(refused, first=False)
         fresh = False
         if self._pid != os.getpid():
             self._pid = os.getpid()
@@ -204,7 +231,7 @@ class _Module:
             # One login per token and process: a second PIN for it is checked here, as the
             # token would have checked it.
             if not hmac.compare_digest(open_[1].encode(), pin.encode()):
-                raise PinIncorrect()
+                raise _PinRefused("another PIN than its session's", first=False)
             return open_[0]
         try:
             token = self._library().get_token(token_label=token_label)
@@ -216,9 +243,13 @@ class _Module:
             self._reinitialize()
             token = self._library().get_token(token_label=token_label)
         try:
-            session = token.open(rw=True, user_pin=pin)  # rw: key generation
-        except TokenWriteProtected:
-            session = token.open(user_pin=pin)
+            try:
+                session = token.open(rw=True, user_pin=pin)  # rw: key generation
+            except TokenWriteProtected:
+                session = token.open(user_pin=pin)
+        except _LOGIN_REFUSALS as exc:
+            self._refused[(token_label, pin)] = _name(exc)
+            raise _PinRefused(_name(exc), first=True) from None
         self._sessions[token_label] = (session, pin)
         return session
 
@@ -241,6 +272,15 @@ os.register_at_fork(after_in_child=_Module._after_fork_in_child)
 
 class _Throttled(Exception):
     """A reopen was tried less than ``REOPEN_INTERVAL`` ago."""
+
+
+class _PinRefused(Exception):
+    """The token refused the PIN (``cause``: its error's name), now (``first``) or before."""
+
+    def __init__(self, cause: str, *, first: bool) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.first = first
 
 
 def _name(exc: BaseException) -> str:
@@ -288,10 +328,9 @@ class _TokenKey:
                 raise ValueError(
                     f"CA {self.ca!r}: several tokens labelled {self.spec.token_label!r}"
                 ) from None
-            except (PinIncorrect, PinLocked) as exc:
+            except _PinRefused as exc:
                 raise ValueError(
-                    f"CA {self.ca!r}: token {self.spec.token_label!r} refused the PIN "
-                    f"({_name(exc)})"
+                    f"CA {self.ca!r}: token {self.spec.token_label!r} refused the PIN ({exc.cause})"
                 ) from None
             except NoSuchKey:
                 raise ValueError(f"{where}: no private key that may sign") from None
@@ -311,6 +350,19 @@ class _TokenKey:
                 result = operation(self._locked_key())
             except _Throttled:
                 raise SignerUnavailable(self.ca, "token lost; reopening shortly") from None
+            except _PinRefused as exc:
+                # Not a loss: logging in again with this PIN would only bring the token
+                # nearer to locking it (CKR_PIN_LOCKED), for every node that shares it.
+                cause = f"token {self.spec.token_label!r} refused the PIN ({exc.cause})"
+                if exc.first:
+                    self._down = True
+                    log.error(
+                        "CA %s cannot sign: %s; it is not tried again: answering 503 until "
+                        "the server is restarted with the right PIN",
+                        self.ca,
+                        cause,
+                    )
+                raise SignerUnavailable(self.ca, cause) from None
             except PKCS11Error as exc:
                 self._module.lose()
                 cause = f"{_name(exc)} from {self.spec.describe()}"
@@ -348,12 +400,42 @@ def _not_extractable(ca: str) -> TypeError:
     return TypeError(f"the key of CA {ca} is in a PKCS#11 token and cannot be exported")
 
 
-class TokenEcKey(ec.EllipticCurvePrivateKey):
-    """An EC key in a token (P-256, P-384)."""
+_Public = TypeVar("_Public", ec.EllipticCurvePublicKey, rsa.RSAPublicKey)
 
-    def __init__(self, token: _TokenKey, public: ec.EllipticCurvePublicKey) -> None:
+
+class _TokenHandle(Generic[_Public]):
+    """What a key in a token is, whatever its type: a handle that signs through the token
+    and knows its public key; nothing private can be exported, and copies would share the
+    token anyway."""
+
+    def __init__(self, token: _TokenKey, public: _Public) -> None:
         self._token = token
-        self._public = public
+        self._public: _Public = public
+
+    @property
+    def key_size(self) -> int:
+        return self._public.key_size
+
+    def public_key(self) -> _Public:
+        return self._public
+
+    def private_bytes(
+        self,
+        encoding: Encoding,
+        format: PrivateFormat,
+        encryption_algorithm: KeySerializationEncryption,
+    ) -> bytes:
+        raise _not_extractable(self._token.ca)
+
+    def __copy__(self) -> Self:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Self:
+        return self
+
+
+class TokenEcKey(_TokenHandle[ec.EllipticCurvePublicKey], ec.EllipticCurvePrivateKey):
+    """An EC key in a token (P-256, P-384)."""
 
     def __repr__(self) -> str:
         return f"<TokenEcKey {self._public.curve.name} CA {self._token.ca}>"
@@ -361,13 +443,6 @@ class TokenEcKey(ec.EllipticCurvePrivateKey):
     @property
     def curve(self) -> ec.EllipticCurve:
         return self._public.curve
-
-    @property
-    def key_size(self) -> int:
-        return self._public.key_size
-
-    def public_key(self) -> ec.EllipticCurvePublicKey:
-        return self._public
 
     def sign(self, data: Buffer, signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
         if not isinstance(signature_algorithm, ec.ECDSA):
@@ -386,37 +461,12 @@ class TokenEcKey(ec.EllipticCurvePrivateKey):
     def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
         raise _not_extractable(self._token.ca)
 
-    def private_bytes(
-        self,
-        encoding: Encoding,
-        format: PrivateFormat,
-        encryption_algorithm: KeySerializationEncryption,
-    ) -> bytes:
-        raise _not_extractable(self._token.ca)
 
-    def __copy__(self) -> TokenEcKey:
-        return self  # a handle: copies would share the token anyway
-
-    def __deepcopy__(self, memo: dict[int, object]) -> TokenEcKey:
-        return self
-
-
-class TokenRsaKey(rsa.RSAPrivateKey):
+class TokenRsaKey(_TokenHandle[rsa.RSAPublicKey], rsa.RSAPrivateKey):
     """An RSA key in a token (PKCS #1 v1.5 signatures, as estkit issues)."""
-
-    def __init__(self, token: _TokenKey, public: rsa.RSAPublicKey) -> None:
-        self._token = token
-        self._public = public
 
     def __repr__(self) -> str:
         return f"<TokenRsaKey {self._public.key_size} CA {self._token.ca}>"
-
-    @property
-    def key_size(self) -> int:
-        return self._public.key_size
-
-    def public_key(self) -> rsa.RSAPublicKey:
-        return self._public
 
     def sign(
         self,
@@ -436,20 +486,6 @@ class TokenRsaKey(rsa.RSAPrivateKey):
 
     def private_numbers(self) -> rsa.RSAPrivateNumbers:
         raise _not_extractable(self._token.ca)
-
-    def private_bytes(
-        self,
-        encoding: Encoding,
-        format: PrivateFormat,
-        encryption_algorithm: KeySerializationEncryption,
-    ) -> bytes:
-        raise _not_extractable(self._token.ca)
-
-    def __copy__(self) -> TokenRsaKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> TokenRsaKey:
-        return self
 
 
 _PKCS1v15 = padding.PKCS1v15
@@ -594,8 +630,8 @@ def generate_token_key(ca: str, spec: TokenKeySpec, key_type: str) -> TokenPriva
                 priv[Attribute.ID] = key_id
         except NoSuchToken:
             raise ValueError(f"no token labelled {spec.token_label!r} in {spec.module}") from None
-        except (PinIncorrect, PinLocked) as exc:
-            raise ValueError(f"token {spec.token_label!r} refused the PIN ({_name(exc)})") from None
+        except _PinRefused as exc:
+            raise ValueError(f"token {spec.token_label!r} refused the PIN ({exc.cause})") from None
         except PKCS11Error as exc:
             module.lose()
             raise ValueError(f"{where}: cannot generate a {key_type} key ({_name(exc)})") from None
@@ -615,8 +651,8 @@ def _setting_up(module: _Module, token_label: str, pin: str) -> Iterator[pkcs11.
             raise ValueError(f"no token labelled {token_label!r} in {module.path}") from None
         except MultipleTokensReturned:
             raise ValueError(f"several tokens labelled {token_label!r} in {module.path}") from None
-        except (PinIncorrect, PinLocked) as exc:
-            raise ValueError(f"token {token_label!r} refused the PIN ({_name(exc)})") from None
+        except _PinRefused as exc:
+            raise ValueError(f"token {token_label!r} refused the PIN ({exc.cause})") from None
         except PKCS11Error as exc:
             module.lose()
             raise ValueError(f"token {token_label!r}: {_name(exc)}") from None
@@ -645,13 +681,33 @@ def token_labels_in_use(
         ]
 
 
+def _check_kept_in(where: str, private: pkcs11.Object) -> None:
+    """``ValueError`` unless the token says the private key can never leave it in clear
+    (CKA_SENSITIVE true, CKA_EXTRACTABLE false), as a key estkit makes."""
+    try:
+        sensitive, extractable = private[Attribute.SENSITIVE], private[Attribute.EXTRACTABLE]
+    except PKCS11Error as exc:
+        raise ValueError(
+            f"{where}: the token does not say whether the private key can be exported "
+            f"({_name(exc)}); estkit uses only sensitive, non-extractable CA keys"
+        ) from None
+    if sensitive is not True or extractable is not False:
+        raise ValueError(
+            f"{where}: the private key can be exported (CKA_SENSITIVE {sensitive}, "
+            f"CKA_EXTRACTABLE {extractable}); estkit uses only sensitive, non-extractable "
+            "CA keys: make it so in the token, or use another key"
+        )
+
+
 def existing_token_key(ca: str, spec: TokenKeySpec) -> TokenPrivateKey | None:
     """The key pair of CA ``ca`` already in the token under ``spec``'s label and/or id,
     ready to sign; None when the token holds no private key so named.
 
-    Its public key is read from the token's public key object of the same label and id
-    (without one estkit cannot know what to certify: ``ValueError``), and a probe
-    signature checks that the private key is its other half.
+    The private key must be sensitive and not extractable (``ValueError`` if the token
+    lets it out: estkit's CA keys never leave their token). Its public key is read from
+    the token's public key object of the same label and id (without one estkit cannot
+    know what to certify: ``ValueError``), and a probe signature checks that the private
+    key is its other half.
     """
     module = _Module.of(spec.module)
     where = f"CA {ca!r}: {spec.describe()}"
@@ -664,6 +720,7 @@ def existing_token_key(ca: str, spec: TokenKeySpec) -> TokenPrivateKey | None:
             return None
         except MultipleObjectsReturned:
             raise ValueError(f"{where}: several private keys match") from None
+        _check_kept_in(where, private)
         # Keys are paired by CKA_ID (PKCS#11 convention); the label is the fallback.
         key_id = spec.key_id if spec.key_id is not None else private[Attribute.ID] or None
         try:

@@ -81,9 +81,11 @@ def _load_pkcs11(
     ref = spec.token
     if ref is None:
         raise ValueError(f"CA {name!r}: signer 'pkcs11' needs the token's settings")
+    # token_key_spec first: it says in one line that python-pkcs11 is missing.
+    key_spec = token_key_spec(name, ref, environ)
     from estkit.ca import hsm
 
-    return hsm.open_token_key(name, token_key_spec(name, ref, environ), cert.public_key())
+    return hsm.open_token_key(name, key_spec, cert.public_key())
 
 
 SIGNERS: Mapping[str, Callable[[str, CaSpec, x509.Certificate, Mapping[str, str]], PrivateKey]] = {
