@@ -347,3 +347,35 @@ def test_a_node_takes_its_name_over_from_a_stale_registration(
         store.close()
     assert (registered.name, registered.public_url) == ("eu-1", node.origin)
     assert registered.last_seen > now
+
+
+@postgresql_only
+@pytest.mark.parametrize(
+    "crl_url",
+    [None, "http://crl.est.example/crl"],
+    ids=["ok/the-nodes-own-listener", "ok/a-shared-url"],
+)
+def test_join_writes_the_crl_url_the_node_issues_with(
+    database_url: str, tmp_path: Path, crl_url: str | None
+) -> None:
+    source = _first_node(tmp_path, database_url)
+    target = tmp_path / "us-1"
+    port, crl_port = free_ports(2)
+    run_estkit(
+        "server", "init", "--data-dir", target, "--join", source, "--region", "us",
+        "--port", str(port), "--crl-port", str(crl_port), "--node-name", "us-1",
+        "--hostname", "us.est.example", *(["--crl-url", crl_url] if crl_url else []),
+    )  # fmt: skip
+    config = tomllib.loads((target / "estkit.toml").read_text())
+    expected = crl_url or f"http://us.est.example:{crl_port}/crl"
+    assert config["crl"]["url"] == expected
+
+
+def test_crl_url_without_join_is_refused_in_one_line(tmp_path: Path) -> None:
+    proc = run_estkit(
+        "server", "init", "--data-dir", tmp_path / "d", "--crl-url", "http://crl.example/crl",
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--crl-url: only with --join" in proc.stderr
+    assert not (tmp_path / "d").exists()

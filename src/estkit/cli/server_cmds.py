@@ -197,6 +197,11 @@ def cmd_server_init(args: argparse.Namespace) -> int:
                 exit_code=EXIT_USAGE,
             )
         return _join(args)
+    if args.crl_url is not None:
+        raise CliError(
+            "--crl-url: only with --join (a first node's is crl.url in its config)",
+            exit_code=EXIT_USAGE,
+        )
     _check_not_a_root_dir(data_dir)
     config_path = data_dir / CONFIG_NAME
     if config_path.exists():
@@ -632,7 +637,7 @@ def _join(args: argparse.Namespace) -> int:
     for section, key, value in (
         ("server", "port", str(port)),
         ("crl", "http_port", str(crl_port)),
-        ("crl", "url", json.dumps(f"http://{hostname}:{crl_port}/crl")),
+        ("crl", "url", json.dumps(args.crl_url or f"http://{hostname}:{crl_port}/crl")),
     ):
         if re.search(rf"^\[{section}\][ \t]*(#.*)?$", text, re.M) is None:
             text = f"{text.rstrip()}\n\n[{section}]\n"
@@ -1636,6 +1641,14 @@ def register(sub: Any) -> None:
     p.add_argument("--region", help="this node's region (default: default; --join: DIR's)")
     p.add_argument(
         "--public-url", metavar="URL", help="the URL devices reach this node at (server.public_url)"
+    )
+    p.add_argument(
+        "--crl-url",
+        metavar="URL",
+        help="--join: the CRL URL this node writes into the certificates it issues "
+        "(crl.url; default: its own CRL listener, http://HOSTNAME:CRL_PORT/crl); give a "
+        "URL every node serves, such as a load balancer's, to keep CRLs reachable when "
+        "one node is down",
     )
     p.add_argument(
         "--node-name",
