@@ -21,7 +21,7 @@ MINIMAL = """
 device_id = "sensor-0042"
 state_dir = "state"
 [est]
-url = "https://est.example:8443/.well-known/est"
+url = "https://est.example:7443/.well-known/est"
 trust_anchor = "anchor.pem"
 [bootstrap]
 cert = "/etc/estkit/bootstrap/cert.pem"
@@ -245,7 +245,7 @@ def _config_with_files(tmp_path: Path, extra: str = "") -> AgentConfig:
 device_id = "sensor-0042"
 state_dir = "state"
 [est]
-url = "https://est.example:8443/.well-known/est"
+url = "https://est.example:7443/.well-known/est"
 trust_anchor = "anchor.pem"
 [bootstrap]
 cert = "cert.pem"

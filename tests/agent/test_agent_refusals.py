@@ -82,7 +82,7 @@ def _config(tmp_path: Path, device_ca: DeviceCa) -> AgentConfig:
 device_id = "{DEVICE}"
 state_dir = "state"
 [est]
-url = "https://est.example:8443/.well-known/est"
+url = "https://est.example:7443/.well-known/est"
 trust_anchor = "anchor.pem"
 [bootstrap]
 cert = "cert.pem"

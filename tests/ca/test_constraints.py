@@ -284,7 +284,7 @@ CASES = {
     ),
     # uniformResourceIdentifier: the host of scheme://host[:port][/path].
     "ok/uri-host-below": Case(
-        permitted(URI(".devices.example")), (URI("https://a.devices.example:8443/x"),)
+        permitted(URI(".devices.example")), (URI("https://a.devices.example:7443/x"),)
     ),
     "fail/uri-host-outside": Case(
         permitted(URI(".devices.example")), (URI("https://devices.example/x"),), refused="URI"

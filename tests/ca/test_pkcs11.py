@@ -628,7 +628,7 @@ def test_a_pin_env_that_is_not_set_is_refused(cas: Cas, tmp_path: Path) -> None:
 
 
 def config_with(devices: dict[str, Any]) -> dict[str, Any]:
-    data = tomllib.loads(DEFAULT_CONFIG.format(port=8443, public_host="localhost", crl_port=8444))
+    data = tomllib.loads(DEFAULT_CONFIG.format(port=7443, public_host="localhost", crl_port=7444))
     data = copy.deepcopy(data)
     data["cas"]["devices"] = devices
     return data

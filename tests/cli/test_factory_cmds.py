@@ -30,7 +30,7 @@ from estkit.durations import parse_duration
 from estkit.pki import certs, keys, names, profiles
 from testpki import cn_name, make_ca_pair
 
-API = "https://est.example:8443"
+API = "https://est.example:7443"
 TOKEN = "tok-3f9a1c"
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 
@@ -593,7 +593,7 @@ def test_token_comes_from_option_file_or_environment(
         ((), {}, "no API token"),
         (("--token", "two words"), {}, "--token: the API token must be one word"),
         (("--token-file", "/nonexistent/token"), {}, "cannot read token file"),
-        (("--api", "http://est.example:8443"), None, "--api: expected the server origin"),
+        (("--api", "http://est.example:7443"), None, "--api: expected the server origin"),
         (("--api", f"{API}/api/v1"), None, "--api: expected only the origin"),
         (("--label", "../admin"), None, "--label: not a CA label"),
         (("--trust-anchor", "/nonexistent/root.pem"), None, "cannot read trust anchor"),

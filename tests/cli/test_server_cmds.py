@@ -238,26 +238,26 @@ def _ports(data_dir: Path) -> tuple[int, str, int, str]:
         (
             ("--port", "9443"),
             (9443, "https://localhost:9443", 9444, "http://localhost:9444/crl"),
-            "config: port 18443 -> 9443, CRL port 18444 -> 9444",
+            "config: port 17443 -> 9443, CRL port 17444 -> 9444",
         ),
         (
             ("--crl-port", "9080"),
-            (18443, "https://localhost:18443", 9080, "http://localhost:9080/crl"),
-            "config: CRL port 18444 -> 9080",
+            (17443, "https://localhost:17443", 9080, "http://localhost:9080/crl"),
+            "config: CRL port 17444 -> 9080",
         ),
         (
             ("--port", "9443", "--crl-port", "9080"),
             (9443, "https://localhost:9443", 9080, "http://localhost:9080/crl"),
-            "config: port 18443 -> 9443, CRL port 18444 -> 9080",
+            "config: port 17443 -> 9443, CRL port 17444 -> 9080",
         ),
         (
-            ("--port", "18443"),
-            (18443, "https://localhost:18443", 18444, "http://localhost:18444/crl"),
+            ("--port", "17443"),
+            (17443, "https://localhost:17443", 17444, "http://localhost:17444/crl"),
             "config: exists",
         ),
         (
             (),
-            (18443, "https://localhost:18443", 18444, "http://localhost:18444/crl"),
+            (17443, "https://localhost:17443", 17444, "http://localhost:17444/crl"),
             "config: exists",
         ),
     ],
@@ -268,7 +268,7 @@ def test_init_on_an_existing_config_moves_it_to_the_given_ports(
 ) -> None:
     """`make run` passes PORT on every run: the config, and what `server info` prints, follow."""
     d = tmp_path / "data"
-    run_estkit("server", "init", "--data-dir", d, "--port", "18443")
+    run_estkit("server", "init", "--data-dir", d, "--port", "17443")
     out = run_estkit("server", "init", "--data-dir", d, *args).stdout
     assert out.splitlines()[0].startswith(said)
     assert _ports(d) == expected
@@ -278,11 +278,11 @@ def test_init_on_an_existing_config_moves_it_to_the_given_ports(
 
 def test_init_keeps_an_operator_chosen_public_url_and_crl_port(tmp_path: Path) -> None:
     d = tmp_path / "data"
-    run_estkit("server", "init", "--data-dir", d, "--port", "18443")
+    run_estkit("server", "init", "--data-dir", d, "--port", "17443")
     set_config(d, "server", "public_url", '"https://est.example.net"')
     set_config(d, "crl", "http_port", "8080")
     run_estkit("server", "init", "--data-dir", d, "--port", "9443")
-    assert _ports(d) == (9443, "https://est.example.net", 8080, "http://localhost:18444/crl")
+    assert _ports(d) == (9443, "https://est.example.net", 8080, "http://localhost:17444/crl")
 
 
 @pytest.mark.parametrize(

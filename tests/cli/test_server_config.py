@@ -22,7 +22,7 @@ DATA_DIR = Path("/srv/estkit")
 
 
 def default_data() -> dict[str, Any]:
-    return tomllib.loads(DEFAULT_CONFIG.format(port=8443, public_host="localhost", crl_port=8444))
+    return tomllib.loads(DEFAULT_CONFIG.format(port=7443, public_host="localhost", crl_port=7444))
 
 
 def parse(changes: dict[tuple[str, ...], Any]) -> ServerConfig:
@@ -40,7 +40,7 @@ def parse(changes: dict[tuple[str, ...], Any]) -> ServerConfig:
 
 
 def test_the_default_config_parses_with_its_commented_settings_too() -> None:
-    text = DEFAULT_CONFIG.format(port=8443, public_host="localhost", crl_port=8444)
+    text = DEFAULT_CONFIG.format(port=7443, public_host="localhost", crl_port=7444)
     uncommented = (
         re.sub(r"^# ((max_sans|dns_wildcards|subject) = .*)$", r"\1", text, flags=re.M)
         .replace("{{", "{")
@@ -245,7 +245,7 @@ def test_validity_uses_the_one_duration_grammar(value: object, expected: dt.time
 
 def test_a_command_refuses_a_config_with_an_unknown_key_in_one_line(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    run_estkit("server", "init", "--data-dir", data_dir, "--port", "18443")
+    run_estkit("server", "init", "--data-dir", data_dir, "--port", "17443")
     set_config(data_dir, "labels.devices", "aproval", "true")
     proc = run_estkit("ca", "list", "--data-dir", data_dir, check=False)
     assert proc.returncode == 78

@@ -14,7 +14,7 @@ from estkit.pki import cms, keys, profiles, wire
 from testpki import cn_name, make_ca_pair
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
-BASE_URL = "https://est.example:8443/.well-known/est/devices"
+BASE_URL = "https://est.example:7443/.well-known/est/devices"
 
 
 @dataclass(frozen=True)

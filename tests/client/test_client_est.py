@@ -641,7 +641,7 @@ def test_health_is_fetched_from_the_server_root(
     server.on("/health/certificate", httpx.Response(200, content=certs.certs_to_pem([device])))
     with client(transport, clock, ca) as est:
         assert est.health() == device
-    assert str(server.requests[0].url) == "https://est.example:8443/health/certificate"
+    assert str(server.requests[0].url) == "https://est.example:7443/health/certificate"
 
 
 # -- authentication --------------------------------------------------------------

@@ -22,7 +22,7 @@ from estkit.client.http import (
     RetryPolicy,
 )
 
-URL = "https://api.example:8443/op"
+URL = "https://api.example:7443/op"
 WALL = dt.datetime(2025, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
 
 Answer = httpx.Response | Callable[[httpx.Request], httpx.Response]

@@ -452,7 +452,7 @@ def _scope(method: str, path: str, headers: list[tuple[bytes, bytes]]) -> dict[s
         "root_path": "",
         "headers": headers,
         "client": ("192.0.2.9", 50000),
-        "server": ("127.0.0.1", 8443),
+        "server": ("127.0.0.1", 7443),
     }
 
 

@@ -17,7 +17,7 @@ DATA_DIR = Path("/srv/estkit")
 
 
 def label(**settings: Any) -> LabelConfig:
-    data = tomllib.loads(DEFAULT_CONFIG.format(port=8443, public_host="localhost", crl_port=8444))
+    data = tomllib.loads(DEFAULT_CONFIG.format(port=7443, public_host="localhost", crl_port=7444))
     data["labels"]["devices"].update(settings)
     return parse_config(data, DATA_DIR).labels["devices"]
 

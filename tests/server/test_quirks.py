@@ -15,9 +15,9 @@ from estkit.server.quirks import (
 )
 
 # Request headers as ASGI has them (lower-case names), in the order each client sends them.
-PKI_GET = [(b"host", b"est.example:8443")]
+PKI_GET = [(b"host", b"est.example:7443")]
 PKI_BASIC_POST = [
-    (b"host", b"est.example:8443"),
+    (b"host", b"est.example:7443"),
     (b"authorization", b"Basic ZGV2OnNlY3JldA=="),
     (b"content-type", b"application/pkcs10"),
     (b"content-length", b"268"),
@@ -26,10 +26,10 @@ PKI_CERT_POST = [PKI_BASIC_POST[0], *PKI_BASIC_POST[2:]]
 LIBEST = [
     (b"user-agent", b"libest client 1.0"),
     (b"connection", b"close"),
-    (b"host", b"est.example:8443"),
+    (b"host", b"est.example:7443"),
     (b"accept", b"*/*"),
 ]
-BOUNCY_CASTLE = [(b"connection", b"close"), (b"host", b"est.example:8443")]
+BOUNCY_CASTLE = [(b"connection", b"close"), (b"host", b"est.example:7443")]
 CURL = [(b"host", b"est.example"), (b"user-agent", b"curl/7.88.1"), (b"accept", b"*/*")]
 GO = [(b"host", b"est.example"), (b"user-agent", b"Go-http-client/1.1")]
 

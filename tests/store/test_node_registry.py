@@ -17,7 +17,7 @@ def _node(name: str, region: str, *, at: dt.datetime = T0, url: str | None = Non
     return Node(
         name=name,
         region=region,
-        public_url=url or f"https://{name}.example:8443",
+        public_url=url or f"https://{name}.example:7443",
         started_at=at,
         last_seen=at,
         version="1.0",
@@ -42,7 +42,7 @@ def test_claimed_nodes_are_listed_by_region_then_name(store: SqlStore) -> None:
 @pytest.mark.parametrize(
     ("url", "after", "taken_over"),
     [
-        ("https://n1.example:8443", dt.timedelta(seconds=1), True),
+        ("https://n1.example:7443", dt.timedelta(seconds=1), True),
         ("https://other.example:9443", dt.timedelta(seconds=31), True),
         ("https://other.example:9443", dt.timedelta(seconds=29), False),
     ],
@@ -61,7 +61,7 @@ def test_a_name_is_claimed_unless_another_running_node_holds_it(
 def test_node_seen_moves_last_seen_only(store: SqlStore) -> None:
     _claim(store, _node("n1", "eu"))
     seen = T0 + dt.timedelta(seconds=10)
-    assert store.node_seen("n1", public_url="https://n1.example:8443", now=seen) is True
+    assert store.node_seen("n1", public_url="https://n1.example:7443", now=seen) is True
     (node,) = store.list_nodes()
     assert (node.started_at, node.last_seen) == (T0, seen)
 
@@ -76,5 +76,5 @@ def test_node_seen_of_a_name_taken_over_by_another_node_says_so(store: SqlStore)
     taker = _node("n1", "eu", at=T0 + dt.timedelta(minutes=5), url="https://other.example")
     _claim(store, taker)
     later = T0 + dt.timedelta(minutes=6)
-    assert store.node_seen("n1", public_url="https://n1.example:8443", now=later) is False
+    assert store.node_seen("n1", public_url="https://n1.example:7443", now=later) is False
     assert store.list_nodes() == [taker]

@@ -581,9 +581,8 @@ def generate_token_key(ca: str, spec: TokenKeySpec, key_type: str) -> TokenPriva
     }
     public_template = {Attribute.TOKEN: True, Attribute.VERIFY: True, Attribute.ENCRYPT: False}
     where = spec.describe()
-    with module.lock:
+    with _setting_up(module, spec.token_label, spec.pin) as session:
         try:
-            session = module.session(spec.token_label, spec.pin)
             names: dict[Attribute, object] = {Attribute.LABEL: spec.key_label}
             if spec.key_id is not None:
                 names[Attribute.ID] = spec.key_id
@@ -628,15 +627,9 @@ def generate_token_key(ca: str, spec: TokenKeySpec, key_type: str) -> TokenPriva
                 key_id = x509.SubjectKeyIdentifier.from_public_key(public).digest
                 pub[Attribute.ID] = key_id
                 priv[Attribute.ID] = key_id
-        except NoSuchToken:
-            raise ValueError(f"no token labelled {spec.token_label!r} in {spec.module}") from None
-        except _PinRefused as exc:
-            raise ValueError(f"token {spec.token_label!r} refused the PIN ({exc.cause})") from None
         except PKCS11Error as exc:
             module.lose()
             raise ValueError(f"{where}: cannot generate a {key_type} key ({_name(exc)})") from None
-        except _Throttled:
-            raise ValueError(f"token {spec.token_label!r} lost; try again") from None
     return open_token_key(ca, replace(spec, key_id=key_id), public)
 
 

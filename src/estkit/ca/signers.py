@@ -11,7 +11,6 @@ root): the CA is only a certificate, the end of its issuing CAs' chains.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
@@ -127,9 +126,10 @@ def load_cas(
     it a CA, allowed to sign certificates (and CRLs), valid, within its path length and
     name constraints (``constraints.check_chain``); ``ValueError`` naming the CA if not.
 
-    ``environ``: where ``pin_env`` PINs are read (default: this process's environment).
+    ``environ``: where ``pin_env`` PINs are read, given by the caller (cli/, server/app:
+    the only parts that read the process environment); none given, none can be read.
     """
-    env = os.environ if environ is None else environ
+    env = {} if environ is None else environ
     certs: dict[str, x509.Certificate] = {}
     keys: dict[str, PrivateKey] = {}
     for name, spec in specs.items():

@@ -27,10 +27,11 @@ def build_authority(
 ) -> Authority[SqlStore]:
     """The authority, with CRLs republished after every revocation it makes.
 
-    ``environ``: where ``pin_env`` token PINs are read (the caller's environment; default
-    this process's). A CA whose key cannot be used (wrong token, key or PIN, a key that
-    is not its certificate's) is a ``ConfigError`` naming the CA; so is an offline root
-    whose certificates are not imported yet (``offline_root_pending``).
+    ``environ``: where ``pin_env`` token PINs are read (the caller's environment; none
+    given, no ``pin_env`` PIN can be read). A CA whose key cannot be used (wrong token,
+    key or PIN, a key that is not its certificate's) is a ``ConfigError`` naming the CA;
+    so is an offline root whose certificates are not imported yet
+    (``offline_root_pending``).
     """
     if (pending := offline_root_pending(config)) is not None:
         raise ConfigError(pending)
