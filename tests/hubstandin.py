@@ -168,15 +168,27 @@ class HubStandIn:
 
 
 def make_hub_standin(
-    directory: Path, *, server_data_dir: Path, port: int | None = None
+    directory: Path,
+    *,
+    server_data_dir: Path,
+    port: int | None = None,
+    verified_cas: tuple[str, ...] = ("devices",),
 ) -> HubStandIn:
-    """Write the broker's certificate, trust anchor, ACLs and config (not started)."""
+    """Write the broker's certificate, trust anchor, ACLs and config (not started).
+    ``verified_cas``: the server's CAs uploaded and verified at the hub (IoT Hub accepts
+    a device whose chain reaches one of them)."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_dir = server_data_dir / "ca"
     cert_path, key_path = issue_broker_certificate(ca_dir, directory)
-    devices_ca = x509.load_pem_x509_certificate((ca_dir / "devices.pem").read_bytes())
     anchor = directory / "devices-ca-trusted.pem"
-    anchor.write_bytes(trusted_for_client_auth(devices_ca))
+    anchor.write_bytes(
+        b"".join(
+            trusted_for_client_auth(
+                x509.load_pem_x509_certificate((ca_dir / f"{name}.pem").read_bytes())
+            )
+            for name in verified_cas
+        )
+    )
     (directory / "devices.acl").write_text(DEVICE_ACL)
     (directory / "observer.acl").write_text(OBSERVER_ACL)
     device_port = port if port is not None else free_port()

@@ -26,6 +26,7 @@ from caenv import BOOTSTRAP, NOW, OPERATIONAL, label, make_csr, refused
 from estkit.ca.authority import Authority, IssuingCa
 from estkit.ca.constraints import chain_name_constraints, check_chain, leaf_violation
 from estkit.ca.errors import Code
+from estkit.ca.generations import FIRST, Generation
 from estkit.ca.signers import TokenKeyRef, load_cas
 from estkit.pki.certs import certs_to_pem
 from estkit.pki.der import tlv
@@ -572,6 +573,7 @@ class FileSpec:
     cert: Path
     key_file: Path | None
     token: TokenKeyRef | None = None
+    generation: Generation = FIRST
 
 
 def load(tmp: Path, *cas: IssuingCa, now: dt.datetime = NOW) -> dict[str, IssuingCa]:

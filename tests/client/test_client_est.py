@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import email.utils
 import random
 import ssl
@@ -13,6 +14,7 @@ import httpx
 import pytest
 from client_fakes import (
     BASE_URL,
+    NOW,
     FakeClock,
     Pki,
     Server,
@@ -39,11 +41,12 @@ from estkit.client import (
     EstHttpError,
     EstNotFoundError,
     EstProtocolError,
+    IssuedCertificateError,
     TrustAnchor,
     TrustAnchorError,
 )
 from estkit.client import est as est_module
-from estkit.pki import certs, cms, csr, csrattrs, keys, wire
+from estkit.pki import certs, cms, csr, csrattrs, keys, profiles, wire
 
 PREFIX = "/.well-known/est/devices"
 
@@ -853,3 +856,48 @@ def test_cacerts_orders_each_certificate_before_its_issuer(
         map(certs.fingerprint, [ca.root, other_ca.root, ca.issuing])
     )
     assert got.index(ca.root) == got.index(ca.issuing) + 1
+
+
+def test_an_old_ca_certificate_issued_just_before_a_rollover_verifies_with_the_known_chain(
+    server: Server, transport: httpx.MockTransport, clock: FakeClock, ca: Pki
+) -> None:
+    # /cacerts switched to the new CA between the enrollment and the request for it: the
+    # certificate is the old CA's, whose certificate the device holds in its chain.
+    new_key = keys.generate_key("ec-p256")
+    new_ca = profiles.issue_ca(
+        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test Root Issuing G2")]),
+        public_key=new_key.public_key(),
+        issuer=ca.root,
+        issuer_key=ca.root_key,
+        validity=dt.timedelta(days=30),
+        now=NOW - dt.timedelta(days=1),
+        path_length=0,
+    )
+    key, _ = new_csr()
+    leaf = ca.issue(key.public_key())
+    server.on(
+        f"{PREFIX}/cacerts",
+        pkcs7_response([new_ca, ca.root], content_type=wire.CACERTS_CONTENT_TYPE),
+    )
+    with client(transport, clock, ca) as est:
+        with pytest.raises(IssuedCertificateError, match="does not chain"):
+            est.verify_issued([leaf], public_key=key.public_key(), now=NOW)
+        issued = est.verify_issued(
+            [leaf], public_key=key.public_key(), now=NOW, known=(ca.issuing,)
+        )
+    assert issued.chain == (ca.issuing,)
+    # The server's answer comes first: a known chain never hides the new CA's.
+    new_leaf = profiles.issue_leaf(
+        profile=profiles.Profile("device", profiles.Kind.OPERATIONAL, dt.timedelta(days=1)),
+        public_key=key.public_key(),
+        subject=leaf.subject,
+        sans=None,
+        issuer=new_ca,
+        issuer_key=new_key,
+        now=NOW,
+    )
+    with client(transport, clock, ca) as est:
+        issued = est.verify_issued(
+            [new_leaf], public_key=key.public_key(), now=NOW, known=(ca.issuing,)
+        )
+    assert issued.chain == (new_ca,)

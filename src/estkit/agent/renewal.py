@@ -311,7 +311,9 @@ class Renewer:
         )
         auth = ClientCertificate(current.fullchain_path, current.key_path)
         with self._pending_kept("simplereenroll", current, key, csr), self._client(auth) as est:
-            issued = self._check(est, est.simplereenroll(csr), key, subject=cert.subject)
+            issued = self._check(
+                est, est.simplereenroll(csr), key, subject=cert.subject, current=current
+            )
         return Renewal(
             version=self._swap(key, issued),
             operation="simplereenroll",
@@ -337,7 +339,7 @@ class Renewer:
         key, csr = self._request("simpleenroll", current, subject=subject, sans=sans)
         auth = self._credentials.bootstrap_auth
         with self._pending_kept("simpleenroll", current, key, csr), self._client(auth) as est:
-            issued = self._check(est, est.simpleenroll(csr), key, subject=None)
+            issued = self._check(est, est.simpleenroll(csr), key, subject=None, current=current)
         return Renewal(
             version=self._swap(key, issued),
             operation="simpleenroll",
@@ -406,6 +408,7 @@ class Renewer:
         key: keys.PrivateKey,
         *,
         subject: x509.Name | None,
+        current: Version | None,
     ) -> IssuedCertificate:
         anchors = est.trust_anchors()
         if self._trust.needs_bootstrap:
@@ -417,6 +420,7 @@ class Renewer:
             now=self._clock(),
             common_name=self._config.device_id,
             subject=subject,
+            known=current.chain if current is not None else (),
         )
 
     def _swap(self, key: keys.PrivateKey, issued: IssuedCertificate) -> Version:

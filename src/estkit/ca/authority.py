@@ -22,8 +22,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from estkit.ca import policy, secrets
-from estkit.ca.constraints import chain_name_constraints
+from estkit.ca.constraints import CaNameConstraints, chain_name_constraints
 from estkit.ca.errors import Code, Refusal
+from estkit.ca.generations import FIRST, Generation, Lineage, lineages
 from estkit.ca.policy import SAN_TYPES, Grant, Label, Principal, check_device_id
 from estkit.ca.ports import AuthorityStore, translated, translated_future
 from estkit.pki.certs import serial_hex
@@ -69,6 +70,8 @@ class IssuingCa:
     cert: x509.Certificate
     key: PrivateKey
     chain: tuple[x509.Certificate, ...]  # this CA's certificate first, the root last
+    # Its place among its CA's generations (``ca/generations.py``): whom it replaces, from when.
+    generation: Generation = FIRST
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +112,20 @@ class Authority(Generic[StoreT]):
         crl_urls: Mapping[str, str] | None = None,
         on_revocation: RevocationListener | None = None,
     ) -> None:
+        # Each CA's family (``ca/generations.py``): labels and refusal checks name the
+        # family, issuance goes to the generation issuing at the time.
+        self._lineages: dict[str, Lineage[IssuingCa]] = lineages(
+            cas, {n: ca.generation for n, ca in cas.items()}
+        )
+        self._family = {n: ln.family for ln in self._lineages.values() for n in ln.names}
+        labels = {
+            name: label
+            if label.ca not in self._family
+            else replace_issued(label, ca=self._family[label.ca])
+            for name, label in labels.items()
+        }
         for label in labels.values():
-            if label.ca not in cas:
+            if label.ca not in self._lineages:
                 raise ValueError(f"label {label.name!r} names unknown CA {label.ca!r}")
             if label.serverkeygen and label.approval:
                 raise ValueError(
@@ -118,7 +133,7 @@ class Authority(Generic[StoreT]):
                     "key until an operator decides"
                 )
         # The root is here only when its key is (an offline root ends the chains).
-        if "bootstrap" not in cas:
+        if "bootstrap" not in self._lineages:
             raise ValueError("the CA 'bootstrap' must be configured")
         self.cas = dict(cas)
         self.labels = dict(labels)
@@ -127,9 +142,13 @@ class Authority(Generic[StoreT]):
         self.secret_validity = secret_validity
         self.crl_urls = dict(crl_urls or {})
         self.on_revocation = on_revocation
-        # CAs whose certificates may authenticate a device: the bootstrap CA and
-        # every CA an EST label issues from.
-        self._client_cas = frozenset({"bootstrap", *(lb.ca for lb in labels.values())})
+        # CAs whose certificates may authenticate a device: every generation of the
+        # bootstrap CA and of every CA an EST label issues from.
+        self._client_cas = frozenset(
+            name
+            for family in {"bootstrap", *(lb.ca for lb in labels.values())}
+            for name in self._lineages[family].names
+        )
         self._bootstrap_label = Label(name="bootstrap", ca="bootstrap", profile=bootstrap_profile)
         # Facts policy checks every grant against: the name constraints of each CA's chain.
         self._name_constraints = {n: chain_name_constraints(ca.chain) for n, ca in cas.items()}
@@ -142,8 +161,17 @@ class Authority(Generic[StoreT]):
         except KeyError:
             raise Refusal(Code.NOT_FOUND, f"unknown EST label {name!r}") from None
 
-    def chain_for(self, label: Label) -> tuple[x509.Certificate, ...]:
-        return self.cas[label.ca].chain
+    def issuing_ca(self, label: Label, *, now: dt.datetime) -> IssuingCa:
+        """The generation of the label's CA that issues at ``now``."""
+        return self._lineages[label.ca].issuing(now)[1]
+
+    def chain_for(self, label: Label, *, now: dt.datetime) -> tuple[x509.Certificate, ...]:
+        """The chain ``cacerts`` answers: that of the generation issuing at ``now``."""
+        return self.issuing_ca(label, now=now).chain
+
+    def family(self, ca: str) -> str:
+        """The family (first generation's name) of CA ``ca``: what labels name."""
+        return self._family.get(ca, ca)
 
     @contextmanager
     def deferred_writes(self) -> Iterator[list[Future[Any]]]:
@@ -180,7 +208,11 @@ class Authority(Generic[StoreT]):
         )
         assert record is not None
         return Principal(
-            device_id=device_id, actor=actor, cert=cert, cert_ca=record.ca, cert_serial=serial
+            device_id=device_id,
+            actor=actor,
+            cert=cert,
+            cert_ca=self.family(record.ca),
+            cert_serial=serial,
         )
 
     def authenticate_secret(self, device_id: str, secret: str, *, now: dt.datetime) -> Principal:
@@ -261,7 +293,7 @@ class Authority(Generic[StoreT]):
             now,
             lambda: policy.check_name_constraints(
                 policy.decide_enroll(label, _bound_request(label, csr_der, channel_binding), who),
-                self._name_constraints[label.ca],
+                self._constraints_of(label, now),
             ),
             device_id=who.device_id,
         )
@@ -283,7 +315,7 @@ class Authority(Generic[StoreT]):
             now,
             lambda: policy.check_name_constraints(
                 policy.decide_reenroll(label, _bound_request(label, csr_der, channel_binding), who),
-                self._name_constraints[label.ca],
+                self._constraints_of(label, now),
             ),
             device_id=who.device_id,
             serial=who.cert_serial,
@@ -319,7 +351,8 @@ class Authority(Generic[StoreT]):
             "serverkeygen",
             now,
             lambda: policy.check_name_constraints(
-                policy.decide_serverkeygen(label, request, who), self._name_constraints[label.ca]
+                policy.decide_serverkeygen(label, request, who),
+                self._constraints_of(label, now),
             ),
             device_id=who.device_id,
         )
@@ -403,7 +436,9 @@ class Authority(Generic[StoreT]):
         existing = tuple(
             r.serial
             for r in self._certificates_of(device_id)
-            if r.ca == "bootstrap" and r.status is CertStatus.VALID and r.not_after > now
+            if self.family(r.ca) == "bootstrap"
+            and r.status is CertStatus.VALID
+            and r.not_after > now
         )
         if existing and not replace:
             self._refuse(
@@ -461,7 +496,7 @@ class Authority(Generic[StoreT]):
                     device_status=device.status if device is not None else None,
                     dns_names=dns_names,
                 ),
-                self._name_constraints[label.ca],
+                self._constraints_of(label, now),
             ),
             device_id=device_id if _valid_id(device_id) else None,
         )
@@ -642,6 +677,9 @@ class Authority(Generic[StoreT]):
 
     # -- internals ----------------------------------------------------------------------
 
+    def _constraints_of(self, label: Label, now: dt.datetime) -> tuple[CaNameConstraints, ...]:
+        return self._name_constraints[self.issuing_ca(label, now=now).name]
+
     def _certificates_of(self, device_id: str) -> list[CertificateRecord]:
         with translated():
             return self.store.certificates_of(device_id)
@@ -697,7 +735,7 @@ class Authority(Generic[StoreT]):
         if pending.status is PendingStatus.ISSUED and pending.serial is not None:
             with translated():
                 record = self.store.get_certificate(pending.serial)
-            if record is not None and record.status is CertStatus.VALID:
+            if record is not None and record.status is CertStatus.VALID and record.ca in self.cas:
                 cert = x509.load_der_x509_certificate(record.der)
                 return Issued(certificate=cert, record=record, chain=self.cas[record.ca].chain)
             self._refuse(
@@ -728,7 +766,7 @@ class Authority(Generic[StoreT]):
         pending_id: int | None = None,
         not_after: dt.datetime | None = None,
     ) -> Issued:
-        ca = self.cas[label.ca]
+        ca = self.issuing_ca(label, now=now)
         crl_url = self.crl_urls.get(ca.name)
         cert = issue_leaf(
             profile=label.profile,

@@ -11,6 +11,7 @@ root): the CA is only a certificate, the end of its issuing CAs' chains.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +20,7 @@ from cryptography import x509
 
 from estkit.ca.authority import IssuingCa
 from estkit.ca.constraints import check_chain
+from estkit.ca.generations import Generation
 from estkit.ca.keyrefs import TokenKeyRef, read_pin, token_key_spec
 from estkit.pki.certs import load_pem_certificates
 from estkit.pki.keys import PrivateKey, load_private_key_pem, public_keys_match
@@ -34,6 +36,8 @@ __all__ = [
     "read_pin",
     "token_key_spec",
 ]
+
+log = logging.getLogger("estkit.ca")
 
 # The signer of a CA whose key is not on this server (an offline root): its certificate
 # is a trust anchor and a chain's end here, and its CRL is imported, never signed.
@@ -51,6 +55,8 @@ class CaSpec(Protocol):
     def key_file(self) -> Path | None: ...
     @property
     def token(self) -> TokenKeyRef | None: ...
+    @property
+    def generation(self) -> Generation: ...
 
 
 def load_file_ca(name: str, cert_path: Path, key_path: Path) -> tuple[x509.Certificate, PrivateKey]:
@@ -125,28 +131,54 @@ def load_cas(
     Each chain must be able to issue at ``now`` (default: the current time): every CA in
     it a CA, allowed to sign certificates (and CRLs), valid, within its path length and
     name constraints (``constraints.check_chain``); ``ValueError`` naming the CA if not.
+    A CA that has expired and whose successor issues already (``ca/generations.py``) is
+    left out, with a warning: every certificate it issued has expired with it.
 
     ``environ``: where ``pin_env`` PINs are read, given by the caller (cli/, server/app:
     the only parts that read the process environment); none given, none can be read.
     """
     env = {} if environ is None else environ
-    certs: dict[str, x509.Certificate] = {}
+    at = dt.datetime.now(dt.UTC) if now is None else now
+    certs = {name: load_pem_certificates(spec.cert.read_bytes())[0] for name, spec in specs.items()}
     keys: dict[str, PrivateKey] = {}
     for name, spec in specs.items():
         factory = SIGNERS.get(spec.signer)
         if factory is None and spec.signer != OFFLINE:
             raise ValueError(f"CA {name!r}: unknown signer {spec.signer!r}")
-        cert = load_pem_certificates(spec.cert.read_bytes())[0]
-        certs[name] = cert
+        if _retired(name, certs[name], specs, at):
+            log.warning(
+                "CA %s expired on %s and is replaced: not loaded; remove [cas.%s] from the "
+                "config (its CRL is no longer published)",
+                name,
+                certs[name].not_valid_after_utc.isoformat(),
+                name,
+            )
+            continue
         if factory is not None:
-            keys[name] = factory(name, spec, cert, env)
+            keys[name] = factory(name, spec, certs[name], env)
     cas = {
         name: IssuingCa(
-            name=name, cert=certs[name], key=key, chain=chain_to_root(certs[name], certs)
+            name=name,
+            cert=certs[name],
+            key=key,
+            chain=chain_to_root(certs[name], certs),
+            generation=specs[name].generation,
         )
         for name, key in keys.items()
     }
-    at = dt.datetime.now(dt.UTC) if now is None else now
     for ca in cas.values():
         check_chain(ca.name, ca.chain, now=at)
     return cas
+
+
+def _retired(
+    name: str, cert: x509.Certificate, specs: Mapping[str, CaSpec], now: dt.datetime
+) -> bool:
+    """Whether CA ``name`` has expired and a successor issues in its place at ``now``."""
+    if cert.not_valid_after_utc > now:
+        return False
+    return any(
+        spec.generation.replaces == name
+        and (spec.generation.issues_from is None or spec.generation.issues_from <= now)
+        for spec in specs.values()
+    )

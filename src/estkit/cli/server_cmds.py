@@ -1024,6 +1024,7 @@ def cmd_ca_list(args: argparse.Namespace) -> int:
 
     from estkit.pki.certs import fingerprint, load_pem_certificates
     from estkit.server.nodes import est_url, region_urls
+    from estkit.server.wiring import installed_cas
     from estkit.store import SqlStore
     from estkit.store.errors import StoreError
 
@@ -1038,9 +1039,10 @@ def cmd_ca_list(args: argparse.Namespace) -> int:
         regions = []
     finally:
         store.close()
-    cas: list[dict[str, str]] = []
-    for name, ca in config.cas.items():
+    cas: list[dict[str, str | None]] = []
+    for name, ca in installed_cas(config).items():
         cert = load_pem_certificates(ca.cert.read_bytes())[0]
+        start = ca.generation.issues_from
         cas.append(
             {
                 "name": name,
@@ -1048,6 +1050,8 @@ def cmd_ca_list(args: argparse.Namespace) -> int:
                 "subject": cert.subject.rfc4514_string(),
                 "not_after": cert.not_valid_after_utc.isoformat(),
                 "fingerprint_sha256": fingerprint(cert),
+                "replaces": ca.generation.replaces,
+                "issues_from": None if start is None else start.isoformat(),
             }
         )
     labels: list[dict[str, Any]] = [
@@ -1071,6 +1075,8 @@ def cmd_ca_list(args: argparse.Namespace) -> int:
             " (offline: its key is not on this server)" if ca_out["signer"] == "offline" else ""
         )
         print(f"CA {ca_out['name']}{offline}")
+        if ca_out["replaces"] is not None:
+            print(f"  replaces:    {ca_out['replaces']} from {ca_out['issues_from']}")
         print(f"  subject:     {ca_out['subject']}")
         print(f"  not after:   {ca_out['not_after']}")
         print(f"  sha256:      {ca_out['fingerprint_sha256']}")
@@ -1719,6 +1725,9 @@ def register(sub: Any) -> None:
     _data_dir_arg(p)
     p.add_argument("--json", action="store_true", help="as JSON")
     _command(p, cmd_ca_list)
+    from estkit.cli.rotate_cmds import register_rotate
+
+    register_rotate(ca, _data_dir_arg, _command)
     p = ca.add_parser("chain", help="print a CA's PEM chain (root: the devices' trust anchor)")
     _data_dir_arg(p)
     p.add_argument("--ca", default="root", help="devices, bootstrap or root (default)")

@@ -197,13 +197,19 @@ class EstClient:
         now: dt.datetime,
         common_name: str | None = None,
         subject: x509.Name | None = None,
+        known: Sequence[x509.Certificate] = (),
     ) -> IssuedCertificate:
         """``check_issued`` on what ``simpleenroll``/``simplereenroll`` returned, up to the
-        trust anchors, completing its path with ``/cacerts`` when the server sent none."""
+        trust anchors, completing its path with ``/cacerts`` when the server sent none,
+        and then with ``known`` CA certificates (the chain the device holds): a CA
+        rollover can switch ``/cacerts`` to the new CA between the enrollment and the
+        request for ``/cacerts``, and the certificate is still the old CA's."""
         leaf, cas = returned[0], list(returned[1:])
         anchors = self.trust_anchors()
         if certs.build_path(leaf, cas, anchors) is None:
             cas.extend(self.cacerts())
+        if known and certs.build_path(leaf, cas, anchors) is None:
+            cas.extend(known)
         return check_issued(
             leaf,
             public_key=public_key,

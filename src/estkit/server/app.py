@@ -236,8 +236,10 @@ def _worker_tls_context() -> SSL.Context:
 def client_ca_bundle(config: ServerConfig) -> Path:
     """Write the CAs whose certificates may authenticate clients, for the TLS layer."""
     from estkit.pki.certs import load_pem_certificates
+    from estkit.server.wiring import installed_cas
 
-    certs = [load_pem_certificates(c.cert.read_bytes())[0] for c in config.cas.values()]
+    cas = installed_cas(config).values()
+    certs = [load_pem_certificates(c.cert.read_bytes())[0] for c in cas]
     path = client_ca_path(config.data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(certs_to_pem(certs))
@@ -273,7 +275,9 @@ def _listen_failure(address: str, setting: str, exc: OSError) -> str:
 
 def config_warnings(config: ServerConfig) -> list[str]:
     """Settings that are valid but probably not what the operator wants, one line each."""
-    return [
+    from estkit.server.wiring import awaiting_import
+
+    return awaiting_import(config) + [
         f"labels.{name}.base64_line_length = 0 sends one-line base64 to every client; "
         "clients that read base64 through OpenSSL (libest, `openssl base64 -d`) cannot: "
         "remove the setting to let estkit choose per client (README: Interop quirks)"

@@ -20,6 +20,7 @@ from typing import Any
 from cryptography import x509
 
 from estkit import durations
+from estkit.ca.generations import FIRST, Generation, family_names
 from estkit.ca.policy import (
     DEFAULT_MAX_SANS,
     SAN_TYPES,
@@ -68,6 +69,8 @@ NAMED_SECTION_KEYS: Mapping[str, frozenset[str]] = {
             "pin_env",
             "pin",
             "crl",
+            "replaces",
+            "issues_from",
         }
     ),
     "profiles": frozenset({"kind", "validity", "subject"}),
@@ -111,6 +114,7 @@ _SIGNER_KEYS: Mapping[str, frozenset[str]] = {
     "pkcs11": frozenset({"module", "token_label", "key_label", "key_id", "pin_file", "pin_env"}),
     OFFLINE: frozenset({"crl"}),
 }
+_CA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _PIN_ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -127,6 +131,8 @@ class CaConfig:
     key_file: Path | None = None
     token: TokenKeyRef | None = None
     crl: Path | None = None
+    # Rollover (``ca/generations.py``): the CA this one replaces, and from when it issues.
+    generation: Generation = FIRST
 
     @property
     def offline(self) -> bool:
@@ -315,15 +321,16 @@ def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
         db_url = f"sqlite:///{path_of(db_url.removeprefix('sqlite:///'))}"
 
     cas = {name: _ca(name, table, path_of) for name, table in _named_tables(data, "cas")}
+    families = _families(cas)
     for name in ("root", "bootstrap"):
-        if name not in cas:
+        if name not in families.values():
             raise ConfigError(f"cas.{name}: required")
 
     profiles = {name: _profile(name, table) for name, table in _named_tables(data, "profiles")}
     if "bootstrap" not in profiles:
         raise ConfigError("profiles.bootstrap: required")
     labels = {
-        name: _label(name, table, cas=cas, profiles=profiles)
+        name: _label(name, table, families=families, profiles=profiles)
         for name, table in _named_tables(data, "labels")
     }
     est = _section(data, "est")
@@ -374,8 +381,52 @@ def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
     )
 
 
+def _families(cas: Mapping[str, CaConfig]) -> dict[str, str]:
+    """Each CA's family (``ca/generations.py``); the root has no generations here."""
+    try:
+        families = family_names({n: ca.generation.replaces for n, ca in cas.items()})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    for name, family in families.items():
+        if family == "root" and name != "root":
+            raise ConfigError(
+                f"cas.{name}.replaces: the root is not rotated this way (a new root needs "
+                "its devices to trust it first); rotate the issuing CAs under it"
+            )
+    return families
+
+
+def _generation(name: str, table: Mapping[str, Any], f: str) -> Generation:
+    replaces = table.get("replaces")
+    start = table.get("issues_from")
+    if replaces is None and start is None:
+        return FIRST
+    if replaces is None:
+        raise ConfigError(f"{f}.issues_from: only with replaces (the CA this one replaces)")
+    if not isinstance(replaces, str) or not _CA_NAME.fullmatch(replaces):
+        raise ConfigError(f"{f}.replaces: a CA's name, got {replaces!r}")
+    if start is None:
+        raise ConfigError(
+            f"{f}.issues_from: required with replaces: the moment this CA starts issuing "
+            "(e.g. issues_from = 2027-01-15T00:00:00Z)"
+        )
+    if isinstance(start, str):
+        try:
+            start = dt.datetime.fromisoformat(start)
+        except ValueError:
+            start = None
+    if not isinstance(start, dt.datetime) or start.tzinfo is None:
+        raise ConfigError(
+            f"{f}.issues_from: a date and time with its offset, e.g. 2027-01-15T00:00:00Z"
+        )
+    return Generation(replaces=replaces, issues_from=start.astimezone(dt.UTC))
+
+
 def _ca(name: str, table: Mapping[str, Any], path_of: Callable[[str], Path]) -> CaConfig:
     f = f"cas.{name}"
+    if not _CA_NAME.fullmatch(name):
+        raise ConfigError(f"{f}: CA names are 1-64 letters, digits, '-' or '_'")
+    generation = _generation(name, table, f)
     if "pin" in table:
         raise ConfigError(
             f"{f}.pin: a PIN is never written in the config; use pin_file (a file only its "
@@ -402,10 +453,12 @@ def _ca(name: str, table: Mapping[str, Any], path_of: Callable[[str], Path]) -> 
     cert = path_of(_get(table, "cert", str, f"{f}.cert"))
     if signer == OFFLINE:
         crl = path_of(_get(table, "crl", str, f"{f}.crl", f"ca/{name}.crl"))
+        if generation.replaces is not None:
+            raise ConfigError(f"{f}.replaces: an offline root is not rotated this way")
         return CaConfig(name=name, cert=cert, signer=signer, crl=crl)
     if signer == "file":
         key = path_of(_get(table, "key", str, f"{f}.key"))
-        return CaConfig(name=name, cert=cert, signer=signer, key_file=key)
+        return CaConfig(name=name, cert=cert, signer=signer, key_file=key, generation=generation)
     module = _get(table, "module", str, f"{f}.module")
     token_label = _get(table, "token_label", str, f"{f}.token_label")
     key_label = table.get("key_label")
@@ -440,7 +493,7 @@ def _ca(name: str, table: Mapping[str, Any], path_of: Callable[[str], Path]) -> 
         pin_env=pin_env,
         field=f,
     )
-    return CaConfig(name=name, cert=cert, signer=signer, token=token)
+    return CaConfig(name=name, cert=cert, signer=signer, token=token, generation=generation)
 
 
 def _node(table: Mapping[str, Any]) -> NodeConfig:
@@ -481,15 +534,16 @@ def _label(
     name: str,
     table: Mapping[str, Any],
     *,
-    cas: Mapping[str, CaConfig],
+    families: Mapping[str, str],
     profiles: Mapping[str, Profile],
 ) -> LabelConfig:
     f = f"labels.{name}"
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
         raise ConfigError(f"{f}: label names are 1-64 letters, digits, '-' or '_'")
     ca = _get(table, "ca", str, f"{f}.ca")
-    if ca not in cas:
+    if ca not in families and ca not in families.values():
         raise ConfigError(f"{f}.ca: unknown CA {ca!r}")
+    ca = families.get(ca, ca)  # a label issues from a family: its current generation
     if ca in ("root", "bootstrap"):
         # The root signs only CAs; the bootstrap CA's certificates are for the factory,
         # and a label issuing from it would take bootstrap certificates for operational ones.

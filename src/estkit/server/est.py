@@ -26,7 +26,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from estkit.ca.authority import Issued, Label, Principal, ServerGenerated
+from estkit.ca.authority import Issued, IssuingCa, Label, Principal, ServerGenerated
 from estkit.ca.errors import CaError, Code, Refusal
 from estkit.ca.policy import check_serverkeygen
 from estkit.pki import serverkeygen as keygen
@@ -53,7 +53,7 @@ class EstAuthority(Protocol):
     """What the EST front-end needs from the authority, and nothing more."""
 
     def label(self, name: str) -> Label: ...
-    def chain_for(self, label: Label) -> tuple[x509.Certificate, ...]: ...
+    def issuing_ca(self, label: Label, *, now: dt.datetime) -> IssuingCa: ...
     def deferred_writes(self) -> AbstractContextManager[list[Future[Any]]]: ...
     def authenticate_certificate(
         self, cert: x509.Certificate, *, now: dt.datetime
@@ -148,7 +148,8 @@ class EstRoutes:
         self._refusal_delay = refusal_delay
         # Per-label response bodies as DER, encoded on first use (labels are fixed at
         # start), and as base64 per line length (``quirks.base64_line_length``).
-        self._cacerts: dict[str, bytes] = {}
+        # Per label and CA generation: a rollover switches the answer at its moment.
+        self._cacerts: dict[tuple[str, str], bytes] = {}
         self._csrattrs: dict[str, bytes] = {}
         self._base64: dict[tuple[bytes, int], bytes] = {}
         self._ops: dict[str, tuple[Handler, str]] = {
@@ -183,9 +184,10 @@ class EstRoutes:
 
     async def cacerts(self, request: Request, label_name: str | None) -> Response:
         label = self._label(label_name)
-        der = self._cacerts.get(label.name)
+        ca = self._authority.issuing_ca(label, now=self._clock())
+        der = self._cacerts.get((label.name, ca.name))
         if der is None:
-            der = self._cacerts[label.name] = encode_certs_only(self._authority.chain_for(label))
+            der = self._cacerts[(label.name, ca.name)] = encode_certs_only(ca.chain)
         return self._base64_response(request, label, der, wire.CACERTS_CONTENT_TYPE, cache=True)
 
     async def csrattrs(self, request: Request, label_name: str | None) -> Response:

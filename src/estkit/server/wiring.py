@@ -12,7 +12,7 @@ from estkit.ca.crl import CrlPublisher, ImportedCrl
 from estkit.ca.signers import load_cas
 from estkit.pki.binding import CHALLENGE_PASSWORD
 from estkit.pki.certs import load_pem_certificates
-from estkit.server.config import ConfigError, LabelConfig, ServerConfig
+from estkit.server.config import CaConfig, ConfigError, LabelConfig, ServerConfig
 from estkit.store import SqlStore
 
 
@@ -36,7 +36,7 @@ def build_authority(
     if (pending := offline_root_pending(config)) is not None:
         raise ConfigError(pending)
     try:
-        cas = load_cas(config.cas, environ=environ)
+        cas = load_cas(installed_cas(config), environ=environ)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     crl = _crl_publisher(config, cas, store)
@@ -98,13 +98,35 @@ def _crl_publisher(
     )
 
 
+def installed_cas(config: ServerConfig) -> dict[str, CaConfig]:
+    """The configured CAs, but for a rotation (``estkit ca rotate`` under an offline root)
+    whose certificate ``estkit ca import`` has not installed yet: until it has, the CA it
+    replaces goes on issuing, whatever its ``issues_from`` says."""
+    return {
+        name: ca
+        for name, ca in config.cas.items()
+        if ca.generation.replaces is None or ca.cert.exists()
+    }
+
+
+def awaiting_import(config: ServerConfig) -> list[str]:
+    """One line per rotated CA whose certificate is not installed yet (``installed_cas``)."""
+    return [
+        f"CA {name}: its certificate {_shown(ca.cert, config.data_dir)} is not imported yet "
+        f"(sign {_shown(ca.cert.with_suffix('.csr'), config.data_dir)} on the root's machine, "
+        f"then `estkit ca import --cert {name}=FILE`): {ca.generation.replaces} goes on issuing"
+        for name, ca in config.cas.items()
+        if name not in installed_cas(config)
+    ]
+
+
 def offline_root_pending(config: ServerConfig) -> str | None:
     """With an offline root, what ``estkit ca import`` has not installed yet and what to
     do, in one line; None when nothing is missing (or the root is not offline)."""
     offline = [ca for ca in config.cas.values() if ca.offline]
     if not offline:
         return None
-    wanted = [ca.cert for ca in config.cas.values()]
+    wanted = [ca.cert for ca in installed_cas(config).values()]
     wanted += [ca.crl for ca in offline if ca.crl is not None]
     wanted.append(config.tls_cert)
     missing = [path for path in wanted if not path.exists()]
