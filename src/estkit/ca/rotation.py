@@ -17,8 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from estkit.pki.keys import PrivateKey
-from estkit.pki.profiles import issue_ca
+from estkit.pki.keys import PrivateKey, signature_hash
+from estkit.pki.profiles import BACKDATE, issue_ca
 
 __all__ = ["check_switch", "issue_successor", "successor_subject"]
 
@@ -54,7 +54,8 @@ def issue_successor(
             f"{replaced.subject.rfc4514_string()} is not issued by the root "
             f"{root.subject.rfc4514_string()}"
         )
-    lifetime = replaced.not_valid_after_utc - replaced.not_valid_before_utc
+    # issue_ca backdates notBefore: the same span from notBefore to notAfter as the old one.
+    lifetime = replaced.not_valid_after_utc - replaced.not_valid_before_utc - BACKDATE
     cert = issue_ca(
         subject=subject,
         public_key=public_key,
@@ -81,8 +82,6 @@ def issue_successor(
     for extension in cert.extensions:
         builder = builder.add_extension(extension.value, critical=extension.critical)
     builder = builder.add_extension(constraints.value, critical=constraints.critical)
-    from estkit.pki.keys import signature_hash
-
     return builder.sign(root_key, signature_hash(root_key))
 
 

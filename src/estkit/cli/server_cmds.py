@@ -1496,16 +1496,6 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_token_list(args: argparse.Namespace) -> int:
-    authority = _authority(args)
-    for t in authority.store.list_tokens():
-        state = "revoked" if t.revoked_at else "active"
-        expires = t.expires_at.isoformat() if t.expires_at else "never"
-        used = t.last_used_at.isoformat() if t.last_used_at else "never"
-        print(f"{t.name}\t{','.join(sorted(t.scopes))}\t{state}\texpires {expires}\tused {used}")
-    return 0
-
-
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     from estkit.ca.errors import CaError
     from estkit.ca.tokens import TokenService
@@ -1528,24 +1518,6 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         )
     print(f"audit log: {checked} entries, hash chain intact")
     return 0
-
-
-def cmd_pending_list(args: argparse.Namespace) -> int:
-    from estkit.store import PendingStatus
-
-    authority = _authority(args)
-    status = None if args.all else PendingStatus.PENDING
-    after = None
-    while True:
-        page = authority.store.list_pending(status=status, after=after, limit=500)
-        for p in page.items:
-            print(
-                f"{p.id}\t{p.status.value}\t{p.label}\t{p.device_id}\t{p.operation}\t"
-                f"{p.created_at.isoformat()}\t{p.requested_by}"
-            )
-        if page.next is None:
-            return 0
-        after = int(page.next)
 
 
 def _decide(args: argparse.Namespace, approve: bool) -> int:
@@ -1597,6 +1569,7 @@ def cmd_ca_iothub_verify(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
+    from estkit.cli import read_cmds
     from estkit.pki.revocation import REASONS
 
     server = sub.add_parser("server", help="initialise and run the EST server").add_subparsers(
@@ -1825,9 +1798,14 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--expires", help="lifetime, e.g. 90d (default: no expiry)")
     _command(p, cmd_token_create)
-    p = token.add_parser("list", help="tokens with scopes, state, expiry, last use")
+    p = token.add_parser(
+        "list",
+        help="tokens with scopes, state, expiry, last use",
+        epilog=read_cmds.list_epilog(empty_says_so_on="stderr"),
+    )
     _data_dir_arg(p)
-    _command(p, cmd_token_list)
+    read_cmds.add_json_option(p)
+    _command(p, read_cmds.cmd_token_list)
     p = token.add_parser("revoke", help="revoke a token by name")
     _data_dir_arg(p)
     p.add_argument("name")
@@ -1843,10 +1821,15 @@ def register(sub: Any) -> None:
     pending = sub.add_parser("pending", help="enrollments waiting for approval").add_subparsers(
         dest="pending_command", required=True, metavar="ACTION"
     )
-    p = pending.add_parser("list", help="requests waiting (--all: decided ones too)")
+    p = pending.add_parser(
+        "list",
+        help="requests waiting (--all: decided ones too)",
+        epilog=read_cmds.list_epilog(empty_says_so_on="stderr"),
+    )
     _data_dir_arg(p)
     p.add_argument("--all", action="store_true")
-    _command(p, cmd_pending_list)
+    read_cmds.add_json_option(p)
+    _command(p, read_cmds.cmd_pending_list)
     for action, approve in (("approve", True), ("deny", False)):
         p = pending.add_parser(action, help=f"{action} a waiting request")
         _data_dir_arg(p)
@@ -1862,3 +1845,5 @@ def register(sub: Any) -> None:
     p.add_argument("serial")
     p.add_argument("--reason", choices=tuple(REASONS), default="unspecified")
     _command(p, cmd_cert_revoke)
+
+    read_cmds.register(device=device, cert=cert, audit=audit)

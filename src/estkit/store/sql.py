@@ -338,12 +338,21 @@ class SqlStore:
         return _device(row) if row else None
 
     def list_devices(
-        self, *, status: DeviceStatus | None = None, after: str | None = None, limit: int = 100
+        self,
+        *,
+        status: DeviceStatus | None = None,
+        search: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
     ) -> Page[Device]:
+        """Devices by id; ``search``: a part of the id, in any case."""
         d = schema.devices.c
         query = sa.select(schema.devices).order_by(d.device_id).limit(limit + 1)
         if status is not None:
             query = query.where(d.status == status.value)
+        if search is not None:
+            # ILIKE on PostgreSQL, lower() LIKE lower() on SQLite; % and _ match themselves.
+            query = query.where(d.device_id.icontains(search, autoescape=True))
         if after is not None:
             query = query.where(d.device_id > after)
         with self._reader.connect() as conn:
@@ -848,6 +857,9 @@ class SqlStore:
         since: dt.datetime | None = None,
         actor: str | None = None,
         device_id: str | None = None,
+        serial: str | None = None,
+        action: str | None = None,
+        outcome: str | None = None,
         after: int | None = None,
         limit: int = 100,
     ) -> Page[AuditEvent]:
@@ -855,10 +867,15 @@ class SqlStore:
         query = sa.select(schema.audit_events).order_by(a.id).limit(limit + 1)
         if since is not None:
             query = query.where(a.at >= since)
-        if actor is not None:
-            query = query.where(a.actor == actor)
-        if device_id is not None:
-            query = query.where(a.device_id == device_id)
+        for column, value in (
+            (a.actor, actor),
+            (a.device_id, device_id),
+            (a.serial, serial),
+            (a.action, action),
+            (a.outcome, outcome),
+        ):
+            if value is not None:
+                query = query.where(column == value)
         if after is not None:
             query = query.where(a.id > after)
         with self._reader.connect() as conn:
