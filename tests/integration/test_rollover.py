@@ -24,7 +24,7 @@ from hubstandin import Observer, make_hub_standin
 
 VALIDITY = 6  # seconds: at fraction 0.6 the agent renews about every 3.6 s
 # From the restart to the switch: the agent enrolls and renews from the old CA first.
-SWITCH_AFTER = 12
+SWITCH_AFTER = 20
 
 
 @pytest.fixture
@@ -62,47 +62,48 @@ def test_a_device_moves_from_the_old_devices_ca_to_the_new_one_without_a_failed_
     server: EstServer, device_id: str, tmp_path: Path
 ) -> None:
     ca_dir = server.data_dir / "ca"
+    # A second device, bootstrapped by the old bootstrap CA, enrolls after the switch.
+    late = setup_agent(server, f"{device_id}-late", tmp_path / "late")
+    # From here to the agent's start, as little as can be: it enrolls before the switch.
     switch = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(seconds=SWITCH_AFTER)
     rotated = server.cli("ca", "rotate", "devices", "--issues-from", switch.isoformat())
     assert "devices-2 CA: created" in rotated.stdout, rotated.stdout
     server.cli("ca", "rotate", "bootstrap", "--issues-from", switch.isoformat())
     old_ca, new_ca = _pem(ca_dir / "devices.pem"), _pem(ca_dir / "devices-2.pem")
-    assert new_ca.subject != old_ca.subject and new_ca.issuer == old_ca.issuer
-
-    # The runbook: prove possession of the new CA's key to the hub before the switch.
-    proof = tmp_path / "verify.pem"
-    server.cli("ca", "iothub-verify", "--ca", "devices-2", "--code", "A1B2C3", "--out", proof)
-    assert _pem(proof).subject.rfc4514_string() == "CN=A1B2C3"
-    for anchor, ok in ((ca_dir / "devices-2.pem", True), (ca_dir / "devices.pem", False)):
-        checked = subprocess.run(
-            ["openssl", "verify", "-partial_chain", "-CAfile", anchor, proof],
-            capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
-        assert (checked.returncode == 0) is ok, checked.stdout + checked.stderr
+    # The runbook: the hub has the new CA before the switch (its proof: below).
     hub = make_hub_standin(
         tmp_path / "hub", server_data_dir=server.data_dir, verified_cas=("devices", "devices-2")
     )
     hub.start()
     observer = Observer.connect(hub.observer_port)
+    issued_dir = tmp_path / "issued"
+    issued_dir.mkdir()
+    hook = [
+        "sh", "-c",
+        f'cp "$ESTKIT_CERT" "{issued_dir}/$ESTKIT_VERSION.pem"; '
+        f'cp "$ESTKIT_CHAIN" "{issued_dir}/$ESTKIT_VERSION.chain"',
+    ]  # fmt: skip
+    setup = setup_agent(
+        server, device_id, tmp_path / "dev", hub=hub, hooks=[hook], renewal={"fraction": "0.6"}
+    )
     server.restart()  # every node, before the switch
     agent: AgentProcess | None = None
     try:
+        agent = AgentProcess(setup).start()
         root = _pem(server.root_pem)
         assert set(_cacerts(server)) == {old_ca, root}  # until the switch
+        assert new_ca.subject != old_ca.subject and new_ca.issuer == old_ca.issuer
 
-        issued_dir = tmp_path / "issued"
-        issued_dir.mkdir()
-        hook = [
-            "sh", "-c",
-            f'cp "$ESTKIT_CERT" "{issued_dir}/$ESTKIT_VERSION.pem"; '
-            f'cp "$ESTKIT_CHAIN" "{issued_dir}/$ESTKIT_VERSION.chain"',
-        ]  # fmt: skip
-        setup = setup_agent(
-            server, device_id, tmp_path / "dev", hub=hub, hooks=[hook], renewal={"fraction": "0.6"}
-        )
-        # A second device, bootstrapped by the old bootstrap CA, enrolls after the switch.
-        late = setup_agent(server, f"{device_id}-late", tmp_path / "late")
-        agent = AgentProcess(setup).start()
+        # Proof of possession of the new CA's key, as the hub asks for it.
+        proof = tmp_path / "verify.pem"
+        server.cli("ca", "iothub-verify", "--ca", "devices-2", "--code", "A1B2C3", "--out", proof)
+        assert _pem(proof).subject.rfc4514_string() == "CN=A1B2C3"
+        for anchor, ok in ((ca_dir / "devices-2.pem", True), (ca_dir / "devices.pem", False)):
+            checked = subprocess.run(
+                ["openssl", "verify", "-partial_chain", "-CAfile", anchor, proof],
+                capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+            assert (checked.returncode == 0) is ok, checked.stdout + checked.stderr
 
         def new_ones() -> list[x509.Certificate]:
             certs = [_pem(p) for p in issued_dir.glob("*.pem")]
@@ -122,6 +123,15 @@ def test_a_device_moves_from_the_old_devices_ca_to_the_new_one_without_a_failed_
             timeout=20,
         )
         assert set(_cacerts(server)) == {new_ca, root}
+        token = server.cli("token", "create", "--name", "ops", "--scope", "read").stdout.strip()
+        with http(server.root_pem) as client:
+            listed = client.get(
+                f"{server.origin}/api/v1/cas", headers={"Authorization": f"Bearer {token}"}
+            ).json()
+        by_name = {ca["name"]: ca for ca in listed}
+        assert by_name["devices-2"]["replaces"] == "devices"
+        assert [lb["name"] for lb in by_name["devices-2"]["labels"]] == ["devices"]
+        assert by_name["devices"]["labels"] == []
     finally:
         status = agent.stop() if agent is not None else None
         observer.close()

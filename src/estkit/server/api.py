@@ -98,7 +98,13 @@ class CaOut(BaseModel):
     fingerprint_sha256: str
     not_after: dt.datetime
     chain: str = Field(description="PEM: this CA first, the root last")
-    labels: list[LabelOut] = Field(description="EST labels issuing from this CA")
+    labels: list[LabelOut] = Field(description="EST labels issuing from this CA now")
+    replaces: str | None = Field(
+        default=None, description="the CA generation this one replaces (`estkit ca rotate`)"
+    )
+    issues_from: dt.datetime | None = Field(
+        default=None, description="when this generation takes over issuing from `replaces`"
+    )
 
 
 class ProvisionIn(BaseModel):
@@ -403,6 +409,7 @@ def api_router(
     def list_cas(_: Reader) -> list[CaOut]:
         out = []
         regions = region_urls(store.list_nodes())
+        now = clock()
         for name, ca in authority.cas.items():
             labels = [
                 LabelOut(
@@ -418,7 +425,7 @@ def api_router(
                     approval=label.approval,
                 )
                 for label in authority.labels.values()
-                if label.ca == name
+                if authority.issuing_ca(label, now=now).name == name
             ]
             out.append(
                 CaOut(
@@ -428,6 +435,8 @@ def api_router(
                     not_after=ca.cert.not_valid_after_utc,
                     chain=certs_to_pem(ca.chain).decode(),
                     labels=labels,
+                    replaces=ca.generation.replaces,
+                    issues_from=ca.generation.issues_from,
                 )
             )
         return out
