@@ -385,7 +385,8 @@ def _print_next_steps(
     steps = []
     if offline:
         steps.append(
-            f"on the root's machine: `estkit root sign-ca ca/{name}.csr --out {name}.pem`; "
+            f"carry ca/{name}.csr to the root's machine: `estkit root sign-ca --dir R --name "
+            f"{name} --csr {name}.csr --out {name}.pem`; "
             f"here: `estkit ca import --data-dir {d} --cert {name}={name}.pem` (until then "
             f"{old} goes on issuing)"
         )

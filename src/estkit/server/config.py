@@ -662,6 +662,10 @@ url = "sqlite:///estkit.db"
 #   key_label = "devices"                         # and/or key_id = "<CKA_ID in hex>"
 #   pin_file = "/etc/estkit/token.pin"            # 0600; or pin_env = "ESTKIT_TOKEN_PIN"
 # (never the PIN itself in this file).
+# `estkit ca rotate devices` adds the CA's next generation, [cas.devices-2], with
+#   replaces = "devices"                          # and issues from then on:
+#   issues_from = 2027-01-15T00:00:00Z
+# (README "Rotating an issuing CA"); labels keep naming "devices".
 [cas.root]
 cert = "ca/root.pem"
 key = "ca/root.key"
