@@ -326,7 +326,7 @@ def test_an_expired_generation_is_left_out_once_replaced_and_refused_otherwise(
     }
     loaded = load_cas(specs, environ={}, now=NOW)  # type: ignore[arg-type]
     assert set(loaded) == {"root", "devices-2"}
-    assert "remove [cas.devices]" in caplog.text
+    assert "keep its [cas.devices] table" in caplog.text
     # Its successor not issuing yet: the expired CA would have to, and cannot.
     specs["devices-2"] = _spec(tmp_path, devices_2, replace(replaced_now, issues_from=SWITCH))
     with pytest.raises(ValueError, match="devices"):
@@ -453,3 +453,17 @@ MOMENT = "2027-01-15T00:00:00Z"
 def test_rotations_the_config_refuses(tmp_path: Path, extra: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         _config(tmp_path, extra)
+
+
+def test_a_node_that_has_not_loaded_a_generation_leaves_its_crl_to_the_others(
+    cas: Cas, store: SqlStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from estkit.ca.crl import CrlPublisher
+
+    publisher = CrlPublisher(
+        cas={"devices": cas.devices}, store=store, directory=tmp_path, validity=dt.timedelta(days=1)
+    )
+    # A revocation committed on this node of a devices-2 certificate another node issued.
+    publisher.publish_all(now=NOW, names=["devices-2", "devices"])
+    assert (tmp_path / "devices.crl").exists() and not (tmp_path / "devices-2.crl").exists()
+    assert "CRL of CA devices-2 not republished here" in caplog.text

@@ -225,7 +225,17 @@ class CrlPublisher:
         return crl
 
     def publish_all(self, *, now: dt.datetime, names: Iterable[str] | None = None) -> None:
+        """Republish the CRLs of ``names`` (default: every CA signing here). A name this
+        node does not sign for (a CA generation it has not loaded yet: restarted later
+        than the node that issued from it) is logged and left to the nodes that do."""
         for name in names if names is not None else self._cas:
+            if name not in self._cas:
+                log.warning(
+                    "CRL of CA %s not republished here: this node has not loaded it "
+                    "(restart it with the CA's table, certificate and key)",
+                    name,
+                )
+                continue
             self.publish(name, now=now)
 
     def refresh_due(self, *, now: dt.datetime) -> list[str]:

@@ -147,8 +147,8 @@ def load_cas(
             raise ValueError(f"CA {name!r}: unknown signer {spec.signer!r}")
         if _retired(name, certs[name], specs, at):
             log.warning(
-                "CA %s expired on %s and is replaced: not loaded; remove [cas.%s] from the "
-                "config (its CRL is no longer published)",
+                "CA %s expired on %s and is replaced: not loaded, its CRL no longer "
+                "published (keep its [cas.%s] table: its successors name their family by it)",
                 name,
                 certs[name].not_valid_after_utc.isoformat(),
                 name,

@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,6 +99,7 @@ def cmd_ca_rotate(args: argparse.Namespace) -> int:
     subject = successor_subject(replaced.subject, number)
     if args.common_name:
         subject = _with_cn(subject, args.common_name)
+    _check_subject_unused(config, subject)
     new = _new_ca_config(config, current, name, issues_from)
     table = _table(config, new)
     text = (args.data_dir / CONFIG_NAME).read_text()
@@ -117,7 +119,9 @@ def cmd_ca_rotate(args: argparse.Namespace) -> int:
     )
     from estkit.ca.files import write_atomic
 
-    write_atomic(args.data_dir / CONFIG_NAME, updated.encode(), mode=0o600)
+    config_path = args.data_dir / CONFIG_NAME
+    write_atomic(config_path, updated.encode(), mode=stat.S_IMODE(config_path.stat().st_mode))
+    _owned_like(args.data_dir, [config_path, *_written(new)])
     print(said)
     print(
         f"config: [cas.{name}] added to {args.data_dir / CONFIG_NAME}: replaces "
@@ -126,6 +130,26 @@ def cmd_ca_rotate(args: argparse.Namespace) -> int:
     _audit(config, name, current.name, issues_from, subject)
     _print_next_steps(args, config, name, current.name, issues_from, offline)
     return 0
+
+
+def _written(ca: CaConfig) -> list[Path]:
+    from estkit.ca.setup import request_path
+
+    paths = [ca.cert, request_path(ca.cert)]
+    if ca.key_file is not None:
+        paths.append(ca.key_file)
+    return [p for p in paths if p.exists()]
+
+
+def _owned_like(data_dir: Path, paths: list[Path]) -> None:
+    """Run as root on a data directory the service user owns (deploy/: `User=estkit`),
+    the files made here get the directory's owner: a server that cannot read its config
+    or its new CA's key would not start at the restart this rotation asks for."""
+    if os.geteuid() != 0:
+        return
+    owner = data_dir.stat()
+    for path in paths:
+        os.chown(path, owner.st_uid, owner.st_gid, follow_symlinks=False)
 
 
 def _when(value: str, now: dt.datetime) -> dt.datetime:
@@ -149,7 +173,14 @@ def _when(value: str, now: dt.datetime) -> dt.datetime:
         raise CliError(
             f"--issues-from: {value!r} has no offset; add Z or +HH:MM", exit_code=EXIT_USAGE
         )
-    return max(moment.astimezone(dt.UTC).replace(microsecond=0), now)
+    moment = moment.astimezone(dt.UTC).replace(microsecond=0)
+    if moment < now:
+        raise CliError(
+            f"--issues-from: {moment.isoformat()} has passed; give a later moment, or `now` "
+            "to switch at once",
+            exit_code=EXIT_USAGE,
+        )
+    return moment
 
 
 def _family(config: ServerConfig, name: str) -> str:
@@ -201,6 +232,18 @@ def _with_cn(subject: x509.Name, cn: str) -> x509.Name:
     )
 
 
+def _check_subject_unused(config: ServerConfig, subject: x509.Name) -> None:
+    """Two CAs of one name with different keys leave relying parties guessing."""
+    from estkit.pki.certs import load_pem_certificates
+
+    for name, ca in config.cas.items():
+        if ca.cert.exists() and load_pem_certificates(ca.cert.read_bytes())[0].subject == subject:
+            raise CliError(
+                f"{subject.rfc4514_string()} is CA {name}'s name already; give the new "
+                "generation another --common-name"
+            )
+
+
 def _new_ca_config(
     config: ServerConfig, current: CaConfig, name: str, issues_from: dt.datetime
 ) -> CaConfig:
@@ -232,6 +275,11 @@ def _shown(path: Path, config: ServerConfig) -> str:
         return str(path)
 
 
+def _toml_string(value: object) -> str:
+    """A TOML basic string (JSON's escapes are TOML's; characters beyond the BMP as is)."""
+    return json.dumps(str(value), ensure_ascii=False)
+
+
 def _table(config: ServerConfig, ca: CaConfig) -> str:
     """The ``[cas.<name>]`` table of the new generation, as estkit.toml spells it."""
     assert ca.generation.issues_from is not None
@@ -239,25 +287,25 @@ def _table(config: ServerConfig, ca: CaConfig) -> str:
         f"# {ca.name} replaces {ca.generation.replaces} (`estkit ca rotate`, "
         f"{dt.datetime.now(dt.UTC).date().isoformat()})",
         f"[cas.{ca.name}]",
-        f"cert = {json.dumps(_shown(ca.cert, config))}",
+        f"cert = {_toml_string(_shown(ca.cert, config))}",
     ]
     if ca.token is not None:
         ref = ca.token
         lines += [
             'signer = "pkcs11"',
-            f"module = {json.dumps(str(ref.module))}",
-            f"token_label = {json.dumps(ref.token_label)}",
-            f"key_label = {json.dumps(ref.key_label)}",
+            f"module = {_toml_string(str(ref.module))}",
+            f"token_label = {_toml_string(ref.token_label)}",
+            f"key_label = {_toml_string(ref.key_label)}",
         ]
         if ref.pin_file is not None:
-            lines.append(f"pin_file = {json.dumps(_shown(ref.pin_file, config))}")
+            lines.append(f"pin_file = {_toml_string(_shown(ref.pin_file, config))}")
         else:
-            lines.append(f"pin_env = {json.dumps(ref.pin_env)}")
+            lines.append(f"pin_env = {_toml_string(ref.pin_env)}")
     else:
         assert ca.key_file is not None
-        lines += [f"key = {json.dumps(_shown(ca.key_file, config))}", 'signer = "file"']
+        lines += [f"key = {_toml_string(_shown(ca.key_file, config))}", 'signer = "file"']
     lines += [
-        f"replaces = {json.dumps(ca.generation.replaces)}",
+        f"replaces = {_toml_string(ca.generation.replaces)}",
         f"issues_from = {ca.generation.issues_from.strftime('%Y-%m-%dT%H:%M:%SZ')}",
     ]
     return "\n".join(lines) + "\n"

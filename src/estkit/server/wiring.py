@@ -101,11 +101,13 @@ def _crl_publisher(
 def installed_cas(config: ServerConfig) -> dict[str, CaConfig]:
     """The configured CAs, but for a rotation (``estkit ca rotate`` under an offline root)
     whose certificate ``estkit ca import`` has not installed yet: until it has, the CA it
-    replaces goes on issuing, whatever its ``issues_from`` says."""
+    replaces goes on issuing, whatever its ``issues_from`` says. With a root whose key is
+    here, a rotated CA without its certificate is a config error like any other."""
+    offline = config.cas["root"].offline if "root" in config.cas else False
     return {
         name: ca
         for name, ca in config.cas.items()
-        if ca.generation.replaces is None or ca.cert.exists()
+        if not offline or ca.generation.replaces is None or ca.cert.exists()
     }
 
 
