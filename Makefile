@@ -12,8 +12,9 @@ CRL_PORT  ?=
 PORT_ARGS := $(if $(PORT),--port $(PORT)) $(if $(CRL_PORT),--crl-port $(CRL_PORT))
 # Debian packages the tests use as independent peers and tools (postgresql: the tests
 # start throwaway clusters of their own, tests/pgcluster.py; its system service is not used;
-# softhsm2: PKCS#11 tokens per test, tests/softhsm.py; opensc: pkcs11-tool as an independent peer).
-TEST_DEBS := postgresql softhsm2 opensc strongswan-pki libstrongswan-standard-plugins libstrongswan-extra-plugins curl openssl mosquitto default-jdk-headless libbcprov-java libbcpkix-java libbcutil-java
+# softhsm2: PKCS#11 tokens per test, tests/softhsm.py; opensc: pkcs11-tool as an independent peer;
+# chromium: the portal's browser tests drive Debian's build through Playwright, which downloads none).
+TEST_DEBS := postgresql softhsm2 opensc strongswan-pki libstrongswan-standard-plugins libstrongswan-extra-plugins curl openssl mosquitto default-jdk-headless libbcprov-java libbcpkix-java libbcutil-java chromium
 
 .PHONY: run test lint typecheck deps-test demo demo-fleet bench clean
 
@@ -34,6 +35,7 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-server
 	$(BIN)/estkit server init --data-dir $(DATA_DIR) $(PORT_ARGS)
 	$(BIN)/estkit server info --data-dir $(DATA_DIR)
+	@echo "Portal: $$($(BIN)/estkit server info --data-dir $(DATA_DIR) | sed -n 's|^EST URL: *\(https://[^/]*\)/.*|\1/ui/|p') (sign in with an API token: $(BIN)/estkit token create --data-dir $(DATA_DIR) --name ops --scope admin)"
 	$(BIN)/estkit server run --data-dir $(DATA_DIR)
 
 # A device at the "factory", the agent renewing short-lived certificates, telemetry

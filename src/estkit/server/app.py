@@ -24,7 +24,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from OpenSSL import SSL
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, Router
 from starlette.staticfiles import StaticFiles
 
 from estkit import __version__
@@ -56,6 +56,7 @@ from estkit.server.nodes import (
     takeover_after,
 )
 from estkit.server.oidc import OidcVerifier, parse_oidc_config
+from estkit.server.portal import PORTAL_PATH, Portal, SessionSigner, load_or_create_key
 from estkit.server.tls import (
     client_ca_path,
     https_protocol,
@@ -123,6 +124,16 @@ def _build(config: ServerConfig) -> tuple[EstApp, Authority[SqlStore]]:
             stale_after=stale_after(_heartbeat_interval()),
         )
     )
+    portal = Portal(
+        authority=authority,
+        store=store,
+        config=config,
+        tokens=tokens,
+        signer=SessionSigner(load_or_create_key(config.data_dir)),
+        clock=utcnow,
+        stale_after=stale_after(_heartbeat_interval()),
+    )
+    app.mount(PORTAL_PATH, Router(portal.routes()), name="portal")
     app.add_middleware(ApiAuthentication, tokens=tokens, oidc=_oidc(config), clock=utcnow)
     app.mount("/api/static", StaticFiles(directory=SWAGGER_STATIC), name="api-static")
     app.add_route("/api/docs", _swagger_page, methods=["GET"], include_in_schema=False)

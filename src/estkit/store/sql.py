@@ -958,6 +958,96 @@ class SqlStore:
             rows = conn.execute(sa.select(t).order_by(t.c.region, t.c.name)).all()
         return [_node(r) for r in rows]
 
+    # -- the operator portal (server/portal): aggregates, one statement each -----------
+
+    def get_token_by_id(self, token_id: int) -> ApiToken | None:
+        """The API token of a portal session, by its primary key."""
+        t = schema.api_tokens.c
+        with self._reader.connect() as conn:
+            row = conn.execute(sa.select(schema.api_tokens).where(t.id == token_id)).first()
+        return _token(row) if row else None
+
+    def device_states(
+        self, *, now: dt.datetime, soon: dt.datetime, exclude_cas: Sequence[str] = ()
+    ) -> dict[tuple[DeviceStatus, str], int]:
+        """Devices counted by (device status, certificate state), in one query.
+
+        The certificate state of a device, from its certificates of CAs other than
+        ``exclude_cas`` (the bootstrap CA's, which only authenticate to EST):
+        ``never-enrolled`` (none), ``valid`` (one valid past ``soon``), ``expiring``
+        (the last valid one ends between ``now`` and ``soon``), ``expired`` (valid ones,
+        all ended), ``revoked`` (all revoked). One pass over the certificates, grouped
+        by device on its index, joined to the devices: no row reaches Python.
+        """
+        c = schema.certificates.c
+        d = schema.devices.c
+        valid_until = sa.func.max(
+            sa.case((c.status == CertStatus.VALID.value, c.not_after), else_=None)
+        )
+        per_device = sa.select(c.device_id.label("device_id"), valid_until.label("until"))
+        if exclude_cas:
+            per_device = per_device.where(c.ca.not_in(list(exclude_cas)))
+        per = per_device.group_by(c.device_id).subquery()
+        until = sa.type_coerce(per.c.until, schema.UtcDateTime())
+        state = sa.case(
+            (per.c.device_id.is_(None), "never-enrolled"),
+            (until.is_(None), "revoked"),
+            (until > soon, "valid"),
+            (until > now, "expiring"),
+            else_="expired",
+        ).label("state")
+        query = (
+            sa.select(d.status, state, sa.func.count().label("n"))
+            .select_from(schema.devices.outerjoin(per, per.c.device_id == d.device_id))
+            .group_by(d.status, state)
+        )
+        with self._reader.connect() as conn:
+            rows = conn.execute(query).all()
+        return {(DeviceStatus(r.status), str(r.state)): int(r.n) for r in rows}
+
+    def issued_per_day(self, *, since: dt.datetime, until: dt.datetime) -> dict[dt.date, int]:
+        """Certificates issued per UTC day in [since, until), grouped in SQL.
+
+        ``issued_at`` has no index of its own; a certificate issued since ``since`` ends
+        after it, so the indexed range ``not_after >= since`` bounds the rows read to the
+        certificates alive in the window, not the whole history.
+        """
+        c = schema.certificates.c
+        return self._per_day(
+            c.issued_at, c.not_after >= since, c.issued_at >= since, c.issued_at < until
+        )
+
+    def expiring_per_day(self, *, since: dt.datetime, until: dt.datetime) -> dict[dt.date, int]:
+        """Valid certificates whose validity ends per UTC day in [since, until) (indexed)."""
+        c = schema.certificates.c
+        return self._per_day(
+            c.not_after,
+            c.not_after >= since,
+            c.not_after < until,
+            c.status == CertStatus.VALID.value,
+        )
+
+    def _per_day(
+        self, column: sa.ColumnElement[dt.datetime], *where: sa.ColumnElement[bool]
+    ) -> dict[dt.date, int]:
+        with self._reader.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                day: sa.ColumnElement[Any] = sa.cast(sa.func.timezone("UTC", column), sa.Date)
+            else:  # stored as UTC text: its first ten characters are the day
+                day = sa.func.date(column)
+            day = day.label("day")
+            query = (
+                sa.select(day, sa.func.count().label("n"))
+                .select_from(schema.certificates)
+                .where(*where)
+                .group_by(day)
+            )
+            rows = conn.execute(query).all()
+        return {
+            r.day if isinstance(r.day, dt.date) else dt.date.fromisoformat(r.day): int(r.n)
+            for r in rows
+        }
+
 
 @dataclass(slots=True)
 class _ChainHead:

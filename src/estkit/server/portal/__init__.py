@@ -1,0 +1,9 @@
+"""The operator portal under ``/ui`` (``views``), its sessions (``session``) and the
+charts it draws (``charts``)."""
+
+from estkit.server.portal.session import SessionSigner, load_or_create_key
+from estkit.server.portal.views import Portal
+
+PORTAL_PATH = "/ui"
+
+__all__ = ["PORTAL_PATH", "Portal", "SessionSigner", "load_or_create_key"]
