@@ -11,6 +11,7 @@ devices); the bulk rows for the scale run are written straight into SQLite
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import json
 import os
 import random
@@ -24,15 +25,17 @@ import subprocess
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http.client import HTTPSConnection
 from pathlib import Path
+from types import ModuleType
 
 from bench.loadgen import Device
 from bench.procstat import tree
 
 ESTKIT = [sys.executable, "-m", "estkit.cli.main"]
+TESTS = Path(__file__).resolve().parents[1] / "tests"
 START_TIMEOUT = 60.0
 # The enrollment label every pool device uses (the server's default label).
 LABEL = "devices"
@@ -53,10 +56,25 @@ def estkit(*args: str | Path, timeout: float = 120) -> str:
     return proc.stdout
 
 
-def init_server(data_dir: Path, *, port: int, crl_port: int) -> None:
+def tests_module(name: str) -> ModuleType:
+    """One of the test suite's helper modules (``tests/pgcluster.py``, ``tests/softhsm.py``).
+
+    tests/ is not a package (pytest puts it on sys.path), so neither mypy nor an import
+    statement finds its modules; callers type what they use with a Protocol.
+    """
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
+    return importlib.import_module(name)
+
+
+def init_server(
+    data_dir: Path, *, port: int, crl_port: int, options: Sequence[str | Path] = ()
+) -> None:
+    """``estkit server init`` with the defaults (P-256 keys) and ``options`` (the signer's)."""
     estkit(
-        "server", "init", "--data-dir", data_dir, "--port", str(port), "--crl-port", str(crl_port)
-    )
+        "server", "init", "--data-dir", data_dir, "--port", str(port),
+        "--crl-port", str(crl_port), *options,
+    )  # fmt: skip
 
 
 def enable_serverkeygen(data_dir: Path, label: str = "devices") -> None:
@@ -107,6 +125,11 @@ def _utcnow() -> dt.datetime:
 class Pool:
     bootstrap: tuple[Device, ...]  # factory certificates (simpleenroll)
     operational: tuple[Device, ...]  # one enrolled certificate per device (simplereenroll)
+
+    def devices_for(self, operation: str) -> tuple[Device, ...]:
+        """The certificates ``operation`` authenticates with: bootstrap for the first
+        enrollment (and serverkeygen), operational for the rest."""
+        return self.bootstrap if operation in ("simpleenroll", "serverkeygen") else self.operational
 
 
 def make_pool(data_dir: Path, out: Path, count: int) -> Pool:

@@ -16,9 +16,7 @@ the server's, so a request costs what estkit and its database spent on it.
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -31,7 +29,6 @@ from psycopg import sql
 
 from bench import fleet
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
 # What SQLite's synchronous=FULL promises: a commit survives a power loss.
 DURABLE = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
 INSTALL_HINT = "scripts/install-test-debs.sh postgresql"
@@ -57,11 +54,7 @@ class _PgClusterModule(Protocol):
 
 
 def _pgcluster() -> _PgClusterModule:
-    # tests/ is not a package (pytest puts it on sys.path), so neither mypy nor an
-    # import statement finds its modules; the two protocols type what is used.
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-    return cast(_PgClusterModule, importlib.import_module("pgcluster"))
+    return cast(_PgClusterModule, fleet.tests_module("pgcluster"))
 
 
 def installed() -> bool:

@@ -8,7 +8,9 @@ run with ``--scale`` certificates already stored and the operator queries at
 that size; a soak run that watches the server's RSS across many handshakes;
 the device agent's idle cost. With PostgreSQL installed, the same enrollment on
 one and two nodes sharing a PostgreSQL database next to SQLite, and the scale
-run again on PostgreSQL. Every run is bounded by a request count and by time.
+run again on PostgreSQL. With SoftHSM2 installed, enrollment on a server whose CA keys
+are in a PKCS#11 token next to the file-key server. Every run is bounded by a request
+count and by time.
 See bench/README.md for what each figure means.
 """
 
@@ -32,11 +34,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import fleet, loadgen, postgres
+from bench import fleet, hsm, loadgen, postgres
 from bench.procstat import RssSampler, Snapshot, cpu_seconds, tree
 
 RESULTS = Path(__file__).parent / "results"
 OPERATIONS = ("cacerts", "simpleenroll", "simplereenroll", "serverkeygen")
+# The steps after ``setup``, in the order they run (``--only`` picks some).
+STEPS = ("matrix", "postgresql", "hsm", "soak", "scale", "agent")
+# What the SoftHSM2 step compares: the enrollments that sign a certificate.
+HSM_OPERATIONS = ("simpleenroll", "simplereenroll")
 MB = 1024 * 1024
 # The interleaved comparisons' alternating slices per side (see ``measure_interleaved``).
 ROUNDS = 6
@@ -319,6 +325,7 @@ def machine() -> dict[str, Any]:
         "starlette",
         "sqlalchemy",
         "psycopg",
+        "python-pkcs11",
     ):
         try:
             versions[dist] = metadata.version(dist)
@@ -358,7 +365,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--rounds",
         type=int,
         default=ROUNDS,
-        help=f"slices per side of the interleaved comparisons (scale, backends; default {ROUNDS})",
+        help="slices per side of the interleaved comparisons (scale, backends, signers; "
+        f"default {ROUNDS})",
     )
     p.add_argument(
         "--soak", type=int, default=20_000, help="handshakes in the RSS soak run; 0 skips it"
@@ -377,6 +385,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="simpleenroll on 1 and 2 nodes on PostgreSQL next to SQLite, and the scale run on "
         "PostgreSQL (default: when PostgreSQL is installed)",
+    )
+    p.add_argument(
+        "--hsm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="simpleenroll and simplereenroll on a server whose CA keys are in a SoftHSM2 "
+        "token next to the file-key server (default: when softhsm2 and python-pkcs11 are "
+        "installed)",
+    )
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=STEPS,
+        default=None,
+        help="run setup and these steps only (default: all; each step's own switches still "
+        "apply), e.g. --only hsm",
     )
     p.add_argument("--tls-max", default="1.3", choices=["1.2", "1.3"])
     p.add_argument("--no-verify-server", action="store_true", help="client skips server checks")
@@ -402,6 +426,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("concurrency, workers and rounds must be at least 1")
     if args.postgresql and not postgres.installed():
         p.error(f"--postgresql: PostgreSQL is not installed ({postgres.INSTALL_HINT})")
+    if args.hsm and (lacking := hsm.missing()):
+        p.error(f"--hsm: SoftHSM2 is not installed ({lacking})")
     return args
 
 
@@ -424,16 +450,26 @@ class Bench:
             python=self.args.server_python,
         )
 
-    def plan(self, operation: str, concurrency: int, requests: int, seconds: float) -> loadgen.Plan:
-        assert self.pool is not None
-        bootstrap = operation in ("simpleenroll", "serverkeygen")
-        devices = self.pool.bootstrap if bootstrap else self.pool.operational
+    def plan(
+        self,
+        operation: str,
+        concurrency: int,
+        requests: int,
+        seconds: float,
+        *,
+        server: fleet.Server | None = None,
+        pool: fleet.Pool | None = None,
+    ) -> loadgen.Plan:
+        """``operation`` on ``server`` by ``pool``'s devices (default: this bench's own)."""
+        pool = pool or self.pool
+        assert pool is not None
+        port, data_dir = (server.port, server.data_dir) if server else (self.port, self.data_dir)
         procs = self.args.processes or os.cpu_count() or 1
         return loadgen.Plan(
-            port=self.port,
+            port=port,
             operation=operation,
-            ca_file=str(self.data_dir / "ca" / "root.pem"),
-            devices=devices,
+            ca_file=str(data_dir / "ca" / "root.pem"),
+            devices=pool.devices_for(operation),
             concurrency=concurrency,
             processes=max(1, min(procs, concurrency)),
             requests=requests,
@@ -847,6 +883,76 @@ class Bench:
             "throughput_met": abs(change) <= SCALE_CHANGE_MAX,
         }
 
+    def hsm_compare(self) -> None:
+        """simpleenroll and simplereenroll on a server whose CA keys are in a SoftHSM2
+        token next to this server (file keys): 1 worker each at the highest concurrency,
+        in interleaved slices (file, token, token, file, ...). The token's server is made
+        with ``server init --signer pkcs11`` (P-256, as this one) and gets its own device
+        pool, made as ``setup`` makes this one."""
+        a = self.args
+        t0 = time.monotonic()
+        data_dir = self.work / "server-hsm"
+        concurrency = max(a.concurrency)
+        report: dict[str, Any] = hsm.versions()
+        with hsm.token(self.work / "softhsm") as token:
+            port = fleet.free_port()
+            hsm.init_server(data_dir, token=token, port=port, crl_port=fleet.free_port())
+            fleet.enable_serverkeygen(data_dir)  # the same config as this server's but the signer
+            pool = fleet.make_pool(data_dir, self.work / "hsm-devices", a.devices)
+            key_types = {
+                "file": hsm.ca_key_type(self.data_dir),
+                "pkcs11": hsm.ca_key_type(data_dir),
+            }
+            report |= {"module": str(token.module), "ca_key_types": key_types}
+            print(
+                f"softhsm2: {report['softhsm2']} (python-pkcs11 {report['python_pkcs11']}), "
+                f"a server with its CA keys ({key_types['pkcs11']}; the file server's: "
+                f"{key_types['file']}) in token {token.label} and {a.devices} devices in "
+                f"{time.monotonic() - t0:.1f} s",
+                flush=True,
+            )
+            print(
+                f"softhsm2: {' and '.join(HSM_OPERATIONS)} c={concurrency}, 1 worker, the file "
+                f"signer and the SoftHSM2 signer, {a.rounds} interleaved slices each",
+                flush=True,
+            )
+            print(HEADER, flush=True)
+            token_server = fleet.Server(
+                data_dir,
+                port=port,
+                workers=1,
+                log=self.work / "server-hsm.log",
+                python=a.server_python,
+            )
+            pairs = []
+            with self.server(1) as file_server, token_server:
+                for operation in HSM_OPERATIONS:
+                    plan = self.plan(operation, concurrency, a.requests, a.seconds)
+                    token_plan = self.plan(
+                        operation,
+                        concurrency,
+                        a.requests,
+                        a.seconds,
+                        server=token_server,
+                        pool=pool,
+                    )
+                    file_row, token_row = measure_interleaved(
+                        [
+                            Arm("file signer", file_server, plan, 0),
+                            Arm("softhsm2 signer", token_server, token_plan, 0),
+                        ],
+                        rounds=a.rounds,
+                    )
+                    self.record(file_row)
+                    self.record(token_row)
+                    pairs.append((file_row, token_row))
+        report["workers"] = 1
+        report["concurrency"] = concurrency
+        report["interleaved_rounds"] = a.rounds
+        report["compare"] = [_hsm_summary(f, t) for f, t in pairs]
+        report["seconds"] = round(time.monotonic() - t0, 1)
+        self.report["hsm"] = report
+
     def agent(self) -> None:
         from bench import device
 
@@ -861,6 +967,32 @@ class Bench:
         path.write_text(json.dumps(self.report, indent=2) + "\n")
 
 
+def _hsm_summary(file: Row, token: Row) -> dict[str, Any]:
+    """Server CPU per enrollment of the SoftHSM2 signer next to the file signer's, printed
+    and as a report."""
+    ratio = token.server_cpu_ms / file.server_cpu_ms if file.server_cpu_ms else 0.0
+    other = max(file.other_cpu_util, token.other_cpu_util)
+    print(
+        f"softhsm2: {file.operation} server CPU {token.server_cpu_ms:.2f} ms per enrollment "
+        f"with the SoftHSM2 signer vs {file.server_cpu_ms:.2f} ms with the file signer "
+        f"({token.server_cpu_ms - file.server_cpu_ms:+.2f} ms, {ratio:.2f}x); "
+        f"{token.rps:.1f} vs {file.rps:.1f} req/s; other CPU up to {other:.2f}",
+        flush=True,
+    )
+    return {
+        "operation": file.operation,
+        "file_server_cpu_ms": file.server_cpu_ms,
+        "softhsm2_server_cpu_ms": token.server_cpu_ms,
+        "difference_ms": round(token.server_cpu_ms - file.server_cpu_ms, 3),
+        "cpu_ratio": round(ratio, 3),
+        "file_rps": file.rps,
+        "softhsm2_rps": token.rps,
+        "file_errors": file.errors,
+        "softhsm2_errors": token.errors,
+        "other_cpu_util": other,
+    }
+
+
 def _verdict(met: bool) -> str:
     return "met" if met else "MISSED"
 
@@ -873,6 +1005,44 @@ def _print_queries(queries: list[fleet.QueryTiming]) -> None:
             f"max {q.max_ms:8.1f} ms  rows {q.rows}{per_page}",
             flush=True,
         )
+
+
+def run_steps(bench: Bench, steps: Sequence[str]) -> None:
+    """The steps after setup that ``steps`` names, in ``STEPS``' order; each one's own
+    switch (``--no-postgresql``, ``--no-hsm``, ``--soak 0`` ...) still applies."""
+    args = bench.args
+    if "matrix" in steps:
+        bench.matrix()
+    if "postgresql" in steps:
+        if args.postgresql is False:
+            print("PostgreSQL: skipped (--no-postgresql)", flush=True)
+            bench.report["postgresql"] = {"skipped": "--no-postgresql"}
+        elif not postgres.installed():
+            print(f"PostgreSQL: not installed ({postgres.INSTALL_HINT})", flush=True)
+            bench.report["postgresql"] = {"skipped": "not installed"}
+        else:
+            bench.postgresql()
+    if "hsm" in steps:
+        if args.hsm is False:
+            print("SoftHSM2: skipped (--no-hsm)", flush=True)
+            bench.report["hsm"] = {"skipped": "--no-hsm"}
+        elif lacking := hsm.missing():
+            print(f"SoftHSM2: not installed ({lacking})", flush=True)
+            bench.report["hsm"] = {"skipped": "not installed"}
+        else:
+            bench.hsm_compare()
+    if "soak" in steps and args.soak:
+        bench.soak()
+    if "scale" in steps:
+        if args.scale:
+            bench.scale()
+        else:
+            print("scale: skipped (--scale 0)", flush=True)
+    if "agent" in steps:
+        if args.no_agent:
+            print("agent: skipped (--no-agent)", flush=True)
+        else:
+            bench.agent()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -903,25 +1073,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         bench.setup()
-        bench.matrix()
-        if args.postgresql is False:
-            print("PostgreSQL: skipped (--no-postgresql)", flush=True)
-            bench.report["postgresql"] = {"skipped": "--no-postgresql"}
-        elif not postgres.installed():
-            print(f"PostgreSQL: not installed ({postgres.INSTALL_HINT})", flush=True)
-            bench.report["postgresql"] = {"skipped": "not installed"}
-        else:
-            bench.postgresql()
-        if args.soak:
-            bench.soak()
-        if args.scale:
-            bench.scale()
-        else:
-            print("scale: skipped (--scale 0)", flush=True)
-        if args.no_agent:
-            print("agent: skipped (--no-agent)", flush=True)
-        else:
-            bench.agent()
+        run_steps(bench, args.only or STEPS)
     finally:
         bench.report["total_seconds"] = round(time.monotonic() - t0, 1)
         bench.write(output)
