@@ -467,3 +467,25 @@ def test_a_node_that_has_not_loaded_a_generation_leaves_its_crl_to_the_others(
     publisher.publish_all(now=NOW, names=["devices-2", "devices"])
     assert (tmp_path / "devices.crl").exists() and not (tmp_path / "devices-2.crl").exists()
     assert "CRL of CA devices-2 not republished here" in caplog.text
+
+
+def test_an_expired_issuing_ca_refuses_to_issue_instead_of_inverting_validity(
+    cas: Cas, store: SqlStore
+) -> None:
+    expired = _short_lived(cas, "devices", 10)
+    authority = Authority(
+        cas={"root": cas.root, "devices": expired, "bootstrap": cas.bootstrap},
+        labels={"devices": label()},
+        bootstrap_profile=BOOTSTRAP,
+        store=store,
+        secret_validity=dt.timedelta(days=7),
+    )
+    key = generate_key("ec-p256")
+    boot = authority.issue_bootstrap(make_csr(key), device_id="dev-1", actor="t", now=NOW)
+    who = authority.authenticate_certificate(boot.certificate, now=NOW)
+    refusal = refused(
+        Code.UNAVAILABLE,
+        lambda: authority.enroll(authority.labels["devices"], make_csr(key), who, now=NOW),
+    )
+    assert "expired" in refusal.reason and "estkit ca rotate" in refusal.reason
+    assert store.certificates_of("dev-1") == [boot.record]

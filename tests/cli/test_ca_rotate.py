@@ -40,7 +40,7 @@ from ca.test_constraints import DNS, make_ca
 from estkit.ca.authority import IssuingCa
 from estkit.ca.signers import load_cas
 from estkit.cli.main import main
-from estkit.pki.certs import certs_to_pem
+from estkit.pki.certs import certs_to_pem, fingerprint
 from estkit.pki.keys import key_to_pem, load_private_key_pem, public_keys_match
 from estkit.server.config import load_config
 from estkit.server.wiring import awaiting_import, installed_cas, offline_root_pending
@@ -165,10 +165,11 @@ def test_rotate_makes_the_next_generation_beside_the_old_one_signed_by_the_same_
 
     [(outcome, detail)] = rotations(data_dir)
     assert outcome == "ok"
-    assert detail == (
+    assert detail.startswith(
         f"{new} ({cert.subject.rfc4514_string()}) replaces {ca} from "
-        f"{generation.issues_from.isoformat()}"
+        f"{generation.issues_from.isoformat()}; key "
     )
+    assert detail.endswith(f"; SHA-256 {fingerprint(cert)}")
 
 
 @pytest.mark.parametrize(
@@ -549,3 +550,19 @@ def test_with_the_keys_in_a_token_the_new_key_is_made_in_the_same_token(
         == labels[1]
     )
     assert private_key_files(data_dir) == ["tls/server.key"]
+
+
+def test_a_rotation_stopped_half_way_is_named_not_taken_over(
+    fresh_server: EstServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = fresh_server.data_dir
+    # The key and certificate were written, the config was not (a crash in between).
+    (data_dir / "ca" / "devices-2.key").write_bytes(b"left over")
+    before = snapshot(data_dir)
+    proc = rotate(data_dir, capsys, "devices")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith(
+        "ca/devices-2.key exist(s) without a [cas.devices-2] table: a rotation stopped half "
+        "way; move them away and run it again"
+    ), proc.stderr
+    assert snapshot(data_dir) == before and rotations(data_dir) == []

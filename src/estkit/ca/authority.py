@@ -767,6 +767,21 @@ class Authority(Generic[StoreT]):
         not_after: dt.datetime | None = None,
     ) -> Issued:
         ca = self.issuing_ca(label, now=now)
+        if now >= ca.cert.not_valid_after_utc:
+            # Its certificates would end before they begin: an operator must rotate it.
+            self._refuse(
+                who.actor,
+                via,
+                Refusal(
+                    Code.UNAVAILABLE,
+                    f"the issuing CA {ca.name} expired at "
+                    f"{ca.cert.not_valid_after_utc.isoformat()}; nothing can be issued from it "
+                    "until an operator rotates it (estkit ca rotate)",
+                    retry_after=3600,
+                ),
+                now,
+                device_id=who.device_id,
+            )
         crl_url = self.crl_urls.get(ca.name)
         cert = issue_leaf(
             profile=label.profile,

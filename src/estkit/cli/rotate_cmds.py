@@ -101,6 +101,12 @@ def cmd_ca_rotate(args: argparse.Namespace) -> int:
         subject = _with_cn(subject, args.common_name)
     _check_subject_unused(config, subject)
     new = _new_ca_config(config, current, name, issues_from)
+    if leftovers := [p for p in (new.cert, new.key_file) if p is not None and p.exists()]:
+        shown = " and ".join(_shown(p, config) for p in leftovers)
+        raise CliError(
+            f"{shown} exist(s) without a [cas.{name}] table: a rotation stopped half way; "
+            "move them away and run it again"
+        )
     table = _table(config, new)
     text = (args.data_dir / CONFIG_NAME).read_text()
     updated = text.rstrip("\n") + "\n\n" + table
@@ -127,7 +133,7 @@ def cmd_ca_rotate(args: argparse.Namespace) -> int:
         f"config: [cas.{name}] added to {args.data_dir / CONFIG_NAME}: replaces "
         f"{current.name}, issues from {issues_from.isoformat()}"
     )
-    _audit(config, name, current.name, issues_from, subject)
+    _audit(config, new, current.name, issues_from, subject, where)
     _print_next_steps(args, config, name, current.name, issues_from, offline)
     return 0
 
@@ -392,7 +398,12 @@ def _request(new: CaConfig, key: Any, subject: x509.Name, where: str) -> str:
 
 
 def _audit(
-    config: ServerConfig, name: str, old: str, issues_from: dt.datetime, subject: x509.Name
+    config: ServerConfig,
+    new: CaConfig,
+    old: str,
+    issues_from: dt.datetime,
+    subject: x509.Name,
+    where: str,
 ) -> None:
     from estkit.cli.server_cmds import _operator
     from estkit.store import AuditEvent, SqlStore
@@ -407,18 +418,26 @@ def _audit(
                 actor=_operator(),
                 action="ca-rotate",
                 outcome="ok",
-                detail=f"{name} ({subject.rfc4514_string()}) replaces {old} from "
-                f"{issues_from.isoformat()}",
+                detail=f"{new.name} ({subject.rfc4514_string()}) replaces {old} from "
+                f"{issues_from.isoformat()}; {where}{_fingerprint(new)}",
             )
         )
     except StoreError as exc:
         raise CliError(
-            f"{name} is made and configured, but the audit log could not record it ({exc}); "
+            f"{new.name} is made and configured, but the audit log could not record it ({exc}); "
             "note the rotation by hand",
             exit_code=EXIT_TEMPFAIL,
         ) from None
     finally:
         store.close()
+
+
+def _fingerprint(ca: CaConfig) -> str:
+    from estkit.pki.certs import fingerprint, load_pem_certificates
+
+    if not ca.cert.exists():
+        return "; certificate to be signed by the offline root"
+    return f"; SHA-256 {fingerprint(load_pem_certificates(ca.cert.read_bytes())[0])}"
 
 
 def _print_next_steps(

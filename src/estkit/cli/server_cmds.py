@@ -1098,7 +1098,13 @@ def cmd_ca_chain(args: argparse.Namespace) -> int:
     if args.ca not in config.cas:
         raise CliError(f"unknown CA {args.ca!r}; configured: {', '.join(config.cas)}")
     _require_imported(config)
-    certs = {n: load_pem_certificates(c.cert.read_bytes())[0] for n, c in config.cas.items()}
+    from estkit.server.wiring import installed_cas
+
+    installed = installed_cas(config)
+    if args.ca not in installed:
+        missing = config.cas[args.ca].cert
+        raise CliError(f"CA {args.ca}: its certificate {missing} is not imported yet")
+    certs = {n: load_pem_certificates(c.cert.read_bytes())[0] for n, c in installed.items()}
     sys.stdout.write(certs_to_pem(chain_to_root(certs[args.ca], certs)).decode())
     return 0
 
