@@ -222,7 +222,8 @@ def _non_empty_target(_source: Path, tmp: Path) -> str:
 def _odd_ca_name(source: Path, _tmp: Path) -> str:
     with (source / "estkit.toml").open("a") as config:
         config.write('\n[cas."x y"]\ncert = "ca/root.pem"\nkey = "ca/root.key"\n')
-    return "[cas.x y]: its files are copied as ca/<name>.pem, .key, .pin"
+    # Refused by the config itself: a CA's files are named after it (ca/<name>.pem).
+    return "cas.x y: CA names are 1-64 letters, digits, '-' or '_'"
 
 
 @postgresql_only
