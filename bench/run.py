@@ -5,7 +5,8 @@ mTLS), ``simplereenroll`` (operational certificate, mTLS) and ``serverkeygen``
 (bootstrap certificate, mTLS, the server makes a P-256 key) at each
 concurrency, with each number of server workers; then the same enrollment
 run with ``--scale`` certificates already stored and the operator queries at
-that size; a soak run that watches the server's RSS across many handshakes;
+that size; OCSP responses per second per core from the cache; a soak run that
+watches the server's RSS across many handshakes;
 the device agent's idle cost. With PostgreSQL installed, the same enrollment on
 one and two nodes sharing a PostgreSQL database next to SQLite, and the scale
 run again on PostgreSQL. With SoftHSM2 installed, enrollment on a server whose CA keys
@@ -34,13 +35,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench import fleet, hsm, loadgen, postgres
+from bench import fleet, hsm, loadgen, ocsp, postgres
 from bench.procstat import RssSampler, Snapshot, cpu_seconds, tree
 
 RESULTS = Path(__file__).parent / "results"
 OPERATIONS = ("cacerts", "simpleenroll", "simplereenroll", "serverkeygen")
 # The steps after ``setup``, in the order they run (``--only`` picks some).
-STEPS = ("matrix", "postgresql", "hsm", "soak", "scale", "agent")
+STEPS = ("matrix", "ocsp", "postgresql", "hsm", "soak", "scale", "agent")
 # What the SoftHSM2 step compares: the enrollments that sign a certificate.
 HSM_OPERATIONS = ("simpleenroll", "simplereenroll")
 MB = 1024 * 1024
@@ -393,6 +394,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="simpleenroll and simplereenroll on a server whose CA keys are in a SoftHSM2 "
         "token next to the file-key server (default: when softhsm2 and python-pkcs11 are "
         "installed)",
+    )
+    p.add_argument(
+        "--ocsp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="OCSP responses per second per core from the cache, over keep-alive connections "
+        "to the plain-HTTP listener (default: on)",
     )
     p.add_argument(
         "--only",
@@ -953,6 +961,22 @@ class Bench:
         report["seconds"] = round(time.monotonic() - t0, 1)
         self.report["hsm"] = report
 
+    def ocsp(self) -> None:
+        """bench/ocsp.py on this server (1 worker): the pool's first 64 operational
+        certificates, ten times ``--requests`` responses or ``--seconds``."""
+        assert self.pool is not None
+        certs = [Path(d.cert_file) for d in self.pool.operational[:64]]
+        with self.server(1) as server:
+            result = ocsp.measure(
+                port=ocsp.ocsp_port(self.data_dir),
+                server_pid=server.pid,
+                requests=ocsp.requests_for(self.data_dir, certs),
+                count=10 * self.args.requests,
+                seconds=self.args.seconds,
+            )
+        print(ocsp.report(result), flush=True)
+        self.report["ocsp"] = ocsp.summary(result)
+
     def agent(self) -> None:
         from bench import device
 
@@ -1013,6 +1037,12 @@ def run_steps(bench: Bench, steps: Sequence[str]) -> None:
     args = bench.args
     if "matrix" in steps:
         bench.matrix()
+    if "ocsp" in steps:
+        if args.ocsp:
+            bench.ocsp()
+        else:
+            print("ocsp: skipped (--no-ocsp)", flush=True)
+            bench.report["ocsp"] = {"skipped": "--no-ocsp"}
     if "postgresql" in steps:
         if args.postgresql is False:
             print("PostgreSQL: skipped (--no-postgresql)", flush=True)

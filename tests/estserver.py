@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -14,7 +15,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,3 +221,37 @@ def make_server(
     for (section, key), value in (config or {}).items():
         set_config(data_dir, section, key, value)
     return EstServer(data_dir=data_dir, port=port, crl_port=crl_port)
+
+
+@contextmanager
+def node_pair(
+    database_url: str, tmp: Path, *, prepare: Callable[[Path], None] | None = None
+) -> Iterator[tuple[EstServer, EstServer]]:
+    """Two running nodes on one (PostgreSQL) database: ``tmp/node-a`` made by ``server
+    init`` (then ``prepare``d), ``tmp/node-b`` a copy of it (same CAs and database URL)
+    with its own ports and node name. Stopped, B first, at the end."""
+    a_dir, b_dir = tmp / "node-a", tmp / "node-b"
+    port_a, crl_a, port_b, crl_b = free_ports(4)
+    url = database_url.replace("postgresql+psycopg://", "postgresql://")
+    run_estkit(
+        "server", "init", "--data-dir", a_dir, "--port", str(port_a),
+        "--crl-port", str(crl_a), "--database-url", url,
+    )  # fmt: skip
+    if prepare is not None:
+        prepare(a_dir)
+    shutil.copytree(a_dir, b_dir)
+    set_config(b_dir, "server", "port", str(port_b))
+    set_config(b_dir, "server", "public_url", f'"https://localhost:{port_b}"')
+    set_config(b_dir, "crl", "http_port", str(crl_b))
+    set_config(b_dir, "node", "name", '"node-b"')  # a copy keeps A's; one name, one node
+    a = EstServer(data_dir=a_dir, port=port_a, crl_port=crl_a)
+    b = EstServer(data_dir=b_dir, port=port_b, crl_port=crl_b)
+    a.start()
+    try:
+        b.start()
+        try:
+            yield a, b
+        finally:
+            b.stop()
+    finally:
+        a.stop()

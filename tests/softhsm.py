@@ -57,6 +57,14 @@ class SoftHsm:
     def pin_file(self) -> Path:
         return self.directory / "token.pin"
 
+    @property
+    def signer_args(self) -> list[str]:
+        """The ``estkit server init`` options that make the CA keys in this token."""
+        return [
+            "--signer", "pkcs11", "--pkcs11-module", str(self.module),
+            "--token-label", self.label, "--pin-file", str(self.pin_file),
+        ]  # fmt: skip
+
     def remove(self) -> Path:
         """Take the token away (its files move out of SoftHSM's sight), as an unplugged
         HSM; returns where they went."""

@@ -1,4 +1,5 @@
-"""Durable small-file writes: temporary file, fsync, rename, fsync the directory.
+"""Durable small-file writes (temporary file, fsync, rename, fsync the directory), and
+reading the files of secrets only their owner may read.
 
 A leaf module (stdlib only) shared by ``ca/``, ``agent/`` and ``cli/``: keys,
 certificates and state files are written one way everywhere.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 from pathlib import Path
 
 PRIVATE = 0o600
@@ -58,3 +60,23 @@ def fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_private(path: Path, *, where: str, what: str) -> bytes:
+    """The content of ``path``, a file only its owner may read (0600 or 0400) that holds
+    a secret (``what``: "a PIN file", "a key file"), read without following a link.
+    ``ValueError`` naming ``where`` (the setting that names the file) otherwise."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(f"{where}: {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise ValueError(f"{where}: {path}: not a regular file")
+        if mode & 0o077:
+            raise ValueError(
+                f"{where}: {path} has mode {stat.S_IMODE(mode):04o}; only its owner may read "
+                f"{what} (chmod 600 {path})"
+            )
+        return f.read()

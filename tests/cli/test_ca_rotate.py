@@ -430,7 +430,8 @@ def test_under_an_offline_root_rotate_writes_a_request_that_the_import_completes
     assert csr.subject.rfc4514_string() == "CN=estkit Device Issuing CA G2,O=estkit"
     assert not (ca_dir / "devices-2.pem").exists()
     assert private_key_files(data_dir) == [
-        "ca/bootstrap.key", "ca/devices-2.key", "ca/devices.key", "tls/server.key",
+        "audit/checkpoint.key", "ca/bootstrap.key", "ca/devices-2.key", "ca/devices.key",
+        "tls/server.key",
     ]  # fmt: skip
 
     # The server would start, devices going on issuing, and says what it waits for.
@@ -524,7 +525,7 @@ def test_with_the_keys_in_a_token_the_new_key_is_made_in_the_same_token(
     cert = ca_cert(data_dir, "devices-2")
     ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     assert made.fields["ID"] == ski.digest.hex()
-    assert private_key_files(data_dir) == ["tls/server.key"]
+    assert private_key_files(data_dir) == ["audit/checkpoint.key", "tls/server.key"]
     assert not list(data_dir.rglob("devices-2.key"))
     assert_signed_by_root(data_dir, "devices-2")
 
@@ -549,7 +550,7 @@ def test_with_the_keys_in_a_token_the_new_key_is_made_in_the_same_token(
         tomllib.loads((data_dir / "estkit.toml").read_text())["cas"]["devices-3"]["key_label"]
         == labels[1]
     )
-    assert private_key_files(data_dir) == ["tls/server.key"]
+    assert private_key_files(data_dir) == ["audit/checkpoint.key", "tls/server.key"]
 
 
 def test_a_rotation_stopped_half_way_is_named_not_taken_over(

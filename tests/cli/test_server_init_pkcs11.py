@@ -137,8 +137,10 @@ def test_init_makes_the_ca_keys_in_the_token_and_no_ca_key_file(
             "key_label": name,
             "pin_file": str(softhsm.pin_file),
         }
-    assert private_key_files(data_dir) == ["tls/server.key"]
-    assert sorted(p.name for p in data_dir.rglob("*.key")) == ["server.key"]
+    assert private_key_files(data_dir) == ["audit/checkpoint.key", "tls/server.key"]
+    assert sorted(p.name for p in data_dir.rglob("*.key")) == [
+        "checkpoint.key", "portal-session.key", "server.key",
+    ]  # fmt: skip
 
     keys = private_keys(softhsm)
     assert sorted(keys) == sorted(CA_NAMES)
@@ -341,7 +343,7 @@ def test_taken_labels_are_kept_and_other_labels_or_the_keys_there_are_used_when_
     keys = private_keys(softhsm)
     assert sorted(keys) == sorted([*CA_NAMES, *(f"est-{n}" for n in CA_NAMES)])
     assert keys["root"].fields["ID"] == "c0ffee"  # the same object, not a new one
-    assert private_key_files(used) == ["tls/server.key"]
+    assert private_key_files(used) == ["audit/checkpoint.key", "tls/server.key"]
     load_cas(load_config(used).cas, environ={})
 
 

@@ -16,10 +16,12 @@ from subprocess import CompletedProcess
 import pytest
 
 from backends import postgresql_only
-from estkit.store import Node, SqlStore
+from estkit.server.portal.session import KEY_FILE, SessionSigner, load_or_create_key
+from estkit.store import ApiToken, Node, SqlStore
 from estserver import EstServer, free_ports, run_estkit, set_config
 
 CA_NAMES = ("root", "devices", "bootstrap")
+NOW = dt.datetime(2026, 12, 10, 12, 0, tzinfo=dt.UTC)
 
 
 def _mode(path: Path) -> int:
@@ -156,6 +158,31 @@ def test_join_copies_the_oidc_key_set_the_config_names(database_url: str, tmp_pa
 
 
 @postgresql_only
+def test_join_copies_the_portals_oidc_client_secret_privately(
+    database_url: str, tmp_path: Path
+) -> None:
+    source = _first_node(tmp_path, database_url)
+    (source / "oidc").mkdir()
+    (source / "oidc" / "keys.json").write_text('{"keys": []}')
+    (source / "oidc" / "portal.secret").write_text("s3cret\n")
+    with (source / "estkit.toml").open("a") as config:
+        config.write(
+            '\n[api.oidc]\nissuer = "https://idp.example"\naudience = "api://estkit"\n'
+            'jwks_file = "oidc/keys.json"\nportal_client_id = "estkit-portal"\n'
+            'portal_client_secret_file = "oidc/portal.secret"\n'
+            '[api.oidc.clients]\n"alice" = ["admin"]\n'
+        )
+    target = tmp_path / "us-1"
+
+    _join(source, target)
+
+    copy = target / "api" / "portal-client.secret"
+    assert copy.read_text() == "s3cret\n" and _mode(copy) == 0o600
+    config = tomllib.loads((target / "estkit.toml").read_text())
+    assert config["api"]["oidc"]["portal_client_secret_file"] == "api/portal-client.secret"
+
+
+@postgresql_only
 def test_join_copies_a_token_cas_pin_file_not_its_module(database_url: str, tmp_path: Path) -> None:
     """A CA whose key is in a PKCS#11 token: its certificate and PIN file are copied
     (the PIN 0600), the module stays the host's library; nothing is loaded."""
@@ -219,6 +246,13 @@ def _non_empty_target(_source: Path, tmp: Path) -> str:
     return f"--data-dir: {tmp / 'us-1'} exists and is not empty"
 
 
+def _symlinked_session_key(source: Path, tmp: Path) -> str:
+    key = source / KEY_FILE
+    key.rename(tmp / "session.key")
+    key.symlink_to(tmp / "session.key")
+    return f"{KEY_FILE}: {key}: a symbolic link on its path"
+
+
 def _odd_ca_name(source: Path, _tmp: Path) -> str:
     with (source / "estkit.toml").open("a") as config:
         config.write('\n[cas."x y"]\ncert = "ca/root.pem"\nkey = "ca/root.key"\n')
@@ -229,7 +263,15 @@ def _odd_ca_name(source: Path, _tmp: Path) -> str:
 @postgresql_only
 @pytest.mark.parametrize(
     "prepare",
-    [_symlinked_key, _symlinked_directory, _dotdot, _fifo, _non_empty_target, _odd_ca_name],
+    [
+        _symlinked_key,
+        _symlinked_directory,
+        _dotdot,
+        _fifo,
+        _non_empty_target,
+        _odd_ca_name,
+        _symlinked_session_key,
+    ],
     ids=[
         "fail/symlinked-key",
         "fail/symlinked-directory",
@@ -237,6 +279,7 @@ def _odd_ca_name(source: Path, _tmp: Path) -> str:
         "fail/fifo-for-a-key",
         "fail/non-empty-target",
         "fail/ca-name-not-a-file-name",
+        "fail/symlinked-portal-session-key",
     ],
 )
 def test_join_refuses_in_one_line_and_writes_nothing(
@@ -253,6 +296,43 @@ def test_join_refuses_in_one_line_and_writes_nothing(
     assert joined.stderr.startswith("estkit: ")
     assert expected in joined.stderr
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@postgresql_only
+def test_join_copies_the_portal_session_key_so_the_nodes_share_sessions(
+    database_url: str, tmp_path: Path
+) -> None:
+    source = _first_node(tmp_path, database_url)
+    assert _mode(source / KEY_FILE) == 0o600  # made by init, before any server ran
+    target = tmp_path / "us-1"
+
+    out = _join(source, target).stdout
+
+    assert f"portal: copied {KEY_FILE} (0600): the nodes share portal sessions" in out
+    assert (target / KEY_FILE).read_bytes() == (source / KEY_FILE).read_bytes()
+    assert _mode(target / KEY_FILE) == 0o600
+    token = ApiToken(
+        id=1, name="ops", token_hash="ab" * 32, scopes=frozenset({"admin"}), created_by="t",
+        created_at=NOW, expires_at=None, revoked_at=None, last_used_at=None,
+    )  # fmt: skip
+    cookie, session = SessionSigner(load_or_create_key(source)).issue(token, now=NOW)
+    other = SessionSigner(load_or_create_key(target))
+    assert other.verify(cookie, token) and other.parse(cookie, now=NOW) == session
+
+
+@postgresql_only
+def test_join_from_a_node_without_a_session_key_says_each_node_keeps_its_own(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A data directory made before the portal, whose server has not run since."""
+    source = _first_node(tmp_path, database_url)
+    (source / KEY_FILE).unlink()
+    target = tmp_path / "us-1"
+
+    out = _join(source, target).stdout
+
+    assert f"portal: no {KEY_FILE} in {source}" in out and "copy it here" in out
+    assert not (target / KEY_FILE).exists() and not (source / KEY_FILE).exists()
 
 
 @postgresql_only

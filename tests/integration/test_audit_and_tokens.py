@@ -347,6 +347,12 @@ def test_iothub_verify_cert_has_the_code_as_cn_and_is_signed_by_the_devices_ca(
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert b"PRIVATE KEY" not in out_file.read_bytes()
     assert cert.public_bytes(Encoding.PEM) == out_file.read_bytes()
+    (audited,) = serverdb.rows(
+        operator_dir.data_dir,
+        "SELECT actor, detail FROM audit_events WHERE action = 'iothub-verify'",
+    )
+    assert audited[0].startswith("cli:")
+    assert audited[1].endswith(f"{serial_hex(cert.serial_number)} for CN=ABC123, signed by devices")
 
 
 @pytest.mark.parametrize(

@@ -103,13 +103,14 @@ def test_a_server_with_its_ca_keys_in_a_token_enrolls_reenrolls_and_signs_crls(
     assert crl.get_revoked_certificate_by_serial_number(operational.cert.serial_number)
     assert crl.get_revoked_certificate_by_serial_number(renewed.cert.serial_number) is None
 
-    # Nothing on disk could sign as a CA: the one private key there is the TLS server's.
+    # Nothing on disk could sign as a CA: the private keys there are the TLS server's and
+    # the audit key (which signs audit checkpoints only).
     key_files = sorted(
         str(p.relative_to(server.data_dir))
         for p in server.data_dir.rglob("*")
         if p.is_file() and b"PRIVATE KEY-----" in p.read_bytes()
     )
-    assert key_files == ["tls/server.key"]
+    assert key_files == ["audit/checkpoint.key", "tls/server.key"]
     log = server.log()
     assert log.count("Started server process") == 2 and "cannot sign" not in log
 

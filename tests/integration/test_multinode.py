@@ -8,7 +8,6 @@ the other honours on the next request.
 
 from __future__ import annotations
 
-import shutil
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ from cryptography import x509
 
 from estkit.pki.certs import serial_hex
 from estkit.store import SqlStore
-from estserver import EstServer, add_label, free_ports, run_estkit, set_config
+from estserver import EstServer, add_label, node_pair
 from estutil import Identity, csr_der, http, issued_cert, new_key, post_csr
 from integration.conftest import bootstrap_device
 from pgcluster import PgCluster
@@ -41,32 +40,15 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(pg_cluster: PgCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    def approved_label(data_dir: Path) -> None:
+        add_label(data_dir, "approved", approval=True, approval_retry_after=1)
+
     tmp = tmp_path_factory.mktemp("multinode")
-    with pg_cluster.database() as database_url:
-        a_dir, b_dir = tmp / "node-a", tmp / "node-b"
-        port_a, crl_a, port_b, crl_b = free_ports(4)
-        url = database_url.replace("postgresql+psycopg://", "postgresql://")
-        run_estkit(
-            "server", "init", "--data-dir", a_dir, "--port", str(port_a),
-            "--crl-port", str(crl_a), "--database-url", url,
-        )  # fmt: skip
-        add_label(a_dir, "approved", approval=True, approval_retry_after=1)
-        shutil.copytree(a_dir, b_dir)
-        set_config(b_dir, "server", "port", str(port_b))
-        set_config(b_dir, "server", "public_url", f'"https://localhost:{port_b}"')
-        set_config(b_dir, "crl", "http_port", str(crl_b))
-        set_config(b_dir, "node", "name", '"node-b"')  # a copy keeps A's; one name, one node
-        a = EstServer(data_dir=a_dir, port=port_a, crl_port=crl_a)
-        b = EstServer(data_dir=b_dir, port=port_b, crl_port=crl_b)
-        a.start()
-        try:
-            b.start()
-            try:
-                yield Fleet(a, b, database_url)
-            finally:
-                b.stop()
-        finally:
-            a.stop()
+    with (
+        pg_cluster.database() as database_url,
+        node_pair(database_url, tmp, prepare=approved_label) as (a, b),
+    ):
+        yield Fleet(a, b, database_url)
 
 
 def enroll(

@@ -181,14 +181,15 @@ def test_a_server_with_an_offline_root_and_token_keys_enrolls_and_reenrolls(
         time.sleep(0.2)
     assert fetch(f"{server.crl_url}/root.crl") == (carried / "root-2.crl").read_bytes()
 
-    # No CA key on the server's disk: the one private key there is the TLS server's, and
+    # No CA key on the server's disk: the private keys there are the TLS server's and the
+    # audit key (which signs audit checkpoints only), and
     # nothing of the root's but its certificate and CRL.
     key_files = sorted(
         str(p.relative_to(data))
         for p in data.rglob("*")
         if p.is_file() and b"PRIVATE KEY-----" in p.read_bytes()
     )
-    assert key_files == ["tls/server.key"]
+    assert key_files == ["audit/checkpoint.key", "tls/server.key"]
     assert sorted(p.name for p in (data / "ca").iterdir()) == [
         "bootstrap.csr", "bootstrap.pem", "devices.csr", "devices.pem", "root.crl", "root.pem",
     ]  # fmt: skip

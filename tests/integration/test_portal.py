@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Page, sync_playwright
 
 import serverdb
@@ -30,11 +31,14 @@ from estkit.server.errors import CODE_HEADER
 from estserver import EstServer, add_label, make_server
 from estutil import csr_der, http, issued_cert, new_key, post_csr
 from integration.conftest import bootstrap_device, enroll_operational
+from oidcstandin import Client, Provider, running
 
 CHROMIUM = "/usr/bin/chromium"
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 WAIT_MS = 15_000  # every Playwright wait is bounded by this
 GATED = "gated"  # an EST label whose enrollments wait for an operator
+OIDC_CLIENT = "estkit-portal"  # the portal's client at the stand-in OpenID provider
+OIDC_ADMIN = "alice@example.net"  # the ID tokens' sub, an admin in [api.oidc.clients]
 
 
 @dataclass
@@ -46,14 +50,34 @@ class Fleet:
 
 
 @pytest.fixture(scope="module")
+def provider() -> Iterator[Provider]:
+    """An OpenID provider on 127.0.0.1 (``oidcstandin``), the portal's second way in."""
+    with running(Provider.fresh(subject=OIDC_ADMIN)) as running_provider:
+        yield running_provider
+
+
+@pytest.fixture(scope="module")
 def fleet(
-    request: pytest.FixtureRequest, backend: str, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    backend: str,
+    provider: Provider,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Fleet]:
-    """A server with a gated label, tokens of both portal scopes, and a few devices with
-    operational certificates (something for the dashboard to count)."""
+    """A server with a gated label, tokens of both portal scopes, OIDC sign-in through
+    ``provider``, and a few devices with operational certificates (something for the
+    dashboard to count)."""
     tmp = tmp_path_factory.mktemp("portal")
     server = make_server(tmp, database_url=server_database(request, backend))
     add_label(server.data_dir, GATED, approval=True)
+    with (server.data_dir / "estkit.toml").open("a") as config:
+        config.write(
+            f'\n[api.oidc]\nissuer = "{provider.issuer}"\naudience = "api://estkit"\n'
+            f'jwks_url = "{provider.issuer}/jwks"\nportal_client_id = "{OIDC_CLIENT}"\n'
+            f'[api.oidc.clients]\n"{OIDC_ADMIN}" = ["admin"]\n'
+        )
+    provider.clients[OIDC_CLIENT] = Client(
+        OIDC_CLIENT, redirect_uri=f"{server.origin}/ui/login/oidc/callback"
+    )
     server.start()
     try:
         admin = server.cli("token", "create", "--name", "ops", "--scope", "admin").stdout.strip()
@@ -176,6 +200,9 @@ def test_every_page_renders_without_console_errors_and_is_screenshotted(
         "decommission-confirm": f"/ui/devices/{device}/decommission",
         "approvals": "/ui/approvals",
         "audit": f"/ui/audit?device={device}",
+        "audit-chain": "/ui/audit/chain",
+        "tokens": "/ui/tokens",
+        "token-revoke-confirm": "/ui/tokens/viewer/revoke",
         "refused": "/ui/certificates?status=lost",
     }
     shots = {}
@@ -207,25 +234,40 @@ def test_the_dashboard_numbers_equal_the_stores(sign_in, fleet: Fleet) -> None:
     now = dt.datetime.now(dt.UTC)
     certs = serverdb.rows(
         data_dir,
-        "SELECT device_id, ca, status, not_after FROM certificates WHERE ca NOT LIKE 'bootstrap%'",
+        "SELECT device_id, ca, status, not_before, not_after FROM certificates "
+        "WHERE ca NOT LIKE 'bootstrap%'",
     )
     devices = [r[0] for r in serverdb.rows(data_dir, "SELECT device_id FROM devices")]
-
-    def valid_until(device: str) -> dt.datetime | None:
-        ends = [_utc(c[3]) for c in certs if c[0] == device and c[2] == "valid"]
-        return max(ends, default=None)
-
     week = now + dt.timedelta(days=7)
-    enrolled = {c[0] for c in certs}
-    assert shown["never-enrolled"] == sum(d not in enrolled for d in devices)
-    assert shown["valid"] == sum((u := valid_until(d)) is not None and u > week for d in devices)
+
+    def state(device: str) -> str:
+        mine = [c for c in certs if c[0] == device]
+        valid = [(_utc(c[3]), _utc(c[4])) for c in mine if c[2] == "valid"]
+        if not mine or not valid:
+            return "never-enrolled" if not mine else "revoked"
+        until = max(end for _, end in valid)
+        renew_at = max(start + (end - start) * 0.8 for start, end in valid)
+        if until <= week:
+            return "expired" if until <= now else "expiring"
+        return "renewal-due" if renew_at <= now else "valid"
+
+    states = [state(d) for d in devices]
+    for name in ("never-enrolled", "valid", "renewal-due", "expiring", "expired", "revoked"):
+        assert shown[name] == states.count(name), name
     assert shown["valid"] >= len(fleet.devices)
     issued = serverdb.rows(data_dir, "SELECT issued_at FROM certificates")
     issued_today = sum(_utc(r[0]).date() == now.date() for r in issued)
     table = operator.page.get_by_test_id("issued-table")
     row = table.locator("tr", has_text=now.date().isoformat())
     assert row.locator("td.num").text_content(timeout=WAIT_MS) == str(issued_today)
-    assert operator.page.locator("svg.chart rect.bar").count() == 60
+    refused = serverdb.rows(data_dir, "SELECT at FROM audit_events WHERE outcome = 'refused'")
+    refused_today = sum(_utc(r[0]).date() == now.date() for r in refused)
+    table = operator.page.get_by_test_id("refusals-table")
+    row = table.locator("tr", has_text=now.date().isoformat())
+    assert row.locator("td.num").last.text_content(timeout=WAIT_MS) == str(refused_today)
+    for chart in ("issued-h", "expiry-h"):
+        bars = operator.page.locator(f"section[aria-labelledby={chart}] svg.chart rect.bar")
+        assert bars.count() == 30
     assert operator.console.errors == []
 
 
@@ -351,3 +393,191 @@ def test_an_admin_action_without_the_csrf_token_is_refused(sign_in, fleet: Fleet
         fleet.server.data_dir, "SELECT status FROM devices WHERE device_id = :d", d=device
     )
     assert status == [("active",)]
+
+
+def test_an_admin_creates_a_token_sees_it_once_and_it_signs_in(
+    sign_in, fleet: Fleet, device_id: str
+) -> None:
+    operator: Operator = sign_in(fleet.admin)
+    page = operator.page
+    page.get_by_role("link", name="API tokens").click()
+    page.wait_for_url(f"{operator.origin}/ui/tokens")
+    name = f"noc-{device_id}"[:128]
+    page.get_by_label("Name").fill(name)
+    page.get_by_label("Scope").select_option("read")
+    page.get_by_label("Expires after").fill("90d")
+    page.get_by_role("button", name="Create token").click()
+    token = page.get_by_test_id("new-token").input_value()
+    assert token.startswith("estk_")
+    page.get_by_role("link", name="Back to the API tokens").click()
+    row = page.get_by_role("row", name=re.compile(re.escape(name)))
+    assert "read" in row.inner_text() and "active" in row.inner_text()
+    assert token not in page.content()
+    assert token not in fleet.server.log()
+    reader: Operator = sign_in(token)
+    assert reader.page.get_by_test_id("identity").inner_text().startswith(name)
+    assert operator.console.errors == [] and reader.console.errors == []
+
+
+def test_an_admin_downloads_the_iothub_verification_certificate(sign_in, fleet: Fleet) -> None:
+    operator: Operator = sign_in(fleet.admin)
+    page = operator.page
+    operator.go("/ui/cas/devices")
+    page.get_by_label("Verification code").fill("3F2A9B1C")
+    with page.expect_download() as info:
+        page.get_by_role("button", name="Download the verification certificate").click()
+    download = info.value
+    assert download.suggested_filename == "devices-iothub-verification.pem"
+    (cert,) = x509.load_pem_x509_certificates(Path(download.path()).read_bytes())
+    assert cert.subject.rfc4514_string() == "CN=3F2A9B1C"
+    devices_ca = x509.load_pem_x509_certificate(
+        (fleet.server.data_dir / "ca" / "devices.pem").read_bytes()
+    )
+    cert.verify_directly_issued_by(devices_ca)
+    actors = serverdb.rows(
+        fleet.server.data_dir,
+        "SELECT actor FROM audit_events WHERE action = 'iothub-verify' AND detail LIKE :d",
+        d="%CN=3F2A9B1C,%",
+    )
+    assert actors == [("ui:ops",)]
+    assert operator.console.errors == []
+
+
+# -- the keyboard alone ------------------------------------------------------------------
+
+# The focused element as the keyboard user sees it: what it is, and whether the focus
+# ring shows (``:focus-visible`` with an outline of at least 2 px).
+_FOCUSED = """() => {
+  const e = document.activeElement;
+  if (!e || e === document.body) return null;
+  const style = getComputedStyle(e);
+  return {
+    tag: e.tagName.toLowerCase(),
+    name: ((e.labels && e.labels.length ? e.labels[0].innerText : e.innerText)
+      || e.getAttribute("aria-label") || "").trim(),
+    ring: e.matches(":focus-visible") && style.outlineStyle !== "none"
+      && parseFloat(style.outlineWidth) >= 2,
+  };
+}"""
+TAB_LIMIT = 200  # presses before a control counts as unreachable
+
+
+@dataclass
+class Keyboard:
+    page: Page
+    visited: list[dict[str, object]] = field(default_factory=list)
+
+    def tab_to(self, name: str, tag: str = "a") -> None:
+        """Press Tab until the control ``name`` has the focus."""
+        for _ in range(TAB_LIMIT):
+            self.page.keyboard.press("Tab")
+            focused = self.page.evaluate(_FOCUSED)
+            if focused is None:
+                continue
+            self.visited.append(focused)
+            if focused["tag"] == tag and focused["name"] == name:
+                return
+        raise AssertionError(f"{name!r} ({tag}) not reached with {TAB_LIMIT} Tabs")
+
+    def enter(self, url: str | re.Pattern[str]) -> None:
+        self.page.keyboard.press("Enter")
+        self.page.wait_for_url(url)
+
+    def open_device(self, origin: str, device_id: str) -> None:
+        """From the devices page: search for the device, then follow its link."""
+        self.tab_to("Search", "input")
+        self.page.keyboard.type(device_id)
+        self.enter(re.compile(r".*/ui/devices\?search=.*"))
+        self.tab_to(device_id)
+        self.enter(f"{origin}/ui/devices/{device_id}")
+
+
+def test_the_portal_works_with_the_keyboard_alone_and_shows_where_the_focus_is(
+    browser: Browser, fleet: Fleet, device_id: str, tmp_path: Path
+) -> None:
+    server = fleet.server
+    boot = bootstrap_device(server, device_id, tmp_path / "bootstrap")
+    op = enroll_operational(server, device_id, boot, tmp_path / "op")
+    serial = serial_hex(op.cert.serial_number)
+    origin = server.origin
+    context = _context(browser, origin)
+    try:
+        page = context.new_page()
+        console = Console(page)
+        keys = Keyboard(page)
+        page.goto(f"{origin}/ui/")
+        assert page.evaluate("document.activeElement.id") == "token"  # autofocus
+        page.keyboard.type(fleet.admin)
+        keys.tab_to("Sign in", "button")
+        keys.enter(f"{origin}/ui/")
+        for name, path in (
+            ("Certificate authorities", "/ui/cas"),
+            ("Certificates", "/ui/certificates"),
+            ("Approvals", "/ui/approvals"),
+            ("Audit", "/ui/audit"),
+            ("API tokens", "/ui/tokens"),
+            ("Devices", "/ui/devices"),
+        ):
+            keys.tab_to(name)
+            keys.enter(f"{origin}{path}")
+        keys.open_device(origin, device_id)
+        keys.tab_to(serial)
+        keys.enter(f"{origin}/ui/certificates/{serial}")
+        keys.tab_to("Revoke…")
+        keys.enter(f"{origin}/ui/certificates/{serial}/revoke")
+        keys.tab_to("Revoke", "button")
+        keys.tab_to("Dashboard")
+        keys.enter(f"{origin}/ui/")
+        keys.tab_to("Certificate authorities")
+        keys.enter(f"{origin}/ui/cas")
+        keys.tab_to("devices")
+        keys.enter(f"{origin}/ui/cas/devices")
+        keys.tab_to("Download the verification certificate", "button")
+        keys.tab_to("Copy", "button")
+        keys.tab_to("Devices")
+        keys.enter(f"{origin}/ui/devices")
+        keys.open_device(origin, device_id)
+        keys.tab_to("Disable…")
+        keys.enter(f"{origin}/ui/devices/{device_id}/disable")
+        keys.tab_to("Disable", "button")
+        keys.enter(f"{origin}/ui/devices/{device_id}?done=disable")
+        keys.tab_to("Sign out", "button")
+        reached = {(f["tag"], f["name"]) for f in keys.visited}
+        nav = ("Dashboard", "Certificate authorities", "Devices", "Certificates", "Approvals")
+        assert {("a", name) for name in (*nav, "Audit", "API tokens")} <= reached
+        hidden = sorted({(str(f["tag"]), str(f["name"])) for f in keys.visited if not f["ring"]})
+        assert hidden == [], f"focused without a visible focus ring: {hidden}"
+        status = serverdb.rows(
+            server.data_dir, "SELECT status FROM devices WHERE device_id = :d", d=device_id
+        )
+        assert status == [("disabled",)]
+        assert console.errors == []
+    finally:
+        context.close()
+
+
+def test_a_person_signs_in_with_the_identity_provider(browser: Browser, fleet: Fleet) -> None:
+    """Through the provider's consent and back (a cross-site redirect): the pre-session
+    cookie comes back (SameSite=Lax) and the session works once the portal's own page
+    moves on (SameSite=Strict)."""
+    origin = fleet.server.origin
+    context = _context(browser, origin)
+    try:
+        page = context.new_page()
+        console = Console(page)
+        page.goto(f"{origin}/ui/devices")
+        page.get_by_role("link", name="Sign in with 127.0.0.1").click()
+        page.wait_for_url(f"{origin}/ui/devices")
+        assert page.get_by_test_id("identity").inner_text() == f"oidc:{OIDC_ADMIN} (admin)"
+        page.get_by_role("link", name="API tokens").click()  # an admin's page
+        page.wait_for_url(f"{origin}/ui/tokens")
+        actors = serverdb.rows(
+            fleet.server.data_dir,
+            "SELECT outcome FROM audit_events WHERE actor = :a AND detail = :d",
+            a=f"oidc:{OIDC_ADMIN}",
+            d="portal sign-in (OIDC)",
+        )
+        assert ("ok",) in actors
+        assert console.errors == []
+    finally:
+        context.close()

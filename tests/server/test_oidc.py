@@ -481,6 +481,14 @@ _GOOD: dict[str, Any] = {
         ({"algorithms": ["none"]}, "api.oidc.algorithms"),
         ({"algorithms": []}, "api.oidc.algorithms"),
         ({"jwks_uri": "https://idp/keys"}, "api.oidc.jwks_uri: unknown field"),
+        ({"portal_client_secret": "s"}, "api.oidc.portal_client_secret: a client secret is never"),
+        ({"client_secret": "s"}, "api.oidc.client_secret: a client secret is never written"),
+        ({"portal_client_id": ""}, "api.oidc.portal_client_id"),
+        ({"portal_client_secret_file": "s.txt"}, "api.oidc.portal_client_secret_file: without"),
+        (
+            {"portal_client_id": "p", "portal_client_secret_file": "missing.txt"},
+            "api.oidc.portal_client_secret_file: ",
+        ),
     ],
     ids=[
         "fail/no-issuer",
@@ -502,6 +510,11 @@ _GOOD: dict[str, Any] = {
         "fail/none-algorithm",
         "fail/no-algorithms",
         "fail/typo-field",
+        "fail/portal-secret-in-config",
+        "fail/client-secret-in-config",
+        "fail/empty-portal-client-id",
+        "fail/portal-secret-file-without-client",
+        "fail/portal-secret-file-missing",
     ],
 )
 def test_parse_config_names_the_bad_field(
@@ -515,3 +528,80 @@ def test_parse_config_names_the_bad_field(
 def test_config_refuses_symmetric_algorithms_even_when_built_directly() -> None:
     with pytest.raises(ValueError, match="HS256"):
         _config(algorithms=("RS256", "HS256"))
+
+
+def test_parse_config_reads_the_portals_client(tmp_path: Path) -> None:
+    (tmp_path / "portal.secret").write_text("s3cret\n")
+    config = parse_oidc_config(
+        {
+            **_GOOD,
+            "portal_client_id": "estkit-portal",
+            "portal_client_secret_file": "portal.secret",
+        },
+        tmp_path,
+    )
+    assert config is not None
+    assert config.portal_client_id == "estkit-portal"
+    assert config.portal_client_secret_file == tmp_path / "portal.secret"
+    plain = parse_oidc_config(_GOOD, tmp_path)
+    assert plain is not None and plain.portal_client_id is None
+
+
+# -- ID tokens (the portal's OIDC sign-in) ---------------------------------------------------
+
+PORTAL = "estkit-portal"
+
+
+def _id_claims(**overrides: Any) -> dict[str, Any]:
+    """Overrides of ``_claims`` for an ID token (None: the claim is left out)."""
+    return {"aud": PORTAL, "azp": PORTAL, "sub": "alice", "nonce": "n-1", **overrides}
+
+
+@pytest.mark.parametrize(
+    ("claims", "refusal"),
+    [
+        ({}, None),
+        ({"azp": None}, None),
+        ({"aud": [PORTAL, "other"]}, None),
+        ({"nonce": "n-2"}, "wrong nonce"),
+        ({"nonce": 7}, "wrong nonce"),
+        ({"nonce": None}, "token has no nonce claim"),
+        ({"aud": AUDIENCE, "azp": None}, "wrong audience"),
+        ({"azp": CLIENT}, "another party (azp)"),
+        ({"aud": [PORTAL, "other"], "azp": None}, "names no authorized party"),
+        ({"iat": None}, "token has no iat claim"),
+        ({"sub": None}, "token has no sub claim"),
+        ({"sub": "x" * 256}, "sub is not a subject"),
+        ({"exp": int(NOW) - 61}, "token expired"),
+    ],
+    ids=[
+        "ok/aud-and-azp",
+        "ok/no-azp",
+        "ok/several-audiences-with-azp",
+        "fail/other-nonce",
+        "fail/nonce-not-a-string",
+        "fail/no-nonce",
+        "fail/the-apis-audience",
+        "fail/azp-another-client",
+        "fail/several-audiences-no-azp",
+        "fail/no-iat",
+        "fail/no-sub",
+        "fail/sub-too-long",
+        "fail/expired",
+    ],
+)
+def test_an_id_token_is_accepted_only_for_this_client_and_nonce(
+    verifier: OidcVerifier, rsa_signer: Signer, claims: dict[str, Any], refusal: str | None
+) -> None:
+    token = rsa_signer.token(**_id_claims(**claims))
+    if refusal is None:
+        assert verifier.verify_id_token(token, client_id=PORTAL, nonce="n-1")["sub"] == "alice"
+        return
+    with pytest.raises(InvalidToken, match=re.escape(refusal)):
+        verifier.verify_id_token(token, client_id=PORTAL, nonce="n-1")
+
+
+def test_an_id_token_is_no_api_token(verifier: OidcVerifier, rsa_signer: Signer) -> None:
+    """Its audience is the portal's client, not the API's: the API refuses it."""
+    with pytest.raises(InvalidToken, match="wrong audience"):
+        verifier.verify(rsa_signer.token(**_id_claims()))

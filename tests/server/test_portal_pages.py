@@ -4,19 +4,20 @@ what a read user may see and not do, CSRF, actions through the authority (audite
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from html import unescape
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+import serverdb
 from backends import server_database
 from estkit.ca.authority import Authority
 from estkit.ca.tokens import TokenService
@@ -27,41 +28,7 @@ from estkit.server.wiring import build_authority, open_store
 from estkit.store import AuditEvent, CertStatus, DeviceStatus, PendingStatus, SqlStore
 from estserver import run_estkit
 from estutil import csr_der, new_key
-
-_CSRF = re.compile(r'name="csrf" value="([^"]+)"')
-
-
-class TestClient:
-    """A browser's cookie jar over the ASGI app, in-process (no sockets, no TLS: the
-    base URL is https so the Secure cookies come back)."""
-
-    __test__ = False
-
-    def __init__(self, app: Any) -> None:
-        self.transport = httpx.ASGITransport(app=app)
-        self.cookies = httpx.Cookies()
-
-    def request(
-        self, method: str, path: str, *, follow_redirects: bool = True, **kwargs: Any
-    ) -> httpx.Response:
-        async def call() -> httpx.Response:
-            async with httpx.AsyncClient(
-                transport=self.transport, base_url="https://est.test", cookies=self.cookies
-            ) as client:
-                answer = await client.request(
-                    method, path, follow_redirects=follow_redirects, **kwargs
-                )
-                await answer.aread()
-                self.cookies = client.cookies
-                return answer
-
-        return asyncio.run(call())
-
-    def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        return self.request("GET", path, **kwargs)
-
-    def post(self, path: str, **kwargs: Any) -> httpx.Response:
-        return self.request("POST", path, **kwargs)
+from portalutil import TestClient, csrf_of, sign_in
 
 
 @dataclass
@@ -88,25 +55,6 @@ class Portal:
             now=dt.datetime.now(dt.UTC), via="test",
         )  # fmt: skip
         return issued.record.serial
-
-
-def sign_in(client: TestClient, token: str, *, next_path: str = "/ui/") -> httpx.Response:
-    form = client.get("/ui/login")
-    csrf = _CSRF.search(form.text)
-    assert csrf is not None, form.text
-    return client.post(
-        "/ui/login",
-        data={"csrf": csrf[1], "token": token, "next": next_path},
-        follow_redirects=False,
-    )
-
-
-def csrf_of(client: TestClient, path: str) -> str:
-    page = client.get(path)
-    assert page.status_code == 200, page.text
-    found = _CSRF.search(page.text)
-    assert found is not None
-    return found[1]
 
 
 @pytest.fixture(scope="module")
@@ -423,3 +371,240 @@ def test_the_ca_page_offers_its_chain_and_its_est_urls(portal: Portal) -> None:
     assert chain.headers["content-disposition"] == 'attachment; filename="devices-chain.pem"'
     ca = portal.authority.cas["devices"]
     assert chain.content == b"".join(c.public_bytes(Encoding.PEM) for c in ca.chain)
+
+
+# -- API tokens ---------------------------------------------------------------------------
+
+
+def _create_token(client: TestClient, **form: str) -> httpx.Response:
+    csrf = csrf_of(client, "/ui/tokens")
+    return client.post("/ui/tokens", data={"csrf": csrf, **form}, follow_redirects=False)
+
+
+def test_an_admin_creates_a_token_that_is_shown_once_and_works(
+    portal: Portal, device_id: str
+) -> None:
+    client = portal.signed_in("ops")
+    name = f"station-{device_id}"
+    answer = _create_token(client, name=name, scope="provision", expires="30d")
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["cache-control"] == "no-store"
+    shown = re.findall(r'data-testid="new-token"', answer.text)
+    token = re.search(r'id="new-token" type="text" readonly value="([^"]+)"', answer.text)
+    assert shown and token is not None
+    now = dt.datetime.now(dt.UTC)
+    assert TokenService(portal.store).authenticate(token[1], now=now, use="test") == (
+        f"token:{name}",
+        frozenset({"provision"}),
+    )
+    listed = client.get("/ui/tokens").text
+    assert token[1] not in listed
+    row = re.search(rf"<tr>\s*<td>{re.escape(name)}</td>(.*?)</tr>", listed, re.S)
+    assert row is not None
+    assert "provision" in row[1] and ">active<" in row[1] and "by ui:ops" in row[1]
+    expiry = (now + dt.timedelta(days=30)).strftime("%Y-%m-%d")
+    assert expiry in row[1]
+    (entry,) = portal.store.list_audit(action="token-create", actor="ui:ops", limit=1000).items[-1:]
+    assert entry.detail == f"token {name} scopes=provision"
+    assert all(token[1] not in e.detail for e in portal.store.list_audit(limit=1000).items)
+
+
+@pytest.mark.parametrize(
+    ("form", "status", "says"),
+    [
+        ({"name": "bad name", "scope": "read"}, 400, "token name"),
+        ({"name": "ops", "scope": "read"}, 409, "a token named 'ops' exists"),
+        ({"name": "fresh", "scope": "root"}, 400, "scope: one of provision, read, admin"),
+        ({"name": "fresh", "scope": "read", "expires": "soon"}, 400, "expires: expected"),
+    ],
+    ids=["fail/name", "fail/exists", "fail/scope", "fail/expiry"],
+)
+def test_a_token_that_cannot_be_created_says_why_and_keeps_the_form(
+    portal: Portal, form: dict[str, str], status: int, says: str
+) -> None:
+    client = portal.signed_in("ops")
+    answer = _create_token(client, **form)
+    assert answer.status_code == status
+    assert says in unescape(answer.text)
+    assert f'value="{form["name"]}"' in answer.text
+    assert 'data-testid="new-token"' not in answer.text
+    assert "fresh" not in {t.name for t in portal.store.list_tokens()}
+
+
+def test_an_admin_revokes_a_token_after_confirming_and_it_is_audited(
+    portal: Portal, device_id: str
+) -> None:
+    name = f"old-{device_id}"
+    token = TokenService(portal.store).create(
+        name, frozenset({"read"}), actor="test", now=dt.datetime.now(dt.UTC)
+    )
+    client = portal.signed_in("ops")
+    assert f'href="/ui/tokens/{name}/revoke"' in client.get("/ui/tokens").text
+    confirm = client.get(f"/ui/tokens/{name}/revoke")
+    assert "is refused from now on" in confirm.text and "signed out" not in confirm.text
+    answer = client.post(
+        f"/ui/tokens/{name}/revoke",
+        data={"csrf": csrf_of(client, "/ui/tokens")},
+        follow_redirects=False,
+    )
+    assert (
+        answer.status_code == 303 and answer.headers["location"] == "/ui/tokens?done=token-revoked"
+    )
+    (record,) = [t for t in portal.store.list_tokens() if t.name == name]
+    assert record.revoked_at is not None
+    entries = portal.store.list_audit(action="token-revoke", limit=1000).items
+    assert (entries[-1].actor, entries[-1].detail) == ("ui:ops", f"token {name}")
+    assert sign_in(portal.client(), token).status_code == 401
+    listed = client.get("/ui/tokens").text
+    assert f'href="/ui/tokens/{name}/revoke"' not in listed
+
+
+def test_revoking_the_token_of_ones_own_session_signs_out(portal: Portal, device_id: str) -> None:
+    name = f"self-{device_id}"
+    token = TokenService(portal.store).create(
+        name, frozenset({"admin"}), actor="test", now=dt.datetime.now(dt.UTC)
+    )
+    client = portal.client()
+    sign_in(client, token)
+    assert "you will be signed out" in client.get(f"/ui/tokens/{name}/revoke").text
+    client.post(f"/ui/tokens/{name}/revoke", data={"csrf": csrf_of(client, "/ui/")})
+    assert client.get("/ui/tokens", follow_redirects=False).status_code == 303
+
+
+def test_a_read_user_has_no_tokens_page(portal: Portal) -> None:
+    client = portal.signed_in("viewer")
+    assert 'href="/ui/tokens"' not in client.get("/ui/").text
+    assert client.get("/ui/tokens").status_code == 403
+    forged = client.post(
+        "/ui/tokens", data={"csrf": csrf_of(client, "/ui/"), "name": "mine", "scope": "admin"}
+    )
+    assert forged.status_code == 403
+    assert "mine" not in {t.name for t in portal.store.list_tokens()}
+
+
+# -- IoT Hub verification certificate ------------------------------------------------------
+
+
+def test_an_admin_gets_the_iothub_verification_certificate_as_a_download(portal: Portal) -> None:
+    client = portal.signed_in("ops")
+    page = client.get("/ui/cas/devices").text
+    assert 'action="/ui/cas/devices/iothub-verify"' in page
+    answer = client.post(
+        "/ui/cas/devices/iothub-verify",
+        data={"csrf": csrf_of(client, "/ui/cas/devices"), "code": "5A7B9C"},
+        follow_redirects=False,
+    )
+    assert answer.status_code == 200
+    assert answer.headers["content-disposition"] == (
+        'attachment; filename="devices-iothub-verification.pem"'
+    )
+    (cert,) = x509.load_pem_x509_certificates(answer.content)
+    assert cert.subject.rfc4514_string() == "CN=5A7B9C"
+    cert.verify_directly_issued_by(portal.authority.cas["devices"].cert)
+    entry = portal.store.list_audit(action="iothub-verify", limit=1000).items[-1]
+    assert entry.actor == "ui:ops" and entry.detail.endswith("for CN=5A7B9C, signed by devices")
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "says"),
+    [("", 400, "1-64 printable characters"), ("A" * 65, 400, "1-64 printable characters")],
+    ids=["fail/empty", "fail/too-long"],
+)
+def test_a_bad_verification_code_is_refused_on_the_ca_page(
+    portal: Portal, code: str, status: int, says: str
+) -> None:
+    client = portal.signed_in("ops")
+    answer = client.post(
+        "/ui/cas/devices/iothub-verify",
+        data={"csrf": csrf_of(client, "/ui/cas/devices"), "code": code},
+    )
+    assert answer.status_code == status
+    assert answer.headers["content-type"].startswith("text/html")
+    assert says in unescape(answer.text) and 'id="iothub-code"' in answer.text
+
+
+def test_a_read_user_sees_no_verification_form_and_cannot_forge_one(portal: Portal) -> None:
+    client = portal.signed_in("viewer")
+    assert "iothub-verify" not in client.get("/ui/cas/devices").text
+    before = len(portal.store.list_audit(action="iothub-verify", limit=1000).items)
+    forged = client.post(
+        "/ui/cas/devices/iothub-verify", data={"csrf": csrf_of(client, "/ui/"), "code": "X1"}
+    )
+    assert forged.status_code == 403 and b"CERTIFICATE" not in forged.content
+    assert len(portal.store.list_audit(action="iothub-verify", limit=1000).items) == before
+
+
+# -- dashboard: renewal due, refusals; audit: order and chain ------------------------------
+
+
+def test_the_dashboard_counts_refusals_per_day_by_code(portal: Portal, device_id: str) -> None:
+    now = dt.datetime.now(dt.UTC)
+    before = _refusals_today(portal.signed_in("viewer").get("/ui/").text)
+    for detail in ("revoked: certificate 0A is revoked", "revoked: again", "API token is revoked"):
+        portal.store.audit(
+            AuditEvent(at=now, actor="t", action="enroll", outcome="refused", detail=detail)
+        )
+    page = portal.signed_in("viewer").get("/ui/").text
+    after = _refusals_today(page)
+    assert after.get("revoked", 0) - before.get("revoked", 0) == 2
+    assert after.get("other", 0) - before.get("other", 0) == 1
+    assert 'aria-label="Refusals per day by refusal code"' in page
+    assert re.search(r'<li><span class="swatch s\d"></span>revoked</li>', page)
+    assert re.search(rf'<rect class="bar s\d"[^>]*><title>[^<]*revoked {after["revoked"]}\b', page)
+
+
+def _refusals_today(page: str) -> dict[str, int]:
+    table = page[page.index('data-testid="refusals-table"') :]
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    row = table[table.index(f"<td>{today}</td>") :].split("</tr>")[0]
+    return {c: int(n) for c, n in re.findall(r'data-code="([a-z-]+)">(\d+)<', row)}
+
+
+def test_the_dashboard_shows_devices_whose_renewal_is_due(portal: Portal, device_id: str) -> None:
+    page = portal.signed_in("viewer").get("/ui/").text
+    shown = int(re.findall(r'data-count="renewal-due">(\d+)<', page)[0])
+    states = portal.store.device_states(
+        now=dt.datetime.now(dt.UTC),
+        soon=dt.datetime.now(dt.UTC) + dt.timedelta(days=7),
+        exclude_cas=["bootstrap"],
+        renewal_fraction=0.8,
+    )
+    assert shown == sum(n for (_, state), n in states.items() if state == "renewal-due")
+    assert "renewal due (past 80% of its lifetime)" in page
+
+
+def test_the_audit_page_is_newest_first_unless_asked_otherwise(portal: Portal) -> None:
+    client = portal.signed_in("viewer")
+    ids = [int(i) for i in re.findall(r"<tr><td>(\d+)</td>", client.get("/ui/audit").text)]
+    assert ids == sorted(ids, reverse=True) and len(ids) > 1
+    oldest = client.get("/ui/audit?order=oldest").text
+    assert [int(i) for i in re.findall(r"<tr><td>(\d+)</td>", oldest)][:2] == [1, 2]
+    assert client.get("/ui/audit?order=sideways").status_code == 400
+
+
+def test_the_audit_chain_is_verified_on_request_and_shown_on_the_audit_page(
+    portal: Portal,
+) -> None:
+    client = portal.signed_in("viewer")
+    checked = client.get("/ui/audit/chain")
+    assert checked.status_code == 200
+    status = re.search(r'data-testid="chain-status">([^<]*)<', checked.text)
+    assert status is not None and status[1].startswith("Hash chain intact: ")
+    entries = int(status[1].split(": ")[1].split()[0])
+    assert entries == portal.store.verify_audit_chain()[0]
+    assert status[1] in client.get("/ui/audit").text
+
+
+def test_a_broken_audit_chain_is_shown_with_the_first_broken_entry(portal: Portal) -> None:
+    client = portal.signed_in("viewer")
+    data_dir = portal.config.data_dir
+    with serverdb.connect(data_dir) as conn:
+        (detail,) = conn.execute(sa.text("SELECT detail FROM audit_events WHERE id = 2")).one()
+        conn.execute(sa.text("UPDATE audit_events SET detail = 'edited' WHERE id = 2"))
+    try:
+        page = client.get("/ui/audit/chain").text
+    finally:
+        with serverdb.connect(data_dir) as conn:
+            conn.execute(sa.text("UPDATE audit_events SET detail = :d WHERE id = 2"), {"d": detail})
+    assert 'role="alert" data-testid="chain-status">Hash chain broken at entry 2: ' in page
+    assert "its content does not match its hash" in page

@@ -1,5 +1,5 @@
 """Portal sessions and charts, pure: the signed cookie, its CSRF tokens, the key file,
-and the SVG bar chart."""
+and the SVG charts."""
 
 from __future__ import annotations
 
@@ -146,3 +146,32 @@ def test_a_daily_chart_has_a_bar_per_day_with_its_number() -> None:
 def test_the_axis_top_is_a_round_number_at_least_the_largest_bar(top: int, axis: int) -> None:
     bars = [charts.Bar(label="x", title="x", value=top)]
     assert f">{axis}</text>" in charts.bar_chart(bars, title="t")
+
+
+def test_stacked_series_rank_codes_by_count_and_fold_the_rest_into_other() -> None:
+    start = dt.date(2026, 12, 1)
+    span = charts.days(start, 3)
+    counts = {(start, f"code-{n}"): n + 1 for n in range(9)} | {
+        (start + dt.timedelta(days=1), "other"): 4,
+        (start + dt.timedelta(days=2), "code-8"): 1,
+    }
+    series, columns = charts.stack_series(counts, span)
+    assert len(series) == charts.SERIES_COLOURS and series[-1] == "other"
+    assert series[:3] == ["code-8", "code-7", "code-6"]
+    # code-0 and code-1 (1 and 2 on day one) fold into "other", beside its own 4 on day two.
+    assert [c.total for c in columns] == [sum(range(1, 10)), 4, 1]
+    assert dict(columns[0].segments)[series.index("other")] == 3
+    assert columns[1].segments == ((series.index("other"), 4),)
+    assert columns[1].title == "2026-12-02: 4 (other 4)"
+
+
+def test_a_stacked_chart_draws_a_segment_per_nonzero_count_and_escapes_titles() -> None:
+    day = dt.date(2026, 12, 1)
+    series, columns = charts.stack_series(
+        {(day, "revoked"): 2, (day, "<x>"): 1}, charts.days(day, 2)
+    )
+    svg = charts.stacked_chart(columns, title="Refusals")
+    assert svg.count('<rect class="bar s') == 2
+    assert svg.count('<rect class="bar"') == 1  # the empty day: a bar of height 0
+    assert "<x>" not in svg and "&lt;x&gt;" in svg
+    assert series == ["revoked", "<x>"]

@@ -25,6 +25,7 @@ from estkit.ca import policy, secrets
 from estkit.ca.constraints import CaNameConstraints, chain_name_constraints
 from estkit.ca.errors import Code, Refusal
 from estkit.ca.generations import FIRST, Generation, Lineage, lineages
+from estkit.ca.hubsync import HubSync
 from estkit.ca.policy import SAN_TYPES, Grant, Label, Principal, check_device_id
 from estkit.ca.ports import AuthorityStore, translated, translated_future
 from estkit.pki.certs import serial_hex
@@ -43,6 +44,7 @@ from estkit.store import (
     PendingRequest,
     PendingStatus,
 )
+from estkit.store.outbox import HubChange
 
 __all__ = [
     "REVOCATION_REASONS",
@@ -110,7 +112,9 @@ class Authority(Generic[StoreT]):
         store: StoreT,
         secret_validity: dt.timedelta,
         crl_urls: Mapping[str, str] | None = None,
+        ocsp_urls: Mapping[str, str] | None = None,
         on_revocation: RevocationListener | None = None,
+        hub_sync: HubSync | None = None,
     ) -> None:
         # Each CA's family (``ca/generations.py``): labels and refusal checks name the
         # family, issuance goes to the generation issuing at the time.
@@ -141,7 +145,10 @@ class Authority(Generic[StoreT]):
         self.store = store
         self.secret_validity = secret_validity
         self.crl_urls = dict(crl_urls or {})
+        self.ocsp_urls = dict(ocsp_urls or {})
         self.on_revocation = on_revocation
+        # IoT Hub registry sync (``[iothub]``): device changes the hub is to learn.
+        self.hub_sync = hub_sync
         # CAs whose certificates may authenticate a device: every generation of the
         # bootstrap CA and of every CA an EST label issues from.
         self._client_cas = frozenset(
@@ -508,6 +515,7 @@ class Authority(Generic[StoreT]):
             now=now,
             est_label=None if label_name == "bootstrap" else label.name,
             not_after=now + validity if validity is not None else None,
+            hub=self.hub_sync.new_identity(device_id, cause=via) if self.hub_sync else None,
         )
 
     # -- device lifecycle ------------------------------------------------------------
@@ -553,6 +561,9 @@ class Authority(Generic[StoreT]):
                 now=now,
                 expires_at=until,
                 replace=device is not None,
+                hub=self.hub_sync.new_identity(device_id, cause="device-add")
+                if self.hub_sync and device is None
+                else None,
                 audit=AuditEvent(
                     at=now,
                     actor=actor,
@@ -581,6 +592,9 @@ class Authority(Generic[StoreT]):
             self.store.add_device(
                 device_id,
                 now=now,
+                hub=self.hub_sync.new_identity(device_id, cause="device-add")
+                if self.hub_sync
+                else None,
                 audit=AuditEvent(
                     at=now, actor=actor, action="device-add", outcome="ok", device_id=device_id
                 ),
@@ -618,6 +632,9 @@ class Authority(Generic[StoreT]):
                 status,
                 now=now,
                 revoke_reason=reason,
+                hub=self.hub_sync.status_change(device_id, status, cause=action)
+                if self.hub_sync
+                else None,
                 audit=AuditEvent(
                     at=now, actor=actor, action=action, outcome="ok", device_id=device_id
                 ),
@@ -765,6 +782,7 @@ class Authority(Generic[StoreT]):
         est_label: str | None,
         pending_id: int | None = None,
         not_after: dt.datetime | None = None,
+        hub: HubChange | None = None,
     ) -> Issued:
         ca = self.issuing_ca(label, now=now)
         if now >= ca.cert.not_valid_after_utc:
@@ -783,6 +801,7 @@ class Authority(Generic[StoreT]):
                 device_id=who.device_id,
             )
         crl_url = self.crl_urls.get(ca.name)
+        ocsp_url = self.ocsp_urls.get(ca.name)
         cert = issue_leaf(
             profile=label.profile,
             public_key=grant.public_key or grant.request.csr.public_key(),
@@ -793,6 +812,7 @@ class Authority(Generic[StoreT]):
             now=now,
             not_after=not_after,
             crl_urls=[crl_url] if crl_url else (),
+            ocsp_urls=[ocsp_url] if ocsp_url else (),
         )
         serial = serial_hex(cert.serial_number)
         record = CertificateRecord(
@@ -824,7 +844,11 @@ class Authority(Generic[StoreT]):
         try:
             with translated():
                 self.store.record_issued(
-                    record, audit=audit, consume_secret=who.secret_id, pending_id=pending_id
+                    record,
+                    audit=audit,
+                    consume_secret=who.secret_id,
+                    pending_id=pending_id,
+                    hub=hub,
                 )
         except Refusal as refusal:
             if refusal.code is not Code.UNAVAILABLE:

@@ -151,6 +151,9 @@ class CrlPublisher:
         self._seen: dict[str, bytes] = {}
         self._current_crl: dict[str, x509.CertificateRevocationList] = {}
         self._logged: dict[str, tuple[str, dt.datetime]] = {}
+        # Per CA: the state file last read by ``published_revision`` (inode, mtime, size)
+        # and the revision in it.
+        self._revision_seen: dict[str, tuple[tuple[int, int, int], int | None]] = {}
 
     def path(self, ca: str) -> Path:
         return self.directory / f"{ca}.crl"
@@ -169,6 +172,25 @@ class CrlPublisher:
             )
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+    def published_revision(self, ca: str) -> int | None:
+        """The revision of ``published(ca)``, read again only when its file changed: one
+        ``stat`` per call, cheap enough for every OCSP request. A revocation on this node
+        republishes before it returns (``on_revocation``), so it shows here at once."""
+        try:
+            st = os.stat(self._state_path(ca))
+        except OSError:
+            return None
+        mark = (st.st_ino, st.st_mtime_ns, st.st_size)
+        seen = self._revision_seen.get(ca)
+        if seen is not None and seen[0] == mark:
+            return seen[1]
+        # Read after the stat: files are replaced whole, so what is read is as new as the
+        # mark or newer (and a newer file has another mark: it is read again).
+        state = self.published(ca)
+        revision = state.revision if state is not None else None
+        self._revision_seen[ca] = (mark, revision)
+        return revision
 
     def _last_number(self, ca: str) -> int:
         """The CRL number this node last published (from before the database kept

@@ -7,7 +7,8 @@ people and may be reworded at any time; a code never changes meaning.
 
 CaError
 └── Refusal        ``code`` (``Code``), a one-line ``reason``, ``retry_after`` seconds or None
-    └── SignerUnavailable   ``unavailable``: a CA key's token cannot sign right now
+    ├── SignerUnavailable   ``unavailable``: a CA key's token cannot sign right now
+    └── StoreUnavailable    ``unavailable``: the database cannot take the request now
 
 ``server/errors.py`` is the one place that maps a code to an HTTP status.
 """
@@ -96,3 +97,9 @@ class SignerUnavailable(Refusal):
         )
         self.ca = ca
         self.cause = cause
+
+
+class StoreUnavailable(Refusal):
+    """The database cannot take the request now (``store.errors.Unavailable``: disk full,
+    read-only, locked, connection lost); nothing was written. Its own class so that the
+    server can count database errors apart from other ``unavailable`` refusals."""

@@ -6,12 +6,12 @@ offline root's commands, which run on a machine with only ``pip install estkit``
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from estkit.fileio import read_private
 
 if TYPE_CHECKING:
     from estkit.ca.hsm import TokenKeySpec
@@ -38,20 +38,8 @@ def read_pin(ref: TokenKeyRef, environ: Mapping[str, str]) -> str:
     it: 0600 or 0400) or the environment variable ``ref.pin_env``."""
     if ref.pin_file is not None:
         where = f"{ref.field}.pin_file"
-        try:
-            fd = os.open(ref.pin_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            raise ValueError(f"{where}: {ref.pin_file}: {exc.strerror}") from None
-        with os.fdopen(fd, "rb") as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                raise ValueError(f"{where}: {ref.pin_file}: not a regular file")
-            if mode & 0o077:
-                raise ValueError(
-                    f"{where}: {ref.pin_file} has mode {stat.S_IMODE(mode):04o}; only its owner "
-                    f"may read a PIN file (chmod 600 {ref.pin_file})"
-                )
-            pin = f.read().decode("utf-8", "replace").rstrip("\r\n")
+        content = read_private(ref.pin_file, where=where, what="a PIN file")
+        pin = content.decode("utf-8", "replace").rstrip("\r\n")
         if not pin:
             raise ValueError(f"{where}: {ref.pin_file} is empty")
         return pin

@@ -13,7 +13,7 @@ from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol
 
-from estkit.ca.errors import Code, Refusal
+from estkit.ca.errors import Code, Refusal, StoreUnavailable
 from estkit.store import (
     AuditEvent,
     CertificateRecord,
@@ -25,6 +25,7 @@ from estkit.store import (
     PresentedCertificate,
 )
 from estkit.store import errors as store_errors
+from estkit.store.outbox import HubChange
 
 log = logging.getLogger("estkit.ca")
 
@@ -38,7 +39,15 @@ class AuthorityStore(Protocol):
 
     # devices and secrets
     def get_device(self, device_id: str) -> Device | None: ...
-    def add_device(self, device_id: str, *, now: dt.datetime, audit: AuditEvent) -> None: ...
+    # ``hub``: an IoT Hub registry change written in the same transaction (store/outbox.py)
+    def add_device(
+        self,
+        device_id: str,
+        *,
+        now: dt.datetime,
+        audit: AuditEvent,
+        hub: HubChange | None = None,
+    ) -> None: ...
     def set_device_status(
         self,
         device_id: str,
@@ -47,6 +56,7 @@ class AuthorityStore(Protocol):
         now: dt.datetime,
         audit: AuditEvent,
         revoke_reason: str | None = None,
+        hub: HubChange | None = None,
     ) -> list[str]: ...
     def add_secret(
         self,
@@ -57,6 +67,7 @@ class AuthorityStore(Protocol):
         expires_at: dt.datetime,
         audit: AuditEvent,
         replace: bool = False,
+        hub: HubChange | None = None,
     ) -> int: ...
     def usable_secrets(self, device_id: str, *, now: dt.datetime) -> list[EnrollmentSecret]: ...
 
@@ -71,6 +82,7 @@ class AuthorityStore(Protocol):
         audit: AuditEvent,
         consume_secret: int | None = None,
         pending_id: int | None = None,
+        hub: HubChange | None = None,
     ) -> None: ...
     def revoke_certificate(
         self, serial: str, *, reason: str, now: dt.datetime, audit: AuditEvent
@@ -124,7 +136,7 @@ def translated() -> Iterator[None]:
 def _unavailable(exc: store_errors.Unavailable) -> Refusal:
     # One line for the operator (no traceback); the client learns only that it may retry.
     log.warning("database unavailable (%s): answering 503, nothing written", exc)
-    return Refusal(
+    return StoreUnavailable(
         Code.UNAVAILABLE,
         "the CA cannot record decisions right now; retry later",
         retry_after=UNAVAILABLE_RETRY_AFTER,

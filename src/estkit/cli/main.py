@@ -28,6 +28,7 @@ _GROUPS = {
     "estkit.cli.server_cmds": ("server", "ca", "device", "cert", "token", "audit", "pending"),
     "estkit.cli.agent_cmds": ("agent",),
     "estkit.cli.root_cmds": ("root",),
+    "estkit.cli.iothub_cmds": ("iothub",),
 }
 
 

@@ -184,7 +184,9 @@ def cmd_server_init(args: argparse.Namespace) -> int:
 
     from estkit.ca.files import write_atomic
     from estkit.ca.setup import create_pki, prepare_offline_pki
+    from estkit.cli import audit_cmds
     from estkit.server.config import CONFIG_NAME, DEFAULT_CONFIG, ConfigError, parse_config
+    from estkit.server.portal.session import load_or_create_key
     from estkit.store import SqlStore
 
     data_dir: Path = args.data_dir
@@ -279,6 +281,8 @@ def cmd_server_init(args: argparse.Namespace) -> int:
     finally:
         store.close()
     print(f"database: schema up to date ({config.database_url.split('://')[0]})")
+    audit_cmds.make_audit_key(data_dir)
+    load_or_create_key(data_dir)  # the portal's session key, for `--join` to copy
     if offline:
         _print_offline_steps(config)
     return 0
@@ -587,6 +591,7 @@ def _join(args: argparse.Namespace) -> int:
         load_config,
         parse_config,
     )
+    from estkit.server.portal.session import KEY_FILE as SESSION_KEY_FILE
     from estkit.store import SqlStore
     from estkit.store.errors import StoreError
 
@@ -629,7 +634,12 @@ def _join(args: argparse.Namespace) -> int:
         store.close()
 
     copies = _join_copies(joined)
-    files = [(c.name, _read_for_join(c), c.mode) for c in copies]
+    files = [(c.name, _read_for_join(c.setting, c.source), c.mode) for c in copies]
+    # The portal's session key: nodes behind one host name accept each other's sessions.
+    session_key = joined.data_dir / SESSION_KEY_FILE
+    shared_sessions = session_key.exists()
+    if shared_sessions:
+        files.append((SESSION_KEY_FILE, _read_for_join(SESSION_KEY_FILE, session_key), PRIVATE))
     text = (source / CONFIG_NAME).read_text()
     for copy in copies:
         literal = _literal(json.dumps(copy.name))
@@ -664,7 +674,15 @@ def _join(args: argparse.Namespace) -> int:
     print(f"config: created {config_path}")
     print(f"node: {name}, region {region}, {public_url}")
     into = ", ".join(sorted({f"{c.name.partition('/')[0]}/" for c in copies}))
-    print(f"copied {len(files)} files from {source} into {into} (keys 0600, the rest 0644)")
+    print(f"copied {len(copies)} files from {source} into {into} (keys 0600, the rest 0644)")
+    if shared_sessions:
+        print(f"portal: copied {SESSION_KEY_FILE} (0600): the nodes share portal sessions")
+    else:
+        print(
+            f"portal: no {SESSION_KEY_FILE} in {source} (its server has not run since "
+            "estkit had a portal): each node makes its own, so a portal session is valid on "
+            "the node that made it only; copy it here to share them"
+        )
     print("database: shared with the joined node, not migrated")
     return 0
 
@@ -692,7 +710,7 @@ class _JoinCopy:
 def _named_files(config: ServerConfig) -> dict[str, Path]:
     """Every file ``config`` names, by setting: the CAs' (certificate, and key file or
     token PIN file, or an offline root's CRL; a PKCS#11 module is the host's, not copied),
-    TLS and the OIDC key set."""
+    TLS, the OIDC key set and the portal's OIDC client secret."""
     files: dict[str, Path] = {}
     for name, ca in config.cas.items():
         files[f"cas.{name}.cert"] = ca.cert
@@ -707,6 +725,10 @@ def _named_files(config: ServerConfig) -> dict[str, Path]:
     oidc = config.api.get("oidc")
     if isinstance(oidc, Mapping) and isinstance(jwks := oidc.get("jwks_file"), str):
         files["api.oidc.jwks_file"] = config.data_dir / jwks  # an absolute one stays
+    if isinstance(oidc, Mapping) and isinstance(
+        secret := oidc.get("portal_client_secret_file"), str
+    ):
+        files["api.oidc.portal_client_secret_file"] = config.data_dir / secret
     return files
 
 
@@ -727,18 +749,21 @@ def _join_copies(joined: ServerConfig) -> list[_JoinCopy]:
             name = f"ca/{ca}{_CA_FILE_SUFFIXES[key]}"
         elif section == "tls":
             name = "tls/server.pem" if key == "cert" else "tls/server.key"
+        elif key == "portal_client_secret_file":
+            name = "api/portal-client.secret"
         else:
             name = "api/jwks.json"
-        mode = PRIVATE if key in ("key", "pin_file") else PUBLIC
+        mode = PRIVATE if key in ("key", "pin_file", "portal_client_secret_file") else PUBLIC
         copies.append(_JoinCopy(section, key, path, name, mode))
     return copies
 
 
-def _read_for_join(copy: _JoinCopy) -> bytes:
-    """The bytes of ``copy``'s source; a symbolic link anywhere on its path, a ``..``,
-    or anything but a regular file is refused in one line (exit 78)."""
+def _read_for_join(what: str, source: Path) -> bytes:
+    """The bytes of ``source`` (``what``: the setting naming it, or the file); a symbolic
+    link anywhere on its path, a ``..``, or anything but a regular file is refused in one
+    line (exit 78)."""
     try:
-        return _read_no_symlinks(copy.source)
+        return _read_no_symlinks(source)
     except OSError as exc:
         why = (
             "a symbolic link on its path (not followed: point it at the file itself)"
@@ -747,7 +772,7 @@ def _read_for_join(copy: _JoinCopy) -> bytes:
         )
     except ValueError as exc:
         why = str(exc)
-    raise CliError(f"--join: {copy.setting}: {copy.source}: {why}", exit_code=EXIT_CONFIG)
+    raise CliError(f"--join: {what}: {source}: {why}", exit_code=EXIT_CONFIG)
 
 
 def _read_no_symlinks(path: Path) -> bytes:
@@ -1515,17 +1540,6 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_audit_verify(args: argparse.Namespace) -> int:
-    authority = _authority(args)
-    checked, broken, why = authority.store.verify_audit_chain()
-    if broken is not None:
-        raise CliError(
-            f"audit log broken at entry {broken}: {why} ({checked} entries intact before it)"
-        )
-    print(f"audit log: {checked} entries, hash chain intact")
-    return 0
-
-
 def _decide(args: argparse.Namespace, approve: bool) -> int:
     from estkit.ca.errors import CaError
 
@@ -1543,39 +1557,27 @@ def _decide(args: argparse.Namespace, approve: bool) -> int:
 
 def cmd_ca_iothub_verify(args: argparse.Namespace) -> int:
     """Azure IoT Hub's proof of possession: a certificate for CN=<code> signed by the CA."""
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-
+    from estkit.ca import iothub
+    from estkit.ca.errors import CaError
     from estkit.ca.files import write_atomic
     from estkit.pki.certs import certs_to_pem
-    from estkit.pki.keys import generate_key
-    from estkit.pki.profiles import Kind, Profile, issue_leaf
 
-    code = args.code.strip()
-    if not code or len(code) > 64 or not code.isprintable():
-        raise CliError("--code: the verification code IoT Hub shows (1-64 printable characters)")
+    try:
+        code = iothub.check_code(args.code)
+    except ValueError as exc:
+        raise CliError(f"--code: {exc}") from None
     authority = _authority(args)
-    if args.ca not in authority.cas:
-        raise CliError(f"unknown CA {args.ca!r}; configured: {', '.join(authority.cas)}")
-    ca = authority.cas[args.ca]
-    # The key proves nothing and is thrown away: IoT Hub checks only the CA's signature.
-    key = generate_key("ec-p256")
-    cert = issue_leaf(
-        profile=Profile("iothub-verification", Kind.OPERATIONAL, dt.timedelta(days=30)),
-        public_key=key.public_key(),
-        subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, code)]),
-        sans=None,
-        issuer=ca.cert,
-        issuer_key=ca.key,
-        now=_now(),
-    )
+    try:
+        cert = iothub.issue_verification(authority, args.ca, code, actor=_operator(), now=_now())
+    except CaError as exc:
+        raise _ca_error(exc) from None
     write_atomic(args.out, certs_to_pem([cert]))
     print(f"verification certificate for CN={code}, signed by {args.ca}: {args.out}")
     return 0
 
 
 def register(sub: Any) -> None:
-    from estkit.cli import read_cmds
+    from estkit.cli import audit_cmds, read_cmds
     from estkit.pki.revocation import REASONS
 
     server = sub.add_parser("server", help="initialise and run the EST server").add_subparsers(
@@ -1820,9 +1822,7 @@ def register(sub: Any) -> None:
     audit = sub.add_parser("audit", help="the audit log").add_subparsers(
         dest="audit_command", required=True, metavar="ACTION"
     )
-    p = audit.add_parser("verify", help="check the hash chain; name the first broken entry")
-    _data_dir_arg(p)
-    _command(p, cmd_audit_verify)
+    audit_cmds.register(audit)  # verify, checkpoint, public-key
 
     pending = sub.add_parser("pending", help="enrollments waiting for approval").add_subparsers(
         dest="pending_command", required=True, metavar="ACTION"

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
     CertificatePublicKeyTypes,
 )
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID
 
 from estkit.pki.keys import signature_hash
 
@@ -102,11 +102,13 @@ def issue_leaf(
     serial: int | None = None,
     not_after: dt.datetime | None = None,
     crl_urls: Sequence[str] = (),
+    ocsp_urls: Sequence[str] = (),
 ) -> x509.Certificate:
     """Sign an end-entity certificate under ``profile``.
 
     ``not_after`` may shorten the profile's validity; the certificate never
-    outlives its issuer.
+    outlives its issuer. ``crl_urls`` become its CRL distribution points,
+    ``ocsp_urls`` its Authority Information Access (id-ad-ocsp).
     """
     not_before = now - min(BACKDATE, profile.validity / 10)
     end = now + profile.validity
@@ -140,6 +142,14 @@ def issue_leaf(
             for u in crl_urls
         ]
         builder = builder.add_extension(x509.CRLDistributionPoints(points), critical=False)
+    if ocsp_urls:
+        access = [
+            x509.AccessDescription(
+                AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(u)
+            )
+            for u in ocsp_urls
+        ]
+        builder = builder.add_extension(x509.AuthorityInformationAccess(access), critical=False)
     return builder.sign(issuer_key, signature_hash(issuer_key))
 
 

@@ -11,6 +11,7 @@ import datetime as dt
 import errno
 import functools
 import logging
+import logging.config
 import os
 import socket
 import threading
@@ -32,6 +33,7 @@ from estkit.ca.authority import Authority
 from estkit.ca.tokens import TokenService
 from estkit.pki.certs import certs_to_pem
 from estkit.server.api import ApiAuthentication, api_router
+from estkit.server.audit_checkpoints import start_audit_checkpoints
 from estkit.server.config import DATA_DIR_ENV, ConfigError, ServerConfig, load_config
 from estkit.server.crl_http import (
     CRL_MEDIA_TYPE,
@@ -41,12 +43,15 @@ from estkit.server.crl_http import (
 )
 from estkit.server.errors import HANDLERS, text_response
 from estkit.server.est import EstApp, EstRoutes
+from estkit.server.hubsync import hub_sender
 from estkit.server.limits import (
     MAX_CONNECTIONS_PER_ADDRESS,
     AddressSlots,
     BasicCheckPool,
     basic_threads,
 )
+from estkit.server.logs import log_config
+from estkit.server.metric_files import prepare as prepare_metric_files
 from estkit.server.nodes import (
     Heartbeat,
     NameTaken,
@@ -55,16 +60,23 @@ from estkit.server.nodes import (
     stale_after,
     takeover_after,
 )
+from estkit.server.ocsp_http import OcspEndpoint
 from estkit.server.oidc import OidcVerifier, parse_oidc_config
-from estkit.server.portal import PORTAL_PATH, Portal, SessionSigner, load_or_create_key
+from estkit.server.portal import (
+    PORTAL_PATH,
+    Portal,
+    SessionSigner,
+    load_or_create_key,
+    oidc_sign_in,
+)
+from estkit.server.telemetry import Telemetry, instrument
 from estkit.server.tls import (
     client_ca_path,
     https_protocol,
     server_tls_context,
-    uvicorn_log_config,
 )
 from estkit.server.tls_openssl import TlsServerProtocol
-from estkit.server.wiring import build_authority, crl_publisher, open_store
+from estkit.server.wiring import build_authority, crl_publisher, ocsp_responder, open_store
 from estkit.store import Node, SqlStore
 
 # uvicorn's default listen backlog.
@@ -87,12 +99,13 @@ def _oidc(config: ServerConfig) -> OidcVerifier | None:
     return OidcVerifier(oidc_config) if oidc_config is not None else None
 
 
-def create_app(config: ServerConfig) -> EstApp:
-    """EST in front (``EstApp``), the API and everything else behind it (FastAPI)."""
+def create_app(config: ServerConfig) -> Telemetry:
+    """EST in front (``EstApp``), the API and everything else behind it (FastAPI), each
+    request seen by ``Telemetry`` (its id, metrics, access line)."""
     return _build(config)[0]
 
 
-def _build(config: ServerConfig) -> tuple[EstApp, Authority[SqlStore]]:
+def _build(config: ServerConfig) -> tuple[Telemetry, Authority[SqlStore]]:
     store = open_store(config)
     authority = build_authority(config, store, environ=os.environ)
     threads = basic_threads(config.workers)
@@ -114,30 +127,34 @@ def _build(config: ServerConfig) -> tuple[EstApp, Authority[SqlStore]]:
         exception_handlers=HANDLERS,  # type: ignore[arg-type]
     )
     tokens = TokenService(store)
-    app.include_router(
-        api_router(
-            authority=authority,
-            store=store,
-            config=config,
-            tokens=tokens,
-            clock=utcnow,
-            stale_after=stale_after(_heartbeat_interval()),
-        )
+    api = api_router(
+        authority=authority,
+        store=store,
+        config=config,
+        tokens=tokens,
+        clock=utcnow,
+        stale_after=stale_after(_heartbeat_interval()),
     )
+    app.include_router(api)
+    oidc = _oidc(config)
+    signer = SessionSigner(load_or_create_key(config.data_dir))
     portal = Portal(
         authority=authority,
         store=store,
         config=config,
         tokens=tokens,
-        signer=SessionSigner(load_or_create_key(config.data_dir)),
+        signer=signer,
         clock=utcnow,
         stale_after=stale_after(_heartbeat_interval()),
+        oidc=oidc_sign_in(config, oidc, signer),
     )
     app.mount(PORTAL_PATH, Router(portal.routes()), name="portal")
-    app.add_middleware(ApiAuthentication, tokens=tokens, oidc=_oidc(config), clock=utcnow)
+    app.add_middleware(ApiAuthentication, tokens=tokens, oidc=oidc, clock=utcnow)
     app.mount("/api/static", StaticFiles(directory=SWAGGER_STATIC), name="api-static")
     app.add_route("/api/docs", _swagger_page, methods=["GET"], include_in_schema=False)
-    return EstApp(est, app), authority
+    # The API's own routes: FastAPI's app.routes holds the included router opaquely.
+    routes = [*api.routes, *app.routes]
+    return instrument(config, EstApp(est, app), api_routes=routes), authority
 
 
 async def _swagger_page(_request: Request) -> Response:
@@ -164,7 +181,7 @@ def _crl_route(config: ServerConfig) -> Callable[[Request], Awaitable[Response]]
     return crl
 
 
-def app_from_env() -> EstApp:
+def app_from_env() -> Telemetry:
     """The app of one server process (each uvicorn worker), which registers its node."""
     config = load_config(Path(os.environ[DATA_DIR_ENV]))
     app, authority = _build(config)
@@ -316,22 +333,51 @@ def serve(
     import uvicorn
     from uvicorn.supervisors import Multiprocess
 
+    logging_config = log_config(config.log_format, level=logging.getLogger().getEffectiveLevel())
+    if config.log_format == "json":
+        logging.config.dictConfig(logging_config)  # the lines before uvicorn starts too
+    # First: prometheus-client reads where the metric files go when it is imported.
+    metric_files = (
+        prepare_metric_files(config.data_dir, environ=os.environ, pid=os.getpid())
+        if config.metrics.port
+        else None
+    )
     _, authority = _build(config)
     claim_node_name(config, authority.store)
     client_ca_bundle(config)
     server_tls_context(config)  # a bad TLS certificate or key fails here, not per connection
+    hub = hub_sender(config, authority.store, clock=utcnow)  # a bad [iothub] key fails here
     publisher = crl_publisher(config, authority)
     publisher.refresh_due(now=utcnow())
+    ocsp = ocsp_responder(config, authority, publisher)
+    ocsp.poll()
+    start_audit_checkpoints(config, authority.store, clock=utcnow, stop=threading.Event())
 
     sock = listen(host, port, setting=port_setting)
     if config.crl.http_port:
         try:
-            start_crl_listener(config.crl.directory, config.crl.http_host, config.crl.http_port)
+            start_crl_listener(
+                config.crl.directory,
+                config.crl.http_host,
+                config.crl.http_port,
+                ocsp=OcspEndpoint(ocsp, utcnow),
+            )
         except OSError as exc:
             sock.close()
             address = f"{config.crl.http_host}:{config.crl.http_port}"
             raise ListenError(_listen_failure(address, "crl.http_port", exc)) from None
-    start_crl_refresher(publisher, utcnow, stop=threading.Event())
+    if metric_files is not None:
+        from estkit.server.metrics import start_metrics  # after prepare_metric_files
+
+        try:
+            start_metrics(config, directory=metric_files, store=authority.store, clock=utcnow)
+        except OSError as exc:
+            sock.close()
+            address = f"{config.metrics.host}:{config.metrics.port}"
+            raise ListenError(_listen_failure(address, "metrics.port", exc)) from None
+    start_crl_refresher(publisher, utcnow, stop=threading.Event(), ocsp=ocsp)
+    if hub is not None:
+        hub.start(threading.Event())
     os.environ[DATA_DIR_ENV] = str(config.data_dir)
     uv_config = uvicorn.Config(
         "estkit.server.app:app_from_env",
@@ -352,8 +398,9 @@ def serve(
         proxy_headers=False,
         forwarded_allow_ips="",
         log_level="info",
-        log_config=uvicorn_log_config(),
-        access_log=config.access_log,
+        log_config=logging_config,
+        # JSON access lines are estkit's own (server/telemetry.py), with route and duration.
+        access_log=config.access_log and config.log_format == "text",
         lifespan="off",
     )
     shown = f"[{host}]" if ":" in host else host

@@ -12,6 +12,7 @@ import difflib
 import re
 import socket
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,15 +45,38 @@ SUBJECT_VALUE_MAX = 64
 # (``server/oidc.py``), ``[profiles.X.subject]`` its attribute names.
 SECTION_KEYS: Mapping[str, frozenset[str]] = {
     "server": frozenset(
-        {"host", "port", "workers", "public_url", "max_request_bytes", "access_log"}
+        {
+            "host",
+            "port",
+            "workers",
+            "public_url",
+            "max_request_bytes",
+            "access_log",
+            "log_format",
+        }
     ),
     "tls": frozenset({"cert", "key"}),
     "database": frozenset({"url"}),
     "est": frozenset({"default_label"}),
     "enrollment": frozenset({"secret_validity"}),
     "crl": frozenset({"directory", "url", "validity", "http_host", "http_port"}),
+    "ocsp": frozenset({"url", "validity"}),
     "api": frozenset({"oidc"}),
     "node": frozenset({"name", "region"}),
+    "metrics": frozenset({"host", "port"}),
+    "iothub": frozenset(
+        {
+            "host",
+            "policy_name",
+            "policy_key_file",
+            "policy_key",
+            "endpoint",
+            "ca_file",
+            "api_version",
+            "create_identities",
+        }
+    ),
+    "audit": frozenset({"checkpoint_file", "checkpoint_interval"}),
 }
 NAMED_SECTION_KEYS: Mapping[str, frozenset[str]] = {
     # ``pin`` is known so that it is refused with its own reason (``_ca``), not as a typo.
@@ -179,11 +203,57 @@ class CrlConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OcspConfig:
+    """OCSP (``ca/ocsp.py``), served on the CRL listener at ``/ocsp``: the URL issued
+    certificates name in their AIA extension ("": none), and how long a response is valid."""
+
+    url: str = ""
+    validity: dt.timedelta = dt.timedelta(days=7)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     """This server in a fleet sharing one database: its name is unique among the nodes."""
 
     name: str
     region: str
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus metrics over plain HTTP on their own port (``server/metrics.py``);
+    port 0: off."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """Signed checkpoints of the audit log (``server/audit_checkpoints.py``): appended to
+    ``checkpoint_file`` every ``checkpoint_interval``; no file, none."""
+
+    checkpoint_file: Path | None = None
+    checkpoint_interval: dt.timedelta = dt.timedelta(hours=1)
+
+
+@dataclass(frozen=True, slots=True)
+class IotHubConfig:
+    """Azure IoT Hub's identity registry, kept in step with the devices' status
+    (``server/hubsync.py``): the hub, the shared access policy whose key is read from
+    ``policy_key_file`` (never the config), where the registry is reached (``endpoint``:
+    ``https://<host>`` but in tests, trusting ``ca_file`` there), its API version."""
+
+    host: str
+    policy_name: str
+    policy_key_file: Path
+    endpoint: str
+    ca_file: Path | None
+    api_version: str
+    create_identities: bool
 
 
 _NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -215,6 +285,12 @@ class ServerConfig:
     crl: CrlConfig
     api: Mapping[str, Any]  # [api] table; parsed by the API's own modules
     node: NodeConfig = NodeConfig(name="node-1", region="default")
+    ocsp: OcspConfig = OcspConfig()
+    iothub: IotHubConfig | None = None  # no [iothub]: no registry sync
+    audit: AuditConfig = AuditConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    # "text", or "json": one JSON object per line with a request id (``server/logs.py``)
+    log_format: str = "text"
 
     @property
     def est_url(self) -> str:
@@ -378,6 +454,13 @@ def parse_config(data: Mapping[str, Any], data_dir: Path) -> ServerConfig:
         ),
         api=_section(data, "api"),
         node=_node(_section(data, "node")),
+        ocsp=_ocsp(_section(data, "ocsp"), crl),
+        iothub=_iothub(_section(data, "iothub"), path_of) if "iothub" in data else None,
+        audit=_audit(_section(data, "audit"), path_of),
+        metrics=_metrics(
+            _section(data, "metrics"), taken={"server.port": port, "crl.http_port": crl_port}
+        ),
+        log_format=_log_format(server),
     )
 
 
@@ -494,6 +577,88 @@ def _ca(name: str, table: Mapping[str, Any], path_of: Callable[[str], Path]) -> 
         field=f,
     )
     return CaConfig(name=name, cert=cert, signer=signer, token=token, generation=generation)
+
+
+def _metrics(table: Mapping[str, Any], *, taken: Mapping[str, int]) -> MetricsConfig:
+    """``[metrics]``; ``taken``: the other ports of this server, by setting."""
+    port = _get(table, "port", int, "metrics.port", 0)
+    if not 0 <= port < 65536:
+        raise ConfigError("metrics.port: must be 0-65535 (0: no metrics)")
+    for setting, other in taken.items():
+        if port and port == other:
+            raise ConfigError(f"metrics.port: {port} is {setting} too; give it another")
+    return MetricsConfig(host=_get(table, "host", str, "metrics.host", "127.0.0.1"), port=port)
+
+
+def _log_format(server: Mapping[str, Any]) -> str:
+    log_format = _get(server, "log_format", str, "server.log_format", "text")
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"server.log_format: one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+    return str(log_format)
+
+
+def _audit(table: Mapping[str, Any], path_of: Callable[[str], Path]) -> AuditConfig:
+    interval = parse_duration(table.get("checkpoint_interval", "1h"), "audit.checkpoint_interval")
+    if interval < dt.timedelta(seconds=1):
+        raise ConfigError("audit.checkpoint_interval: at least 1s")
+    file = _get(table, "checkpoint_file", str, "audit.checkpoint_file", "")
+    return AuditConfig(path_of(file) if file else None, interval)
+
+
+_HUB_HOST = re.compile(r"(?=.{1,253}$)[A-Za-z0-9-]{1,63}(\.[A-Za-z0-9-]{1,63})+")
+_API_VERSION = re.compile(r"\d{4}-\d{2}-\d{2}(-preview)?")
+
+
+def _iothub(table: Mapping[str, Any], path_of: Callable[[str], Path]) -> IotHubConfig:
+    if "policy_key" in table:
+        raise ConfigError(
+            "iothub.policy_key: a key is never written in the config; use policy_key_file "
+            "(a file only its owner can read, holding the policy's base64 key)"
+        )
+    host = _get(table, "host", str, "iothub.host")
+    if not _HUB_HOST.fullmatch(host):
+        raise ConfigError(
+            f"iothub.host: the hub's host name (myhub.azure-devices.net), got {host!r}"
+        )
+    policy = _get(table, "policy_name", str, "iothub.policy_name")
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", policy):
+        raise ConfigError(
+            f"iothub.policy_name: a shared access policy's name (registryReadWrite), got {policy!r}"
+        )
+    endpoint = _get(table, "endpoint", str, "iothub.endpoint", f"https://{host}").rstrip("/")
+    parsed = urllib.parse.urlsplit(endpoint)
+    if parsed.scheme != "https" or not parsed.hostname or parsed.path or parsed.query:
+        raise ConfigError(f"iothub.endpoint: an https://HOST[:PORT] URL, got {endpoint!r}")
+    api_version = _get(table, "api_version", str, "iothub.api_version", "2021-04-12")
+    if not _API_VERSION.fullmatch(api_version):
+        raise ConfigError(f"iothub.api_version: a date such as 2021-04-12, got {api_version!r}")
+    ca_file = _get(table, "ca_file", str, "iothub.ca_file", "")
+    return IotHubConfig(
+        host=host.lower(),
+        policy_name=policy,
+        policy_key_file=path_of(_get(table, "policy_key_file", str, "iothub.policy_key_file")),
+        endpoint=endpoint,
+        ca_file=path_of(ca_file) if ca_file else None,
+        api_version=api_version,
+        create_identities=_get(table, "create_identities", bool, "iothub.create_identities", False),
+    )
+
+
+def _ocsp(table: Mapping[str, Any], crl: Mapping[str, Any]) -> OcspConfig:
+    """``[ocsp]``; ``crl`` is the (valid) ``[crl]`` table: by default the URL is the
+    CRL listener's, as ``crl.url`` names it, at ``/ocsp`` (none without that listener
+    or without ``crl.url``), and responses are valid as long as a CRL is."""
+    default = ""
+    crl_url = urllib.parse.urlsplit(str(crl.get("url", "")))
+    if crl_url.netloc and crl.get("http_port", 0):
+        default = f"{crl_url.scheme}://{crl_url.netloc}/ocsp"
+    url = _get(table, "url", str, "ocsp.url", default).rstrip("/")
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError("ocsp.url: must be an http:// URL (or empty for no OCSP in certificates)")
+    validity = parse_duration(table.get("validity", crl.get("validity", "7d")), "ocsp.validity")
+    if validity < dt.timedelta(seconds=2):
+        raise ConfigError("ocsp.validity: at least 2s (a response is renewed at half of it)")
+    return OcspConfig(url=url, validity=validity)
 
 
 def _node(table: Mapping[str, Any]) -> NodeConfig:
@@ -637,6 +802,10 @@ max_request_bytes = 65536
 # One line per HTTP request on stderr. Off: every decision is in the audit
 # log already (`estkit audit`), and the line costs CPU on every enrollment.
 access_log = false
+# "text", or "json": one JSON object per log line (time, level, logger, message,
+# request_id; method, route, status, duration_ms, client on access lines).
+# Every response carries its request id in X-Request-ID.
+log_format = "text"
 
 [tls]
 # The server's certificate chain and key. `server init` issues one under the
@@ -744,6 +913,32 @@ validity = "7d"
 http_host = "127.0.0.1"
 http_port = {crl_port}
 
+[ocsp]
+# OCSP (RFC 6960) for every CA that signs here, on the same listener at /ocsp
+# (GET and POST): good, revoked or unknown, signed by the CA. Issued certificates
+# name url in their Authority Information Access (default: crl.url's host and
+# port, /ocsp; "" for none). Responses are valid for validity (default: as long
+# as a CRL) and renewed at half of it, or at once after a revocation.
+# url = "http://{public_host}:{crl_port}/ocsp"
+# validity = "7d"
+
+[audit]
+# Signed checkpoints of the audit log's head (entry count, last entry, its hash),
+# appended by this node every checkpoint_interval to checkpoint_file, one line each,
+# signed with its audit key (audit/checkpoint.key; `estkit audit public-key` prints
+# the public key). Keep copies of both away from the database host: `estkit audit
+# verify --checkpoints FILE --public-key PEM` then finds a log cut short, deleted or
+# rewritten (README "Audit checkpoints"). No file: `estkit audit checkpoint` only.
+# checkpoint_file = "/var/log/estkit/audit-checkpoints.jsonl"
+# checkpoint_interval = "1h"
+
+[metrics]
+# Prometheus metrics of every worker, over plain HTTP at http://host:port/metrics
+# (0: off). No authentication: keep host an address only the scraper reaches
+# (README "Metrics and logs").
+host = "127.0.0.1"
+port = 0
+
 [node]
 # This node among the nodes sharing one PostgreSQL database: a name unique among
 # them (default: this host's short name) and its region. `estkit server init
@@ -759,6 +954,23 @@ http_port = {crl_port}
 # issuer = "https://login.microsoftonline.com/<tenant>/v2.0"
 # audience = "api://estkit"
 # jwks_url = "https://login.microsoftonline.com/<tenant>/discovery/v2.0/keys"
+# The portal's "Sign in with …" (authorization code + PKCE): its own client at the
+# provider, whose redirect URI is <public_url>/ui/login/oidc/callback, and a file
+# with its client secret when the provider wants one:
+# portal_client_id = "<client id of the portal's app registration>"
+# portal_client_secret_file = "api/portal-client.secret"
 # [api.oidc.clients]
 # "<client id of the factory's service principal>" = ["provision"]
+# "<sub of a person's ID token>" = ["admin"]    # signs in to the portal
+
+# Azure IoT Hub's identity registry follows the devices (README "IoT Hub registry
+# sync"): disabling or decommissioning a device disables its identity at the hub,
+# which checks no CRL; enabling enables it again. Changes wait in the database
+# until the hub has them (`estkit iothub sync` shows and sends them).
+# [iothub]
+# host = "myhub.azure-devices.net"
+# policy_name = "registryReadWrite"          # a shared access policy with registry write
+# policy_key_file = "/etc/estkit/iothub.key"  # its key in base64, mode 0600; never the key here
+# create_identities = false                   # true: registering or provisioning a device
+#                                             # creates its identity (certificateAuthority)
 """

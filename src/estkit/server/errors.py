@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from estkit.ca.errors import Code, Refusal
+from estkit.ca.errors import Code, Refusal, StoreUnavailable
 from estkit.ca.ports import translated
 from estkit.store.errors import StoreError
 
@@ -29,6 +29,9 @@ PROBLEM_JSON = "application/problem+json"
 PROBLEM_TYPE = "urn:estkit:refusal:"
 # Sent with 503 when the refusal names no delay of its own.
 DEFAULT_RETRY_AFTER = 5
+# Set in the ASGI scope of a request refused because the database could not take it
+# (``StoreUnavailable``): ``server/telemetry.py`` counts it once, as a database error.
+STORE_UNAVAILABLE = "estkit.store_unavailable"
 
 STATUS: dict[Code, int] = {
     Code.BAD_CSR: 400,
@@ -154,6 +157,8 @@ def refusal_headers(refusal: Refusal, status: int) -> dict[str, str]:
 
 def refusal_response(request: Request, refusal: Refusal) -> Response:
     status = STATUS[refusal.code]
+    if isinstance(refusal, StoreUnavailable):
+        request.scope[STORE_UNAVAILABLE] = True
     return error_response(
         request,
         status,

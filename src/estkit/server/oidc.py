@@ -9,6 +9,11 @@ and the scopes the configuration grants that client:
     verifier = OidcVerifier(parse_oidc_config(api_table["oidc"], data_dir))
     actor, scopes = verifier.verify(token)        # ("oidc:<client id>", {"provision"})
 
+The portal's OIDC sign-in (``server/portal/oidc_signin.py``) checks the provider's ID
+tokens with the same keys: ``verify_id_token`` takes the portal's client id as the
+audience and the nonce it sent, and the person's ``sub`` is looked up in the same
+``clients`` table.
+
 Checks: the header's ``alg`` is on the asymmetric allow-list (never ``none``,
 never HMAC: a public key must not become a shared secret); the key is the
 JWKS key named by ``kid`` and fits that algorithm; the signature verifies;
@@ -34,6 +39,7 @@ InvalidToken            the token is refused; the message is a one-line reason
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import math
@@ -74,8 +80,20 @@ MAX_JWKS_BYTES: Final = 1 << 20
 MAX_TOKEN_CHARS: Final = 16 * 1024
 
 _CONFIG_FIELDS: Final = frozenset(
-    {"issuer", "audience", "jwks_url", "jwks_file", "clients", "leeway_seconds", "algorithms"}
+    {
+        "issuer",
+        "audience",
+        "jwks_url",
+        "jwks_file",
+        "clients",
+        "leeway_seconds",
+        "algorithms",
+        "portal_client_id",
+        "portal_client_secret_file",
+    }
 )
+# Known so that they are refused with their own reason, not as a typo.
+_SECRET_FIELDS: Final = frozenset({"portal_client_secret", "client_secret"})
 
 
 class InvalidToken(Exception):
@@ -100,6 +118,10 @@ class OidcConfig:
     client_scopes: Mapping[str, frozenset[str]] = field(repr=False)
     leeway_seconds: int = 60
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    # The portal's own client at the provider (OIDC sign-in at /ui/login): the audience
+    # of its ID tokens, and the file of its client secret when it is a confidential one.
+    portal_client_id: str | None = None
+    portal_client_secret_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.issuer or not self.audience:
@@ -136,6 +158,11 @@ def parse_oidc_config(
     if not isinstance(table, Mapping):
         raise ValueError(f"{section}: expected a table")
     for key in table:
+        if key in _SECRET_FIELDS:
+            raise ValueError(
+                f"{section}.{key}: a client secret is never written in the config; use "
+                "portal_client_secret_file (a file only its owner can read)"
+            )
         if key not in _CONFIG_FIELDS:
             raise ValueError(
                 f"{section}.{key}: unknown field (known: {', '.join(sorted(_CONFIG_FIELDS))})"
@@ -171,6 +198,18 @@ def parse_oidc_config(
             jwks_file = base_dir / jwks_file
         if not jwks_file.is_file():
             raise ValueError(f"{section}.jwks_file: {jwks_file} not found")
+
+    portal_client_id = text("portal_client_id", required=False)
+    secret_name = text("portal_client_secret_file", required=False)
+    secret_file: Path | None = None
+    if secret_name is not None:
+        if portal_client_id is None:
+            raise ValueError(f"{section}.portal_client_secret_file: without portal_client_id")
+        secret_file = Path(secret_name)
+        if not secret_file.is_absolute():
+            secret_file = base_dir / secret_file
+        if not secret_file.is_file():
+            raise ValueError(f"{section}.portal_client_secret_file: {secret_file} not found")
 
     leeway = table.get("leeway_seconds", 60)
     if isinstance(leeway, bool) or not isinstance(leeway, int) or not 0 <= leeway <= 3600:
@@ -217,6 +256,8 @@ def parse_oidc_config(
         client_scopes=client_scopes,
         leeway_seconds=leeway,
         algorithms=algorithms,
+        portal_client_id=portal_client_id,
+        portal_client_secret_file=secret_file,
     )
 
 
@@ -273,6 +314,41 @@ class OidcVerifier:
 
     def verify(self, token: str) -> tuple[str, frozenset[str]]:
         """Return (actor, scopes); actor like 'oidc:<client id>'. Raises InvalidToken."""
+        claims = self._verified(token, audience=self._config.audience)
+        client = _client_id(claims)
+        scopes = self._config.client_scopes.get(client)
+        if scopes is None:
+            raise InvalidToken("client not allowed")
+        return f"oidc:{client}", scopes
+
+    def verify_id_token(self, token: str, *, client_id: str, nonce: str) -> Mapping[str, Any]:
+        """The claims of an ID token for the relying party ``client_id`` (OIDC Core
+        3.1.3.7): signed by the provider's keys, ``iss`` the issuer, ``aud`` containing
+        ``client_id`` (with ``azp`` equal to it when present, required with several
+        audiences), ``exp`` not passed, ``iat`` present, ``nonce`` the one sent, and a
+        ``sub``. Raises InvalidToken."""
+        claims = self._verified(
+            token, audience=client_id, required=("exp", "iss", "aud", "iat", "sub", "nonce")
+        )
+        audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
+        azp = claims.get("azp")
+        if azp is not None and azp != client_id:
+            raise InvalidToken("token authorized for another party (azp)")
+        if azp is None and len(audiences) > 1:
+            raise InvalidToken("token for several audiences names no authorized party (azp)")
+        given = claims["nonce"]
+        if not isinstance(given, str) or not hmac.compare_digest(given.encode(), nonce.encode()):
+            raise InvalidToken("wrong nonce")
+        subject = claims["sub"]
+        if not isinstance(subject, str) or not 0 < len(subject) <= 255:
+            raise InvalidToken("token claim sub is not a subject")
+        return claims
+
+    def _verified(
+        self, token: str, *, audience: str, required: tuple[str, ...] = ("exp", "iss", "aud")
+    ) -> dict[str, Any]:
+        """The claims of ``token`` once its header, key, signature, issuer, audience and
+        times are checked."""
         if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_CHARS:
             raise InvalidToken("malformed token")
         try:
@@ -289,26 +365,24 @@ class OidcVerifier:
         if not isinstance(kid, str) or not kid:
             raise InvalidToken("token has no key id (kid)")
         key = self._key(kid, alg)
-        claims = self._decode(token, key, alg)
+        claims = self._decode(token, key, alg, audience=audience, required=required)
         self._check_times(claims)
-        client = _client_id(claims)
-        scopes = self._config.client_scopes.get(client)
-        if scopes is None:
-            raise InvalidToken("client not allowed")
-        return f"oidc:{client}", scopes
+        return claims
 
     # -- claims ----------------------------------------------------------------
 
-    def _decode(self, token: str, key: jwt.PyJWK, alg: str) -> dict[str, Any]:
+    def _decode(
+        self, token: str, key: jwt.PyJWK, alg: str, *, audience: str, required: tuple[str, ...]
+    ) -> dict[str, Any]:
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key=key,
                 algorithms=[alg],
-                audience=self._config.audience,
+                audience=audience,
                 issuer=self._config.issuer,
                 options={
-                    "require": ["exp", "iss", "aud"],
+                    "require": list(required),
                     # Times are checked in _check_times against the injected clock.
                     "verify_exp": False,
                     "verify_nbf": False,

@@ -9,6 +9,8 @@ from cryptography import x509
 
 from estkit.ca.authority import Authority, IssuingCa, Label
 from estkit.ca.crl import CrlPublisher, ImportedCrl
+from estkit.ca.hubsync import HubSync
+from estkit.ca.ocsp import OcspResponder
 from estkit.ca.signers import load_cas
 from estkit.pki.binding import CHALLENGE_PASSWORD
 from estkit.pki.certs import load_pem_certificates
@@ -65,7 +67,11 @@ def build_authority(
         store=store,
         secret_validity=config.secret_validity,
         crl_urls={n: f"{config.crl.url}/{n}.crl" for n in cas} if config.crl.url else None,
+        ocsp_urls={n: config.ocsp.url for n in cas} if config.ocsp.url else None,
         on_revocation=lambda names, now: crl.publish_all(now=now, names=names),
+        hub_sync=HubSync(create_identities=config.iothub.create_identities)
+        if config.iothub is not None
+        else None,
     )
 
 
@@ -79,6 +85,20 @@ def _announced(label: LabelConfig) -> tuple[x509.ObjectIdentifier, ...]:
 
 def crl_publisher(config: ServerConfig, authority: Authority[SqlStore]) -> CrlPublisher:
     return _crl_publisher(config, authority.cas, authority.store)
+
+
+def ocsp_responder(
+    config: ServerConfig, authority: Authority[SqlStore], publisher: CrlPublisher
+) -> OcspResponder:
+    """The OCSP responder of every CA signing here. A revocation on this node reaches its
+    cache at once through ``publisher``'s state files, which ``on_revocation`` rewrites
+    before a revocation returns (``ca/ocsp.py``)."""
+    return OcspResponder(
+        cas=authority.cas,
+        store=authority.store,
+        validity=config.ocsp.validity,
+        local_revision=publisher.published_revision,
+    )
 
 
 def _crl_publisher(

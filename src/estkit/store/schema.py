@@ -64,6 +64,7 @@ certificates = sa.Table(
     sa.Column("revoked_at", UtcDateTime(), nullable=True),
     sa.Column("revocation_reason", sa.String(32), nullable=True),
     sa.Column("replaces", sa.String(42), nullable=True),
+    sa.Index("ix_certificates_ca_serial", "ca", "serial"),  # revision 0006
 )
 
 enrollment_secrets = sa.Table(
@@ -90,6 +91,10 @@ audit_events = sa.Table(
     sa.Column("detail", sa.Text(), nullable=False),
     sa.Column("prev_hash", sa.String(64), nullable=False, server_default=""),
     sa.Column("entry_hash", sa.String(64), nullable=False, server_default=""),
+    # revision 0006: the read side's filters.
+    sa.Index("ix_audit_events_actor_id", "actor", "id"),
+    sa.Index("ix_audit_events_serial", "serial"),
+    sa.Index("ix_audit_events_action_id", "action", "id"),
 )
 
 # -- revision 0002: API tokens, pending requests, audit hash chain -------------------
@@ -123,6 +128,7 @@ pending_requests = sa.Table(
     sa.Column("decided_by", sa.String(256), nullable=True),
     sa.Column("reason", sa.Text(), nullable=True),
     sa.Column("serial", sa.String(42), nullable=True),
+    sa.Index("ix_pending_requests_status_id", "status", "id"),  # revision 0006
 )
 
 # One row (id = 1): the newest audit entry's id and hash. Every write
@@ -154,4 +160,27 @@ crl_state = sa.Table(
     sa.Column("revision", sa.BigInteger(), nullable=False, server_default="0"),
     sa.Column("number", sa.BigInteger(), nullable=False, server_default="0"),
     sa.Column("updated_at", UtcDateTime(), nullable=True),
+)
+
+# -- revision 0005: the IoT Hub outbox (store/outbox.py) ---------------------------------
+
+# One row per device change the hub's identity registry is to learn, written in the
+# transaction of the change; a sender holds a row while it sends it (``lease_until``).
+hub_outbox = sa.Table(
+    "hub_outbox",
+    metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("device_id", sa.String(128), nullable=False, index=True),
+    sa.Column("hub_status", sa.String(16), nullable=False),
+    sa.Column("cause", sa.String(32), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", UtcDateTime(), nullable=False),
+    sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", UtcDateTime(), nullable=False),
+    sa.Column("last_attempt_at", UtcDateTime(), nullable=True),
+    sa.Column("last_error", sa.Text(), nullable=True),
+    sa.Column("done_at", UtcDateTime(), nullable=True, index=True),
+    sa.Column("lease_until", UtcDateTime(), nullable=True),
+    sa.Column("lease_owner", sa.String(128), nullable=True),
+    sa.Index("ix_hub_outbox_state_due", "state", "next_attempt_at"),
 )

@@ -13,7 +13,7 @@ import dataclasses
 import datetime as dt
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -28,6 +28,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from estkit.store import schema
 from estkit.store.audit_chain import GENESIS, entry_hash
+from estkit.store.checkpoints import ChainState
 from estkit.store.errors import (
     Conflict,
     NotApproved,
@@ -50,11 +51,12 @@ from estkit.store.models import (
     PendingStatus,
     PresentedCertificate,
 )
+from estkit.store.outbox import HubChange, HubOutbox, enqueue
 from estkit.store.prepared import Prepared
 from estkit.store.unavailable import translate_unavailable
 from estkit.store.writer import GroupCommitter
 
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0006"
 T = TypeVar("T")
 
 
@@ -360,12 +362,21 @@ class SqlStore:
         items = tuple(_device(r) for r in rows[:limit])
         return Page(items, items[-1].device_id if len(rows) > limit else None)
 
-    def add_device(self, device_id: str, *, now: dt.datetime, audit: AuditEvent) -> None:
-        """Register a device; ``Conflict`` when it exists."""
+    def add_device(
+        self,
+        device_id: str,
+        *,
+        now: dt.datetime,
+        audit: AuditEvent,
+        hub: HubChange | None = None,
+    ) -> None:
+        """Register a device; ``Conflict`` when it exists. ``hub``: for the IoT Hub
+        outbox, in the same transaction (store/outbox.py), as in the methods below."""
 
         def job(conn: Connection) -> None:
             if not self._ensure_device(conn, device_id, now):
                 raise Conflict(f"device {device_id!r} already exists")
+            enqueue(conn, hub, now)
             _insert_audit(conn, audit)
 
         self._write(job)
@@ -393,6 +404,7 @@ class SqlStore:
         now: dt.datetime,
         audit: AuditEvent,
         revoke_reason: str | None = None,
+        hub: HubChange | None = None,
     ) -> list[str]:
         """Change a device's status; with ``revoke_reason``, revoke its valid certificates.
 
@@ -430,6 +442,7 @@ class SqlStore:
             event = audit
             if revoked:
                 event = replace(audit, detail=f"revoked ({revoke_reason}): {', '.join(revoked)}")
+            enqueue(conn, hub, now)
             _insert_audit(conn, event)
             return revoked
 
@@ -444,6 +457,7 @@ class SqlStore:
         audit: AuditEvent,
         consume_secret: int | None = None,
         pending_id: int | None = None,
+        hub: HubChange | None = None,
     ) -> None:
         """Commit an issued certificate and its audit event, in one transaction.
 
@@ -472,6 +486,7 @@ class SqlStore:
                 )
                 if res.rowcount != 1:
                     raise NotApproved("pending request is no longer approved")
+            enqueue(conn, hub, record.issued_at)
             _insert_audit(conn, audit)
 
         self._write_or_defer(job)
@@ -803,11 +818,13 @@ class SqlStore:
         expires_at: dt.datetime,
         audit: AuditEvent,
         replace: bool = False,
+        hub: HubChange | None = None,
     ) -> int:
         """Store a new enrollment secret's hash; ``replace`` expires the device's others."""
 
         def job(conn: Connection) -> int:
             self._ensure_device(conn, device_id, now)
+            enqueue(conn, hub, now)
             if replace:  # the new secret is the only usable one
                 t = schema.enrollment_secrets
                 conn.execute(
@@ -862,9 +879,13 @@ class SqlStore:
         outcome: str | None = None,
         after: int | None = None,
         limit: int = 100,
+        newest_first: bool = False,
     ) -> Page[AuditEvent]:
+        """Entries in id order (``newest_first``: the reverse); ``after`` is the previous
+        page's ``next``, the entries past it in that order."""
         a = schema.audit_events.c
-        query = sa.select(schema.audit_events).order_by(a.id).limit(limit + 1)
+        order = a.id.desc() if newest_first else a.id
+        query = sa.select(schema.audit_events).order_by(order).limit(limit + 1)
         if since is not None:
             query = query.where(a.at >= since)
         for column, value in (
@@ -877,7 +898,7 @@ class SqlStore:
             if value is not None:
                 query = query.where(column == value)
         if after is not None:
-            query = query.where(a.id > after)
+            query = query.where(a.id < after if newest_first else a.id > after)
         with self._reader.connect() as conn:
             rows = conn.execute(query).all()
         items = tuple(_audit(r) for r in rows[:limit])
@@ -890,11 +911,7 @@ class SqlStore:
         node commits meanwhile is simply not seen, never mistaken for a cut."""
         a = schema.audit_events.c
         prev, expected_id, checked = GENESIS, 1, 0
-        with self._engine.connect() as conn:
-            if conn.dialect.name == "sqlite":
-                conn.exec_driver_sql("BEGIN")  # pysqlite opens no transaction for reads
-            else:
-                conn.execution_options(isolation_level="REPEATABLE READ")
+        with self._snapshot() as conn:
             head = conn.execute(sa.select(schema.audit_head)).one()
             for row in conn.execute(sa.select(schema.audit_events).order_by(a.id)):
                 if row.id != expected_id:
@@ -904,9 +921,62 @@ class SqlStore:
                 if entry_hash(prev, _audit(row), row.id) != row.entry_hash:
                     return checked, row.id, "its content does not match its hash"
                 prev, expected_id, checked = row.entry_hash, expected_id + 1, checked + 1
+        if head.last_id < checked:
+            rewound = f"the stored head was rewound to entry {head.last_id}, but entries go on"
+            return head.last_id, head.last_id + 1, f"{rewound} to {checked}"
         if head.last_id != checked or head.last_hash != prev:
             return checked, checked + 1, "entries after the last one present were removed"
         return checked, None, ""
+
+    def audit_head(self) -> tuple[int, int, str]:
+        """The chain's head for a checkpoint (``store/checkpoints.py``): (entries up to
+        it, its entry's id, its hash), in one statement."""
+        h, a = schema.audit_head.c, schema.audit_events.c
+        count = sa.select(sa.func.count()).where(a.id <= h.last_id).scalar_subquery()
+        with self._reader.connect() as conn:
+            row = conn.execute(sa.select(count, h.last_id, h.last_hash)).one()
+        return int(row[0]), int(row[1]), str(row[2])
+
+    def audit_chain_state(self, ids: Collection[int]) -> ChainState:
+        """The head, the newest entry, and each of ``ids``' hash and count of entries up to
+        it, in one snapshot and one pass over the entries' ids and hashes."""
+        a = schema.audit_events.c
+        wanted = sorted(set(ids))
+        hashes: dict[int, str] = {}
+        counts: dict[int, int] = {}
+        count, last_id, at = 0, None, 0
+        with self._snapshot() as conn:
+            head = conn.execute(sa.select(schema.audit_head)).one()
+            for row in conn.execute(sa.select(a.id, a.entry_hash).order_by(a.id)):
+                while at < len(wanted) and wanted[at] < row.id:
+                    counts[wanted[at]] = count
+                    at += 1
+                count, last_id = count + 1, row.id
+                if at < len(wanted) and wanted[at] == row.id:
+                    hashes[row.id], counts[row.id] = row.entry_hash, count
+                    at += 1
+        counts.update((i, count) for i in wanted[at:])
+        return ChainState(head.last_id, head.last_hash, last_id, hashes, counts)
+
+    @contextmanager
+    def _snapshot(self) -> Iterator[Connection]:
+        """A connection whose reads all see one snapshot (the audit chain's checks)."""
+        with self._engine.connect() as conn:
+            if conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN")  # pysqlite opens no transaction for reads
+            else:
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            yield conn
+
+    # -- the IoT Hub outbox ------------------------------------------------------
+
+    def hub_outbox(self) -> HubOutbox:
+        """The IoT Hub registry changes the device changes above left to be sent."""
+        return HubOutbox(self._engine)
+
+    def outbox_backlog(self) -> int:
+        """How many changes the hub's registry has not taken: pending or failed."""
+        return self.hub_outbox().waiting()
 
     # -- nodes -------------------------------------------------------------------
     # Heartbeats are not decisions: no audit entry, and their own short transaction
@@ -968,40 +1038,73 @@ class SqlStore:
         return _token(row) if row else None
 
     def device_states(
-        self, *, now: dt.datetime, soon: dt.datetime, exclude_cas: Sequence[str] = ()
+        self,
+        *,
+        now: dt.datetime,
+        soon: dt.datetime,
+        exclude_cas: Sequence[str] = (),
+        renewal_fraction: float = 1.0,
     ) -> dict[tuple[DeviceStatus, str], int]:
         """Devices counted by (device status, certificate state), in one query.
 
         The certificate state of a device, from its certificates of CAs other than
         ``exclude_cas`` (the bootstrap CA's, which only authenticate to EST):
-        ``never-enrolled`` (none), ``valid`` (one valid past ``soon``), ``expiring``
-        (the last valid one ends between ``now`` and ``soon``), ``expired`` (valid ones,
-        all ended), ``revoked`` (all revoked). One pass over the certificates, grouped
-        by device on its index, joined to the devices: no row reaches Python.
+        ``never-enrolled`` (none), ``valid`` (one valid past ``soon``, before its
+        renewal point), ``renewal-due`` (valid past ``soon``, but every valid one is
+        past ``renewal_fraction`` of its lifetime), ``expiring`` (the last valid one
+        ends between ``now`` and ``soon``), ``expired`` (valid ones, all ended),
+        ``revoked`` (all revoked).
+
+        Only the certificates not yet ended are grouped (the indexed range on
+        ``not_after``: about one a device, however long its history); a device with
+        none is told apart by two indexed lookups of its own. No row reaches Python.
         """
         c = schema.certificates.c
         d = schema.devices.c
-        valid_until = sa.func.max(
-            sa.case((c.status == CertStatus.VALID.value, c.not_after), else_=None)
-        )
-        per_device = sa.select(c.device_id.label("device_id"), valid_until.label("until"))
-        if exclude_cas:
-            per_device = per_device.where(c.ca.not_in(list(exclude_cas)))
-        per = per_device.group_by(c.device_id).subquery()
-        until = sa.type_coerce(per.c.until, schema.UtcDateTime())
-        state = sa.case(
-            (per.c.device_id.is_(None), "never-enrolled"),
-            (until.is_(None), "revoked"),
-            (until > soon, "valid"),
-            (until > now, "expiring"),
-            else_="expired",
-        ).label("state")
-        query = (
-            sa.select(d.status, state, sa.func.count().label("n"))
-            .select_from(schema.devices.outerjoin(per, per.c.device_id == d.device_id))
-            .group_by(d.status, state)
-        )
+        kept = [c.ca.not_in(list(exclude_cas))] if exclude_cas else []
         with self._reader.connect() as conn:
+            begins, ends = _epoch(conn, c.not_before), _epoch(conn, c.not_after)
+            renew_at = begins + (ends - begins) * renewal_fraction
+            # Materialized first, so that the planner reads them by the range on
+            # not_after rather than every certificate in device order for the grouping.
+            rows_live = (
+                sa.select(
+                    c.device_id.label("device_id"),
+                    c.not_after.label("not_after"),
+                    renew_at.label("renew_at"),
+                )
+                .where(c.not_after > now, c.status == CertStatus.VALID.value, *kept)
+                .cte("live_certificates")
+                .prefix_with("MATERIALIZED")
+            )
+            live = (
+                sa.select(
+                    rows_live.c.device_id,
+                    sa.func.max(rows_live.c.not_after).label("until"),
+                    sa.func.max(rows_live.c.renew_at).label("renew_at"),
+                )
+                .group_by(rows_live.c.device_id)
+                .subquery()
+            )
+
+            def has(*where: sa.ColumnElement[bool]) -> sa.Exists:
+                mine = c.device_id == d.device_id
+                return sa.exists(sa.select(1).select_from(schema.certificates).where(mine, *where))
+
+            until = sa.type_coerce(live.c.until, schema.UtcDateTime())
+            state = sa.case(
+                (until > soon, sa.case((live.c.renew_at <= now.timestamp(), "renewal-due"),
+                                       else_="valid")),
+                (until.is_not(None), "expiring"),
+                (has(c.status == CertStatus.VALID.value, *kept), "expired"),
+                (has(*kept), "revoked"),
+                else_="never-enrolled",
+            ).label("state")  # fmt: skip
+            query = (
+                sa.select(d.status, state, sa.func.count().label("n"))
+                .select_from(schema.devices.outerjoin(live, live.c.device_id == d.device_id))
+                .group_by(d.status, state)
+            )
             rows = conn.execute(query).all()
         return {(DeviceStatus(r.status), str(r.state)): int(r.n) for r in rows}
 
@@ -1027,15 +1130,35 @@ class SqlStore:
             c.status == CertStatus.VALID.value,
         )
 
+    def refusals_per_day(
+        self, *, since: dt.datetime, until: dt.datetime, codes: Collection[str]
+    ) -> dict[tuple[dt.date, str], int]:
+        """Refused decisions per UTC day in [since, until) and refusal code, grouped in
+        SQL. An entry's code is its detail up to the first ``": "`` (the authority writes
+        ``"<code>: <reason>"``); a refusal whose detail starts with none of ``codes``
+        (a refused API token, a CSRF refusal) counts as ``"other"``. The rows read are
+        bounded by the indexed range on ``at``."""
+        a = schema.audit_events.c
+        with self._reader.connect() as conn:
+            if conn.dialect.name == "postgresql":
+                prefix: sa.ColumnElement[Any] = sa.func.split_part(a.detail, ": ", 1)
+            else:
+                prefix = sa.func.substr(a.detail, 1, sa.func.instr(a.detail, ": ") - 1)
+            code = sa.case((prefix.in_(sorted(codes)), prefix), else_="other").label("code")
+            day = _utc_day(conn, a.at)
+            query = (
+                sa.select(day, code, sa.func.count().label("n"))
+                .where(a.at >= since, a.at < until, a.outcome == "refused")
+                .group_by(day, code)
+            )
+            rows = conn.execute(query).all()
+        return {(_as_date(r.day), str(r.code)): int(r.n) for r in rows}
+
     def _per_day(
         self, column: sa.ColumnElement[dt.datetime], *where: sa.ColumnElement[bool]
     ) -> dict[dt.date, int]:
         with self._reader.connect() as conn:
-            if conn.dialect.name == "postgresql":
-                day: sa.ColumnElement[Any] = sa.cast(sa.func.timezone("UTC", column), sa.Date)
-            else:  # stored as UTC text: its first ten characters are the day
-                day = sa.func.date(column)
-            day = day.label("day")
+            day = _utc_day(conn, column)
             query = (
                 sa.select(day, sa.func.count().label("n"))
                 .select_from(schema.certificates)
@@ -1043,10 +1166,26 @@ class SqlStore:
                 .group_by(day)
             )
             rows = conn.execute(query).all()
-        return {
-            r.day if isinstance(r.day, dt.date) else dt.date.fromisoformat(r.day): int(r.n)
-            for r in rows
-        }
+        return {_as_date(r.day): int(r.n) for r in rows}
+
+
+def _utc_day(conn: Connection, column: sa.ColumnElement[dt.datetime]) -> sa.ColumnElement[Any]:
+    """The UTC day of a timestamp column, as the dialect can say it (labelled ``day``)."""
+    if conn.dialect.name == "postgresql":
+        return sa.cast(sa.func.timezone("UTC", column), sa.Date).label("day")
+    return sa.func.date(column).label("day")  # stored as UTC text: its first ten characters
+
+
+def _as_date(value: dt.date | str) -> dt.date:
+    return value if isinstance(value, dt.date) else dt.date.fromisoformat(value)
+
+
+def _epoch(conn: Connection, column: sa.ColumnElement[dt.datetime]) -> sa.ColumnElement[float]:
+    """A timestamp column in seconds since the epoch, for arithmetic in SQL."""
+    if conn.dialect.name == "postgresql":
+        return sa.cast(sa.extract("epoch", column), sa.Float)
+    # SQLite keeps UTC text, which julianday() reads: days since noon, 4714 BC.
+    return (sa.func.julianday(column) - 2440587.5) * 86400.0
 
 
 @dataclass(slots=True)

@@ -52,10 +52,65 @@ def _nice_max(value: int) -> int:
 
 def bar_chart(bars: Sequence[Bar], *, title: str, label_every: int = 5) -> Markup:
     """An accessible SVG bar chart (``role="img"`` with a title); escaped text only."""
-    top = _nice_max(max((b.value for b in bars), default=0))
+    columns = [Column(b.label, b.title, ((None, b.value),)) for b in bars]
+    return stacked_chart(columns, title=title, label_every=label_every)
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One bar of stacked segments: (series index or None, value), bottom first."""
+
+    label: str
+    title: str
+    segments: tuple[tuple[int | None, int], ...]
+
+    @property
+    def total(self) -> int:
+        return sum(value for _, value in self.segments)
+
+
+# Stacked series beyond this many share the last colour: ``stack_series`` folds them.
+SERIES_COLOURS = 8
+
+
+def stack_series(
+    counts: Mapping[tuple[dt.date, str], int], span: Sequence[dt.date]
+) -> tuple[list[str], list[Column]]:
+    """Counts per (day, series) as one stacked column per day of ``span``: the series
+    (most counted first; past ``SERIES_COLOURS - 1`` of them the rest fold into the
+    last, ``"other"``) and the columns."""
+    totals: dict[str, int] = {}
+    for (_, name), n in counts.items():
+        totals[name] = totals.get(name, 0) + n
+    ranked = sorted(totals, key=lambda name: (name == "other", -totals[name], name))
+    if len(ranked) > SERIES_COLOURS:
+        ranked = [*ranked[: SERIES_COLOURS - 1], "other"]
+    index = {name: i for i, name in enumerate(ranked)}
+    fold = index.get("other", len(ranked) - 1)
+    columns = []
+    for day in span:
+        values = [0] * len(ranked)
+        for (when, name), n in counts.items():
+            if when == day:
+                values[index.get(name, fold)] += n
+        parts = ", ".join(f"{ranked[i]} {v}" for i, v in enumerate(values) if v)
+        columns.append(
+            Column(
+                label=day.strftime("%d %b"),
+                title=f"{day.isoformat()}: {sum(values)}" + (f" ({parts})" if parts else ""),
+                segments=tuple((i, v) for i, v in enumerate(values) if v),
+            )
+        )
+    return ranked, columns
+
+
+def stacked_chart(columns: Sequence[Column], *, title: str, label_every: int = 5) -> Markup:
+    """An accessible SVG chart of stacked bars (``role="img"`` with a title); a segment
+    of series ``i`` has the class ``s<i>``. Escaped text only."""
+    top = _nice_max(max((c.total for c in columns), default=0))
     plot_w = WIDTH - _LEFT - 4
     plot_h = HEIGHT - _TOP - _BOTTOM
-    slot = plot_w / max(len(bars), 1)
+    slot = plot_w / max(len(columns), 1)
     out = [
         f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
         f'xmlns="http://www.w3.org/2000/svg" aria-label="{escape(title)}">',
@@ -67,18 +122,21 @@ def bar_chart(bars: Sequence[Bar], *, title: str, label_every: int = 5) -> Marku
             f'<line class="grid" x1="{_LEFT}" x2="{WIDTH - 4}" y1="{y:.1f}" y2="{y:.1f}"/>'
             f'<text class="axis" x="{_LEFT - 4}" y="{y + 4:.1f}" text-anchor="end">{tick}</text>'
         )
-    for i, bar in enumerate(bars):
-        h = plot_h * bar.value / top
+    for i, column in enumerate(columns):
         x = _LEFT + i * slot + slot * 0.15
-        y = _TOP + plot_h - h
-        out.append(
-            f'<rect class="bar" x="{x:.1f}" y="{y:.1f}" width="{slot * 0.7:.1f}" '
-            f'height="{h:.1f}"><title>{escape(bar.title)}</title></rect>'
-        )
+        base: float = _TOP + plot_h
+        for series, value in column.segments or ((None, 0),):
+            h = plot_h * value / top
+            base -= h
+            kind = "bar" if series is None else f"bar s{series}"
+            out.append(
+                f'<rect class="{kind}" x="{x:.1f}" y="{base:.1f}" width="{slot * 0.7:.1f}" '
+                f'height="{h:.1f}"><title>{escape(column.title)}</title></rect>'
+            )
         if i % label_every == 0:
             out.append(
                 f'<text class="axis" x="{x + slot * 0.35:.1f}" y="{HEIGHT - 6}" '
-                f'text-anchor="middle">{escape(bar.label)}</text>'
+                f'text-anchor="middle">{escape(column.label)}</text>'
             )
     out.append("</svg>")
     return Markup("".join(out))  # noqa: S704 - every text in it went through escape()

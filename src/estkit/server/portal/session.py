@@ -1,10 +1,13 @@
-"""Portal sessions: an HMAC-signed cookie naming the API token that signed in.
+"""Portal sessions: an HMAC-signed cookie naming the API token that signed in, or the
+OIDC subject (``portal/oidc_signin.py``).
 
 Nothing is stored server-side, so every worker process of a node accepts the
 cookie (they share the key file in the data directory) and no migration is
 needed. The cookie says which token signed in, until when, and a random nonce;
 its MAC covers those and the token's stored digest, and every request looks the
-token up again: a token revoked or expired ends its sessions at once.
+token up again: a token revoked or expired ends its sessions at once. An OIDC
+session names the person's ``sub`` instead, looked up in ``[api.oidc.clients]``
+on every request.
 
 CSRF: the token of a session's forms is derived from its nonce (session-bound,
 nothing to store); the sign-in form, which has no session yet, is bound the
@@ -31,6 +34,8 @@ SESSION_LIFETIME = dt.timedelta(hours=8)
 LOGIN_LIFETIME = dt.timedelta(hours=1)
 COOKIE_PATH = "/ui"
 _VERSION = "v1"
+_OIDC_VERSION = "o1"
+MAX_SUBJECT = 255  # OIDC Core 2: a sub is at most 255 ASCII characters
 
 
 def load_or_create_key(data_dir: Path) -> bytes:
@@ -67,9 +72,10 @@ def _read_key(path: Path) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Session:
-    token_id: int
+    token_id: int | None  # the API token that signed in, or None
     expires_at: dt.datetime
     nonce: str
+    subject: str | None = None  # the OIDC subject that signed in, or None
 
 
 class SessionSigner:
@@ -94,25 +100,60 @@ class SessionSigner:
         payload = f"{_VERSION}.{token.id}.{int(session.expires_at.timestamp())}.{session.nonce}"
         return f"{payload}.{self._mac('session', payload, token.token_hash)}", session
 
+    def issue_subject(self, subject: str, *, now: dt.datetime) -> tuple[str, Session]:
+        """A new session of the OIDC subject ``subject``: (cookie value, session)."""
+        if not 0 < len(subject) <= MAX_SUBJECT:
+            raise ValueError(f"an OIDC subject of 1-{MAX_SUBJECT} characters, got {subject!r}")
+        session = Session(
+            token_id=None,
+            expires_at=(now + SESSION_LIFETIME).replace(microsecond=0),
+            nonce=secrets.token_urlsafe(18),
+            subject=subject,
+        )
+        name = base64.urlsafe_b64encode(subject.encode()).rstrip(b"=").decode()
+        payload = f"{_OIDC_VERSION}.{name}.{int(session.expires_at.timestamp())}.{session.nonce}"
+        return f"{payload}.{self._mac('oidc-session', payload)}", session
+
     def parse(self, value: str, *, now: dt.datetime) -> Session | None:
-        """The session a cookie claims (MAC not yet checked: ``verify``), or None when
-        it is malformed or expired."""
+        """The session a cookie claims (MAC not yet checked: ``verify`` or
+        ``verify_subject``), or None when it is malformed or expired."""
         parts = value.split(".")
-        if len(parts) != 5 or parts[0] != _VERSION:
+        if len(parts) != 5 or parts[0] not in (_VERSION, _OIDC_VERSION):
             return None
-        _, token_id, expires, nonce, _mac = parts
-        if not (token_id.isdigit() and expires.isdigit()) or len(token_id) > 18:
+        version, who, expires, nonce, _mac = parts
+        if not expires.isdigit() or len(expires) > 12:
             return None
         expires_at = dt.datetime.fromtimestamp(int(expires), dt.UTC)
         if expires_at <= now:
             return None
-        return Session(token_id=int(token_id), expires_at=expires_at, nonce=nonce)
+        if version == _OIDC_VERSION:
+            subject = _unb64(who)
+            if subject is None or not 0 < len(subject) <= MAX_SUBJECT:
+                return None
+            return Session(token_id=None, expires_at=expires_at, nonce=nonce, subject=subject)
+        if not who.isdigit() or len(who) > 18:
+            return None
+        return Session(token_id=int(who), expires_at=expires_at, nonce=nonce)
 
     def verify(self, value: str, token: ApiToken) -> bool:
         """The cookie's MAC is right for ``token`` (its id and stored digest)."""
         payload, _, mac = value.rpartition(".")
+        if not payload.startswith(f"{_VERSION}."):
+            return False
         expected = self._mac("session", payload, token.token_hash)
         return hmac.compare_digest(mac, expected)
+
+    def verify_subject(self, value: str) -> bool:
+        """The MAC of an OIDC session's cookie is right."""
+        payload, _, mac = value.rpartition(".")
+        if not payload.startswith(f"{_OIDC_VERSION}."):
+            return False
+        return hmac.compare_digest(mac, self._mac("oidc-session", payload))
+
+    def derive(self, purpose: str, *values: str) -> str:
+        """A value only this key makes from ``values`` (43 URL-safe characters), for
+        ``purpose``: e.g. an OIDC sign-in's state, nonce and PKCE verifier."""
+        return self._mac(f"derive:{purpose}", *values)
 
     def csrf(self, session: Session) -> str:
         return self._mac("csrf", session.nonce)
@@ -126,3 +167,10 @@ class SessionSigner:
     @staticmethod
     def same(given: str | None, expected: str) -> bool:
         return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def _unb64(text: str) -> str | None:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None

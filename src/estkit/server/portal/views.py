@@ -11,6 +11,7 @@ never blocks the event loop), as the REST API's are.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -25,12 +26,14 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from estkit.ca import iothub
 from estkit.ca.authority import REVOCATION_REASONS, Authority
 from estkit.ca.errors import Code, Refusal
 from estkit.ca.ports import translated
 from estkit.ca.secrets import token_digest
 from estkit.ca.signers import chain_to_root
-from estkit.ca.tokens import TokenService
+from estkit.ca.tokens import SCOPES, TokenService
+from estkit.durations import EXAMPLES, parse_duration
 from estkit.pki.certs import (
     certs_to_pem,
     fingerprint,
@@ -42,6 +45,13 @@ from estkit.server.config import ServerConfig
 from estkit.server.errors import STATUS
 from estkit.server.nodes import est_url, region_urls
 from estkit.server.portal import charts
+from estkit.server.portal.oidc_signin import (
+    FLOW_COOKIE,
+    FLOW_LIFETIME,
+    OidcSignIn,
+    ProviderUnavailable,
+    SignInRefused,
+)
 from estkit.server.portal.session import (
     LOGIN_COOKIE,
     LOGIN_LIFETIME,
@@ -63,6 +73,7 @@ from estkit.server.portal.web import (
 )
 from estkit.server.wiring import installed_cas
 from estkit.store import (
+    ApiToken,
     CertificateRecord,
     CertStatus,
     Device,
@@ -73,6 +84,9 @@ from estkit.store import (
 
 PAGE_SIZE = 50
 EXPIRING_SOON = dt.timedelta(days=7)
+# A device is "renewal due" once its operational certificate is past the point of its
+# lifetime where the agent renews by default (``renewal.fraction``, agent/config.py).
+RENEWAL_DUE = 0.8
 CHART_DAYS = 30
 READ_SCOPES = frozenset({"read", "admin"})
 
@@ -101,9 +115,11 @@ DONE = {
     "decommission": "The device is decommissioned.",
     "approve": "The request is approved: the device gets its certificate at its next retry.",
     "deny": "The request is denied.",
+    "token-revoked": "The token is revoked: API calls with it are refused, its sessions ended.",
 }
 LIFECYCLE = (
     ("valid", "with a valid certificate"),
+    ("renewal-due", f"renewal due (past {RENEWAL_DUE:.0%} of its lifetime)"),
     ("expiring", f"expiring within {EXPIRING_SOON.days} days"),
     ("expired", "expired"),
     ("revoked", "revoked"),
@@ -113,7 +129,7 @@ LIFECYCLE = (
 
 @dataclass(frozen=True, slots=True)
 class SignedIn:
-    name: str  # the API token's name
+    name: str  # the API token's name, or oidc:<sub>
     admin: bool
     csrf: str
 
@@ -157,6 +173,37 @@ class CaFacts:
     replaces: str | None
     issues_from: dt.datetime | None
     replaced_by: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ChainCheck:
+    """One verification of the audit log's hash chain (``SqlStore.verify_audit_chain``)."""
+
+    at: dt.datetime  # when it finished
+    checked: int  # entries intact (before the broken one, if any)
+    broken: int | None  # the first entry that breaks the chain
+    why: str
+
+
+class ChainChecks:
+    """Runs the chain verification one at a time in this process and remembers the last
+    result for the audit page. A request that arrives while a run goes on gets that
+    run's result: a pass over every entry is not started again and again."""
+
+    def __init__(self, store: SqlStore, clock: Callable[[], dt.datetime]) -> None:
+        self._store = store
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.last: ChainCheck | None = None
+
+    def verify(self, asked_at: dt.datetime) -> ChainCheck:
+        with self._lock:
+            if self.last is not None and self.last.at >= asked_at:
+                return self.last  # finished while this request waited for the lock
+            with translated():
+                checked, broken, why = self._store.verify_audit_chain()
+            self.last = ChainCheck(at=self._clock(), checked=checked, broken=broken, why=why)
+            return self.last
 
 
 def key_type(cert: x509.Certificate) -> str:
@@ -223,8 +270,10 @@ class Portal:
         signer: SessionSigner,
         clock: Callable[[], dt.datetime],
         stale_after: dt.timedelta,
+        oidc: OidcSignIn | None = None,
     ) -> None:
         self._authority = authority
+        self._oidc = oidc
         self._store = store
         self._config = config
         self._tokens = tokens
@@ -233,6 +282,7 @@ class Portal:
         self._stale_after = stale_after
         self._env = templates()
         self._cas = ca_facts(config)
+        self._chain = ChainChecks(store, clock)
 
     # -- routing, authentication, CSRF ------------------------------------------------
 
@@ -240,11 +290,14 @@ class Portal:
         pages: list[tuple[str, Callable[[Call], Response], Need, list[str]]] = [
             ("/login", self.login_page, "public", ["GET"]),
             ("/login", self.login, "public", ["POST"]),
+            ("/login/oidc", self.oidc_start, "public", ["GET"]),
+            ("/login/oidc/callback", self.oidc_callback, "public", ["GET"]),
             ("/logout", self.logout, "read", ["POST"]),
             ("/", self.dashboard, "read", ["GET"]),
             ("/cas", self.cas, "read", ["GET"]),
             ("/cas/{name}", self.ca, "read", ["GET"]),
             ("/cas/{name}/chain.pem", self.ca_chain, "read", ["GET"]),
+            ("/cas/{name}/iothub-verify", self.iothub_verify, "admin", ["POST"]),
             ("/certificates", self.certificates, "read", ["GET"]),
             ("/certificates/{serial}", self.certificate, "read", ["GET"]),
             ("/certificates/{serial}/cert.pem", self.certificate_pem, "read", ["GET"]),
@@ -257,6 +310,11 @@ class Portal:
             ("/approvals", self.approvals, "read", ["GET"]),
             ("/approvals/{request_id:int}/{decision}", self.decide, "admin", ["POST"]),
             ("/audit", self.audit, "read", ["GET"]),
+            ("/audit/chain", self.audit_chain, "read", ["GET"]),
+            ("/tokens", self.tokens, "admin", ["GET"]),
+            ("/tokens", self.token_create, "admin", ["POST"]),
+            ("/tokens/{name}/revoke", self.token_revoke_page, "admin", ["GET"]),
+            ("/tokens/{name}/revoke", self.token_revoke, "admin", ["POST"]),
         ]
         routes: list[BaseRoute] = [
             Route(path, self._endpoint(view, need), methods=methods)
@@ -324,6 +382,19 @@ class Portal:
         session = self._signer.parse(value, now=now) if value else None
         if value is None or session is None:
             return None
+        if session.subject is not None:
+            if self._oidc is None or not self._signer.verify_subject(value):
+                return None
+            scopes = self._oidc.scopes(session.subject)
+            if not scopes & READ_SCOPES:
+                return None
+            return SignedIn(
+                name=f"oidc:{session.subject}",
+                admin="admin" in scopes,
+                csrf=self._signer.csrf(session),
+            )
+        if session.token_id is None:
+            return None
         with translated():
             token = self._store.get_token_by_id(session.token_id)
         if token is None or not self._signer.verify(value, token):
@@ -366,6 +437,7 @@ class Portal:
             csrf=self._signer.login_csrf(nonce),
             next=local_path(call.query("next", max_length=512) or call.form.get("next")),
             reason=reason,
+            oidc=self._oidc.provider if self._oidc is not None else None,
         )
         set_cookie(response, LOGIN_COOKIE, nonce, max_age=LOGIN_LIFETIME)
         return response
@@ -396,6 +468,55 @@ class Portal:
         clear_cookie(response, LOGIN_COOKIE)
         return response
 
+    def oidc_start(self, call: Call) -> Response:
+        """To the identity provider, with this browser's pre-session cookie (a link, not
+        a form: the CSP's form-action would stop a form's redirect to another site)."""
+        if self._oidc is None:
+            raise Refusal(Code.NOT_FOUND, "OIDC sign-in is not configured")
+        try:
+            url, cookie = self._oidc.start(
+                local_path(call.query("next", max_length=512)), now=call.now
+            )
+        except SignInRefused as refused:
+            return self.login_page(call, status=503, reason=str(refused))
+        response = see_other(url)
+        set_cookie(response, FLOW_COOKIE, cookie, max_age=FLOW_LIFETIME, samesite="lax")
+        return response
+
+    def oidc_callback(self, call: Call) -> Response:
+        """Back from the identity provider: the ID token's ``sub`` signs in with the
+        scopes ``[api.oidc.clients]`` grants it; a refusal is audited and shown."""
+        if self._oidc is None:
+            raise Refusal(Code.NOT_FOUND, "OIDC sign-in is not configured")
+        actor, use = "oidc", "portal sign-in (OIDC)"
+        try:
+            flow = self._oidc.flow(call.request.cookies.get(FLOW_COOKIE), now=call.now)
+            claims = self._oidc.finish(flow, dict(call.request.query_params))
+            subject = str(claims["sub"])
+            actor = f"oidc:{subject}"
+            if not self._oidc.scopes(subject) & READ_SCOPES:
+                raise SignInRefused(
+                    f"{subject} may not use the portal: [api.oidc.clients] grants it "
+                    "no read or admin scope"
+                )
+        except SignInRefused as refused:
+            self._tokens.audit_refusal(actor=actor, detail=f"{use}: {refused}", now=call.now)
+            status = 503 if isinstance(refused, ProviderUnavailable) else 403
+            response = self.login_page(call, status=status, reason=str(refused))
+            clear_cookie(response, FLOW_COOKIE)
+            return response
+        self._tokens.audit_use(actor=actor, detail=use, now=call.now)
+        cookie, _ = self._signer.issue_subject(subject, now=call.now)
+        # A page of ours moves on to the portal, not a redirect: a browser that judges
+        # SameSite by the whole redirect chain (through the provider's site) would not
+        # send the Strict session cookie with the redirect's next request.
+        response = self._render(
+            "signed_in.html", None, title="Signed in", name=actor, next=flow.next_path
+        )
+        set_cookie(response, SESSION_COOKIE, cookie, max_age=SESSION_LIFETIME)
+        clear_cookie(response, FLOW_COOKIE)
+        return response
+
     def logout(self, call: Call) -> Response:
         response = see_other("/ui/login")
         clear_cookie(response, SESSION_COOKIE)
@@ -409,10 +530,15 @@ class Portal:
         bootstrap = [n for n in self._cas if self._authority.family(n) == "bootstrap"]
         with translated():
             states = self._store.device_states(
-                now=now, soon=now + EXPIRING_SOON, exclude_cas=bootstrap
+                now=now,
+                soon=now + EXPIRING_SOON,
+                exclude_cas=bootstrap,
+                renewal_fraction=RENEWAL_DUE,
             )
-            issued = self._store.issued_per_day(
-                since=today - dt.timedelta(days=CHART_DAYS - 1), until=today + dt.timedelta(1)
+            since = today - dt.timedelta(days=CHART_DAYS - 1)
+            issued = self._store.issued_per_day(since=since, until=today + dt.timedelta(1))
+            refused = self._store.refusals_per_day(
+                since=since, until=today + dt.timedelta(1), codes=[c.value for c in Code]
             )
             expiring = self._store.expiring_per_day(
                 since=now, until=today + dt.timedelta(days=CHART_DAYS)
@@ -428,6 +554,7 @@ class Portal:
         ahead = charts.days(today.date(), CHART_DAYS)
         issued_bars = charts.daily_bars(issued, past)
         expiry_bars = charts.daily_bars(expiring, ahead)
+        codes, refusal_columns = charts.stack_series(refused, past)
         return self._render(
             "dashboard.html",
             call.who,
@@ -440,6 +567,14 @@ class Portal:
             expiry_chart=charts.bar_chart(expiry_bars, title="Certificates expiring per day"),
             issued_rows=list(zip(past, (b.value for b in issued_bars), strict=True)),
             expiry_rows=list(zip(ahead, (b.value for b in expiry_bars), strict=True)),
+            refusal_chart=charts.stacked_chart(
+                refusal_columns, title="Refusals per day by refusal code"
+            ),
+            refusal_codes=codes,
+            refusal_table=sorted({code for _, code in refused}),
+            refusal_rows=[
+                (day, {c: n for (d, c), n in refused.items() if d == day}) for day in past
+            ],
             nodes=[(n, n.stale(now=now, after=self._stale_after)) for n in nodes],
             waiting=len(waiting.items),
             waiting_more=waiting.next is not None,
@@ -472,7 +607,7 @@ class Portal:
         fact = self._cas[name]
         return started(fact) and not any(started(self._cas[n]) for n in fact.replaced_by)
 
-    def ca(self, call: Call) -> Response:
+    def ca(self, call: Call, *, http_status: int = 200, reason: str | None = None) -> Response:
         fact = self._fact(call)
         family = self._authority.family(fact.name)
         with translated():
@@ -497,6 +632,10 @@ class Portal:
         return self._render(
             "ca.html",
             call.who,
+            http_status=http_status,
+            reason=reason,
+            code=call.form.get("code", ""),
+            can_sign=fact.name in self._authority.cas,
             title=f"CA {fact.name}",
             ca=fact,
             labels=labels,
@@ -511,6 +650,24 @@ class Portal:
             fact.chain_pem,
             filename=f"{fact.name}-chain.pem",
             media_type="application/pem-certificate-chain",
+        )
+
+    def iothub_verify(self, call: Call) -> Response:
+        """IoT Hub's proof of possession: the code in, the certificate out as a download
+        (``ca/iothub.py``, as ``estkit ca iothub-verify``), audited."""
+        fact = self._fact(call)
+        assert call.who is not None
+        try:
+            cert = iothub.issue_verification(
+                self._authority, fact.name, call.form.get("code", ""), actor=call.who.actor,
+                now=call.now,
+            )  # fmt: skip
+        except Refusal as refusal:
+            return self.ca(call, http_status=STATUS[refusal.code], reason=refusal.reason)
+        return download(
+            certs_to_pem([cert]),
+            filename=f"{fact.name}-iothub-verification.pem",
+            media_type="application/x-pem-file",
         )
 
     # -- certificates -----------------------------------------------------------------
@@ -720,8 +877,10 @@ class Portal:
     def audit(self, call: Call) -> Response:
         filters = {
             name: call.query(name, max_length=256)
-            for name in ("actor", "device", "serial", "action", "outcome", "since")
+            for name in ("actor", "device", "serial", "action", "outcome", "since", "order")
         }
+        if filters["order"] not in (None, "newest", "oldest"):
+            raise Refusal(Code.BAD_REQUEST, "order: newest or oldest")
         since_text = filters["since"]
         since = None
         if since_text is not None:
@@ -743,8 +902,108 @@ class Portal:
                 outcome=filters["outcome"],
                 after=int(after) if after else None,
                 limit=PAGE_SIZE,
+                newest_first=filters["order"] != "oldest",
             )
-        return self._render("audit.html", call.who, title="Audit log", page=page, filters=filters)
+        return self._render(
+            "audit.html",
+            call.who,
+            title="Audit log",
+            page=page,
+            filters=filters,
+            chain=self._chain.last,
+        )
+
+    def audit_chain(self, call: Call) -> Response:
+        """Verify the audit log's hash chain now (``estkit audit verify``): a pass over
+        every entry, so on request, not on every audit page."""
+        return self._render(
+            "audit_chain.html", call.who, title="Audit chain", chain=self._chain.verify(call.now)
+        )
+
+    # -- API tokens ---------------------------------------------------------------------
+
+    def tokens(
+        self,
+        call: Call,
+        *,
+        http_status: int = 200,
+        reason: str | None = None,
+        form: Mapping[str, str] | None = None,
+    ) -> Response:
+        with translated():
+            listed = self._store.list_tokens()
+        return self._render(
+            "tokens.html",
+            call.who,
+            http_status=http_status,
+            title="API tokens",
+            tokens=[(t, _token_state(t, call.now)) for t in listed],
+            scopes=SCOPES,
+            examples=EXAMPLES,
+            form=form or {"scope": "read"},
+            reason=reason,
+            done=DONE.get(call.query("done") or ""),
+        )
+
+    def token_create(self, call: Call) -> Response:
+        """The new token in the answer to the POST itself, never in a URL or a log:
+        shown this once (``Cache-Control: no-store``), only its digest is kept."""
+        assert call.who is not None
+        name = call.form.get("name", "").strip()
+        scope = call.form.get("scope", "")
+        expires = call.form.get("expires", "").strip()
+        kept = {"name": name, "scope": scope, "expires": expires}
+        try:
+            if scope not in SCOPES:
+                raise Refusal(Code.BAD_REQUEST, f"scope: one of {', '.join(SCOPES)}")
+            try:
+                lifetime = parse_duration(expires) if expires else None
+            except ValueError as exc:
+                raise Refusal(Code.BAD_REQUEST, f"expires: {exc}") from None
+            expires_at = call.now + lifetime if lifetime is not None else None
+            token = self._tokens.create(
+                name, frozenset({scope}), actor=call.who.actor, now=call.now, expires_at=expires_at
+            )
+        except Refusal as refusal:
+            return self.tokens(
+                call, http_status=STATUS[refusal.code], reason=refusal.reason, form=kept
+            )
+        return self._render(
+            "token_created.html",
+            call.who,
+            title=f"Token {name}",
+            name=name,
+            scope=scope,
+            expires_at=expires_at,
+            token=token,
+        )
+
+    def _token(self, call: Call) -> ApiToken:
+        name = call.param("name")
+        with translated():
+            found = [t for t in self._store.list_tokens() if t.name == name]
+        if not found:
+            raise Refusal(Code.NOT_FOUND, f"no token {name!r}")
+        return found[0]
+
+    def token_revoke_page(self, call: Call) -> Response:
+        token = self._token(call)
+        assert call.who is not None
+        return self._render(
+            "token_revoke.html",
+            call.who,
+            title=f"Revoke token {token.name}",
+            token=token,
+            state=_token_state(token, call.now),
+            own=token.name == call.who.name,
+        )
+
+    def token_revoke(self, call: Call) -> Response:
+        assert call.who is not None
+        self._tokens.revoke(call.param("name"), actor=call.who.actor, now=call.now)
+        # Revoking the token this session signed in with ends the session: the next
+        # page asks to sign in again.
+        return see_other("/ui/tokens?done=token-revoked")
 
 
 def _device_actions(status: DeviceStatus) -> list[str]:
@@ -753,6 +1012,14 @@ def _device_actions(status: DeviceStatus) -> list[str]:
     if status is DeviceStatus.DISABLED:
         return ["enable", "decommission"]
     return ["disable", "decommission"]
+
+
+def _token_state(token: ApiToken, now: dt.datetime) -> str:
+    if token.revoked_at is not None:
+        return "revoked"
+    if token.expires_at is not None and token.expires_at <= now:
+        return "expired"
+    return "active"
 
 
 def _path(segment: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
@@ -92,9 +92,17 @@ def download(body: bytes, *, filename: str, media_type: str) -> Response:
     )
 
 
-def set_cookie(response: Response, name: str, value: str, *, max_age: dt.timedelta) -> None:
-    """A cookie only the portal's pages over HTTPS send back, never cross-site, never
-    readable by script."""
+def set_cookie(
+    response: Response,
+    name: str,
+    value: str,
+    *,
+    max_age: dt.timedelta,
+    samesite: Literal["strict", "lax"] = "strict",
+) -> None:
+    """A cookie only the portal's pages over HTTPS send back, never readable by script,
+    and never cross-site (``lax``: on top-level navigations from another site too, for
+    a sign-in that comes back from an identity provider)."""
     response.set_cookie(
         name,
         value,
@@ -102,7 +110,7 @@ def set_cookie(response: Response, name: str, value: str, *, max_age: dt.timedel
         path=COOKIE_PATH,
         secure=True,
         httponly=True,
-        samesite="strict",
+        samesite=samesite,
     )
 
 
