@@ -357,3 +357,19 @@ def test_the_responder_refuses_bounds_that_cannot_work(
         OcspResponder(
             cas=authority.cas, store=authority.store, validity=validity, max_entries=max_entries
         )
+
+
+def test_a_ca_key_whose_token_is_away_is_try_later_without_a_traceback(
+    authority: Auth, cas: Cas, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from estkit.ca import ocsp as ocsp_module
+    from estkit.ca.errors import SignerUnavailable
+
+    def token_away(**_: object) -> bytes:
+        raise SignerUnavailable("bootstrap", "CKR_DEVICE_REMOVED")
+
+    cert = issue(authority)
+    monkeypatch.setattr(ocsp_module, "build_response", token_away)
+    answer = read(responder(authority).respond(query(cert, cas.bootstrap), now=NOW))
+    assert answer.response_status is ocsp.OCSPResponseStatus.TRY_LATER
+    assert "Traceback" not in caplog.text and "no response for serial" not in caplog.text

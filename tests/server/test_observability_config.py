@@ -50,3 +50,19 @@ def test_a_bad_setting_fails_naming_its_field(sections: dict[str, Any], error: s
     with pytest.raises(ConfigError) as raised:
         parse_config(_data(**sections), DATA_DIR)
     assert error in str(raised.value)
+
+
+def test_uvicorns_text_access_lines_leave_the_query_out() -> None:
+    import logging
+
+    from estkit.server.logs import WithoutQuery, log_config
+
+    config = log_config("text", level=logging.INFO)
+    assert "no_query" in config["handlers"]["access"]["filters"]
+    record = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5", "GET", "/ui/oidc/callback?code=SECRET&state=S", "1.1", 200), None,
+    )  # fmt: skip
+    assert WithoutQuery().filter(record)
+    assert "SECRET" not in record.getMessage()
+    assert record.getMessage() == '127.0.0.1:5 - "GET /ui/oidc/callback HTTP/1.1" 200'

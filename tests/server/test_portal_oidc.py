@@ -424,5 +424,10 @@ def test_a_client_secret_file_that_is_empty_fails_at_start(
     secret = tmp_path / "empty.secret"
     secret.write_text("\n")
     table = _oidc_table(portal.provider, portal_client_secret_file=str(secret))
+    # A secret others may read is refused before its content is looked at.
+    secret.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"has mode 0644; only its owner may read"):
+        create_app(replace(portal.config, api={"oidc": table}))
+    secret.chmod(0o600)
     with pytest.raises(ConfigError, match=r"api\.oidc\.portal_client_secret_file: .* is empty"):
         create_app(replace(portal.config, api={"oidc": table}))

@@ -257,10 +257,79 @@ def test_the_sender_retries_then_sends_and_logs_no_secret(
     assert "SharedAccessSignature" not in text
 
 
+def _queue_enable(store: SqlStore, device_id: str) -> None:
+    now = _now()
+    audit = AuditEvent(at=now, actor="test", action="device-add", outcome="ok")
+    store.add_device(device_id, now=now, audit=audit)
+    store.set_device_status(
+        device_id,
+        DeviceStatus.ACTIVE,
+        now=now,
+        audit=audit,
+        hub=HubChange(device_id, HubStatus.ENABLED, "device-enable"),
+    )
+
+
+def test_a_disable_for_a_device_without_identity_holds_already(
+    store: SqlStore, registry: RegistryStandIn, client: RegistryClient
+) -> None:
+    _queue_disable(store, "dev-1")  # the hub has no such identity: none can connect
+    sender = HubSender(
+        store.hub_outbox(), client, create_identities=False, owner="test", clock=_now
+    )
+    sent = sender.send_next()
+    assert sent is not None and (sent.result, sent.detail) == (Result.SENT, "unchanged")
+    assert registry.status("dev-1") is None
+    assert [r.method for r in registry.requests("dev-1")] == ["GET"]
+    assert store.hub_outbox().backlog().failed_count == 0
+
+
+def test_a_change_superseded_while_it_is_sent_writes_nothing(
+    store: SqlStore, registry: RegistryStandIn, client: RegistryClient
+) -> None:
+    registry.add_device("dev-1")
+    _queue_enable(store, "dev-1")
+    outbox = store.hub_outbox()
+    sender = HubSender(outbox, client, create_identities=False, owner="test", clock=_now)
+    entry = outbox.claim(owner="test", now=_now(), lease=dt.timedelta(minutes=5))
+    assert entry is not None and entry.change.status is HubStatus.ENABLED
+    registry.devices["dev-1"]["status"] = "disabled"  # so that enabling needs a write
+    # The operator disables the device while the enable is on its way.
+    now = _now()
+    audit = AuditEvent(at=now, actor="test", action="device-disable", outcome="ok")
+    store.set_device_status(
+        "dev-1", DeviceStatus.DISABLED, now=now, audit=audit,
+        hub=HubChange("dev-1", HubStatus.DISABLED, "device-disable"),
+    )  # fmt: skip
+    sent = sender._send(entry)
+    assert sent.result is Result.SKIPPED
+    assert [r.method for r in registry.requests("dev-1")] == ["GET"]  # no PUT of "enabled"
+    assert registry.status("dev-1") == "disabled"
+    newest = sender.send_next()
+    assert newest is not None and newest.entry.change.status is HubStatus.DISABLED
+
+
+def test_provisioning_never_queues_enabled_for_a_device_disabled_meanwhile(
+    store: SqlStore,
+) -> None:
+    _queue_disable(store, "dev-1")
+    # What a provisioning that checked the device before the disable committed writes.
+    _queue_enable_without_status(store, "dev-1")
+    pending = [e for e in store.hub_outbox().entries("dev-1") if e.state is OutboxState.PENDING]
+    assert [e.change.status for e in pending] == [HubStatus.DISABLED]
+
+
+def _queue_enable_without_status(store: SqlStore, device_id: str) -> None:
+    from estkit.store.outbox import enqueue
+
+    with store._engine.begin() as conn:
+        enqueue(conn, HubChange(device_id, HubStatus.ENABLED, "provision"), _now())
+
+
 def test_a_refused_change_is_kept_failed_with_the_reason(
     store: SqlStore, registry: RegistryStandIn, client: RegistryClient
 ) -> None:
-    _queue_disable(store, "dev-1")  # the hub has no such identity
+    _queue_enable(store, "dev-1")  # the hub has no such identity, and may not create it
     sender = HubSender(
         store.hub_outbox(), client, create_identities=False, owner="test", clock=_now
     )

@@ -288,3 +288,20 @@ def test_the_store_reads_the_head_and_the_checkpointed_entries(store: SqlStore) 
     assert chain.hashes[5] == head
     assert chain.counts == {0: 0, 2: 2, 5: 5, 7: 5}
     assert store.verify_audit_chain() == (5, None, "")
+
+
+def test_a_line_cut_short_by_a_crash_is_skipped_and_said_when_asked() -> None:
+    first, second = sign_checkpoint(checkpoint(2), KEY), sign_checkpoint(checkpoint(5), KEY)
+    text = f"{first}\n{second[: len(second) // 2]}\n{second}\n"
+    torn: list[str] = []
+    found = read_checkpoints(text, keys=[KEY.public_key()], source="cp.jsonl", torn=torn)
+    assert [s.checkpoint.last_id for s in found] == [2, 5]
+    assert torn == ["cp.jsonl line 2: cut short (an append that did not finish), skipped"]
+    # Without the list (a caller that does not say warnings), it stays an error; and a
+    # line that is JSON but no checkpoint is never taken for a torn one.
+    with pytest.raises(CheckpointError, match="line 2: not a checkpoint"):
+        read_checkpoints(text, keys=[KEY.public_key()], source="cp.jsonl")
+    with pytest.raises(CheckpointError, match="line 2: not a checkpoint"):
+        read_checkpoints(
+            f'{first}\n{{"v": 1}}\n', keys=[KEY.public_key()], source="cp.jsonl", torn=[]
+        )

@@ -38,6 +38,7 @@ from cryptography import x509
 from cryptography.x509 import ocsp
 
 from estkit.ca.authority import IssuingCa
+from estkit.ca.errors import SignerUnavailable
 from estkit.pki.certs import serial_hex
 from estkit.pki.ocsp import (
     GOOD,
@@ -181,6 +182,10 @@ class OcspResponder:
             )
         except Unavailable as exc:
             log.debug("OCSP: database unavailable (%s): tryLater", exc)
+            return TRY_LATER
+        except SignerUnavailable as exc:
+            # The token is away: the signer logs the outage once; no traceback per request.
+            log.debug("OCSP: CA %s cannot sign now (%s): tryLater", ca.name, exc.reason)
             return TRY_LATER
         except Exception:
             log.exception("OCSP: no response for serial %X of CA %s", cert_id.serial, ca.name)

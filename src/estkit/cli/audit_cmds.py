@@ -114,10 +114,15 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     signed: list[SignedCheckpoint] = []
     if args.checkpoints is not None:
         text = _read_text(args.checkpoints, "--checkpoints")
+        torn: list[str] = []
         try:
-            signed = read_checkpoints(text, keys=_public_keys(args), source=str(args.checkpoints))
+            signed = read_checkpoints(
+                text, keys=_public_keys(args), source=str(args.checkpoints), torn=torn
+            )
         except CheckpointError as exc:
             raise CliError(str(exc)) from None
+        for line in torn:
+            print(f"warning: {line}", file=sys.stderr)
     with _reading(args) as store:
         checked, broken, why = store.verify_audit_chain()
         if broken is not None:

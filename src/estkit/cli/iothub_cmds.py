@@ -113,6 +113,8 @@ def _sent_line(sent: Sent) -> str:
     what = _change(sent.entry)
     if sent.result.value == "sent":
         return f"{what}: sent ({sent.detail})"
+    if sent.result.value == "skipped":
+        return f"{what}: not written ({sent.detail})"
     if sent.result.value == "retry":
         return f"{what}: not sent, retried from {_iso(sent.next_attempt_at)}: {sent.detail}"
     return f"{what}: failed: {sent.detail}"

@@ -28,7 +28,14 @@ from pathlib import Path
 
 from estkit.fileio import read_private
 from estkit.server.config import ConfigError, IotHubConfig, ServerConfig
-from estkit.server.registry import RegistryClient, RegistryError, SasPolicy, Transient, apply
+from estkit.server.registry import (
+    RegistryClient,
+    RegistryError,
+    SasPolicy,
+    Stale,
+    Transient,
+    apply,
+)
 from estkit.store import SqlStore
 from estkit.store.errors import Unavailable
 from estkit.store.outbox import HubOutbox, OutboxEntry
@@ -59,6 +66,7 @@ class Result(StrEnum):
     SENT = "sent"  # the registry has it
     RETRY = "retry"  # pending again, from next_attempt_at
     FAILED = "failed"  # refused for good; kept with the reason
+    SKIPPED = "skipped"  # superseded, or its lease lost, while it was sent: not written
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,8 +114,20 @@ class HubSender:
         return self._send(entry) if entry is not None else None
 
     def _send(self, entry: OutboxEntry) -> Sent:
+        # A write must come well inside the lease, from a sender that still holds the row.
+        deadline = self._clock() + self._lease * 0.8
+
+        def may_write() -> bool:
+            now = self._clock()
+            return now < deadline and self.outbox.holds(entry.id, owner=self._owner, now=now)
+
         try:
-            outcome, _ = apply(self.client, entry.change, create_identities=self._create)
+            outcome, _ = apply(
+                self.client, entry.change, create_identities=self._create, may_write=may_write
+            )
+        except Stale as exc:
+            self.outbox.let_go(entry.id, owner=self._owner)
+            return Sent(entry, Result.SKIPPED, str(exc))
         except Transient as exc:
             delay = retry_delay(entry.attempts, retry_after=exc.retry_after, rng=self._rng)
             at = self._clock() + dt.timedelta(seconds=delay)
@@ -148,6 +168,8 @@ class HubSender:
             self._hub_down = False
         elif sent.result is Result.FAILED:
             log.error("IoT Hub: %s refused for good: %s", what, sent.detail)
+        elif sent.result is Result.SKIPPED:
+            log.warning("IoT Hub: %s not written: %s", what, sent.detail)
         elif not self._hub_down:  # one line per outage, not one per row and attempt
             log.warning("IoT Hub: %s not sent, retrying with backoff: %s", what, sent.detail)
             self._hub_down = True

@@ -63,6 +63,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class WithoutQuery(logging.Filter):
+    """uvicorn's access record (client, method, target, version, status) without the
+    target's query string."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            record.args = (args[0], args[1], args[2].split("?", 1)[0], args[3], args[4])
+        return True
+
+
 def log_config(log_format: str, *, level: int) -> dict[str, Any]:
     """uvicorn's ``log_config`` (a ``logging.config.dictConfig`` dict), applied by the
     supervisor and again by each worker it spawns.
@@ -74,6 +85,10 @@ def log_config(log_format: str, *, level: int) -> dict[str, Any]:
     """
     config = uvicorn_log_config()
     if log_format != "json":
+        # uvicorn's access lines carry the whole target: its query (an OIDC sign-in's
+        # one-time code and state, say) is cut off, as in estkit's own access lines.
+        config.setdefault("filters", {})["no_query"] = {"()": WithoutQuery}
+        config["handlers"]["access"].setdefault("filters", []).append("no_query")
         return config
     for name in ("default", "access"):
         config["formatters"][name] = {"()": JsonFormatter}

@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from estkit.store.outbox import HubChange
+from estkit.store.outbox import HubChange, HubStatus
 
 DEFAULT_API_VERSION = "2021-04-12"
 # A token lives this long; a new one is made for every request.
@@ -216,18 +216,34 @@ class RegistryClient:
         return Identity(body=body, etag=_unquoted(str(etag)))
 
 
+class Stale(RegistryError):
+    """The change is no longer this sender's to write (superseded, or its lease lost)."""
+
+
 def apply(
-    client: RegistryClient, change: HubChange, *, create_identities: bool
+    client: RegistryClient,
+    change: HubChange,
+    *,
+    create_identities: bool,
+    may_write: Callable[[], bool] = lambda: True,
 ) -> tuple[Outcome, Identity]:
     """Give the device's identity ``change.status``: read it, and write it back with the
     new status under its ETag; read again when it changed meanwhile (412). An identity
     the registry lacks is created (``authentication.type = certificateAuthority``) with
     ``create_identities``, else ``Rejected``. ``Transient`` when the identity kept
-    changing for ``MAX_ROUNDS`` reads."""
+    changing for ``MAX_ROUNDS`` reads. ``may_write`` is asked before every write (after
+    every read): False raises ``Stale`` and nothing is written."""
     reason = f"estkit: {change.cause}"[:STATUS_REASON_MAX]
     for _ in range(MAX_ROUNDS):
         identity = client.get(change.device_id)
+        if (identity is None or identity.status != change.status.value) and not may_write():
+            raise Stale(f"device {change.device_id}: a newer change or another sender has it")
         try:
+            if identity is None and change.status is HubStatus.DISABLED:
+                # No identity: nothing at the hub can connect as this device; what the
+                # change asks for holds already (and creating one only to disable it
+                # is not this sender's to decide).
+                return Outcome.UNCHANGED, Identity(body={}, etag="")
             if identity is None:
                 if not create_identities:
                     raise Rejected(

@@ -132,20 +132,45 @@ def sign_checkpoint(checkpoint: Checkpoint, key: Ed25519PrivateKey) -> str:
 
 
 def read_checkpoints(
-    text: str, *, keys: Iterable[Ed25519PublicKey], source: str
+    text: str,
+    *,
+    keys: Iterable[Ed25519PublicKey],
+    source: str,
+    torn: list[str] | None = None,
 ) -> list[SignedCheckpoint]:
     """Every checkpoint of a file's ``text``, each signature verified with the one of
     ``keys`` its key id names; ``CheckpointError`` at the first line that is not a
     checkpoint, names another key or does not verify, and for a file with none.
-    Blank lines are skipped. Times are whole seconds (the signed text has no more)."""
+    Blank lines are skipped. Times are whole seconds (the signed text has no more).
+
+    A line cut short (no JSON object at all: what a crash or a full disk leaves in the
+    middle of an append; the next append starts on a line of its own) is not a
+    checkpoint and signs nothing: it is skipped, and said in ``torn`` when given;
+    without ``torn`` it is an error like any other."""
     by_id = {key_id(k): k for k in keys}
     found: list[SignedCheckpoint] = []
     for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            found.append(_read_line(line, by_id, f"{source} line {number}"))
+        where = f"{source} line {number}"
+        if not line.strip():
+            continue
+        if torn is not None and _cut_short(line):
+            torn.append(f"{where}: cut short (an append that did not finish), skipped")
+            continue
+        found.append(_read_line(line, by_id, where))
     if not found:
         raise CheckpointError(Finding("empty", f"{source}: no checkpoints in it"))
     return found
+
+
+def _cut_short(line: str) -> bool:
+    """A line that starts as a checkpoint does and is not JSON: an unfinished append."""
+    if not line.startswith("{"):
+        return False
+    try:
+        json.loads(line)
+    except ValueError:
+        return True
+    return False
 
 
 def _read_line(line: str, keys: Mapping[str, Ed25519PublicKey], where: str) -> SignedCheckpoint:

@@ -90,9 +90,21 @@ class Backlog:
 
 def enqueue(conn: Connection, change: HubChange | None, now: dt.datetime) -> None:
     """Add ``change`` in the caller's transaction (nothing for None); the device's rows
-    not sent yet, pending or failed, are superseded by it."""
+    not sent yet, pending or failed, are superseded by it.
+
+    An identity is never queued ``enabled`` for a device that is not active by the time
+    this transaction holds its row: a provisioning that checked the device before a
+    disable committed must not supersede that disable (the row lock makes a concurrent
+    disable wait, or be seen)."""
     if change is None:
         return
+    if change.status is HubStatus.ENABLED:
+        d = schema.devices
+        status = conn.execute(
+            sa.select(d.c.status).where(d.c.device_id == change.device_id).with_for_update()
+        ).scalar()
+        if status is not None and status != "active":
+            change = HubChange(change.device_id, HubStatus.DISABLED, change.cause)
     conn.execute(
         _T.update()
         .where(_C.device_id == change.device_id, _C.state.in_(_WAITING))
@@ -200,6 +212,23 @@ class HubOutbox:
             state=_unless_superseded(OutboxState.FAILED),
             last_error=error[:ERROR_MAX],
         )
+
+    def holds(self, entry_id: int, *, owner: str, now: dt.datetime) -> bool:
+        """Whether ``owner`` still holds row ``entry_id``, pending and not superseded:
+        asked before every write to the registry, so a sender that stalled past its
+        lease, or whose change a newer one replaced, writes nothing stale."""
+        query = sa.select(_C.id).where(
+            _C.id == entry_id,
+            _C.lease_owner == owner,
+            _C.lease_until > now,
+            _C.state == OutboxState.PENDING.value,
+        )
+        with self._engine.connect() as conn:
+            return conn.execute(query).first() is not None
+
+    def let_go(self, entry_id: int, *, owner: str) -> bool:
+        """Release the row without a verdict (it was superseded while being sent)."""
+        return self._release(entry_id, owner)
 
     def _release(self, entry_id: int, owner: str, **values: Any) -> bool:
         with self._engine.begin() as conn:

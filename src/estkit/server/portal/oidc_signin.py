@@ -45,6 +45,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
 
+from estkit.fileio import read_private
 from estkit.server.config import ConfigError, ServerConfig
 from estkit.server.oidc import (
     FETCH_TIMEOUT,
@@ -124,7 +125,15 @@ class OidcSignIn:
         self._config = config
         self._secret: str | None = None
         if config.portal_client_secret_file is not None:
-            self._secret = config.portal_client_secret_file.read_text().strip()
+            self._secret = (
+                read_private(
+                    config.portal_client_secret_file,
+                    where="api.oidc.portal_client_secret_file",
+                    what="a client secret",
+                )
+                .decode()
+                .strip()
+            )
             if not self._secret:
                 raise ValueError(f"{config.portal_client_secret_file} is empty")
         self._verifier = verifier
