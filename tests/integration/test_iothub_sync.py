@@ -166,6 +166,8 @@ def test_iothub_sync_reports_the_backlog_and_replays_it(
     for dev in (known, unknown):
         hub_server.cli("device", "add", dev)
         hub_server.cli("device", "disable", dev)
+    # Enabled again: an identity the hub lacks (a disable of one would hold already).
+    hub_server.cli("device", "enable", unknown)
 
     status, out = _sync(hub_server, "--dry-run")
     assert status == 75, out
@@ -180,7 +182,7 @@ def test_iothub_sync_reports_the_backlog_and_replays_it(
     status, out = _sync(hub_server, verbose=True)  # debug logging of every request too
     assert status == 1, out  # the unknown device is refused for good
     assert f"{known} disabled (device-disable): sent (updated)" in out
-    assert f"{unknown} disabled (device-disable): failed:" in out
+    assert f"{unknown} enabled (device-enable): failed:" in out
     assert "create_identities is off" in out
     assert registry.status(known) == "disabled"
     _assert_no_secret(out, registry)
@@ -188,11 +190,11 @@ def test_iothub_sync_reports_the_backlog_and_replays_it(
     status, out = _sync(hub_server, "--dry-run")
     assert status == 1, out
     [failed] = [line for line in out.splitlines() if line.startswith("failed:")]
-    assert f" {unknown} disabled" in failed and "create_identities is off" in failed
+    assert f" {unknown} enabled" in failed and "create_identities is off" in failed
     [last] = [line for line in out.splitlines() if line.startswith("last success:")]
     assert f" {known} disabled" in last
 
-    registry.add_device(unknown)  # the operator fixes the cause
+    registry.add_device(unknown, status="disabled")  # the operator fixes the cause
     status, out = _sync(hub_server, "--json")
     assert status == 1, out  # failed ones wait for --retry-failed
     report = json.loads(out)
@@ -212,7 +214,7 @@ def test_iothub_sync_reports_the_backlog_and_replays_it(
         "last_success": report["after"]["last_success"],
     }
     assert report["after"]["last_success"]["device_id"] == unknown
-    assert registry.status(unknown) == "disabled"
+    assert registry.status(unknown) == "enabled"
 
 
 def test_iothub_sync_needs_an_iothub_section(tmp_path: Path) -> None:
