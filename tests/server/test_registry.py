@@ -213,17 +213,23 @@ def test_the_backoff_doubles_with_jitter_and_honours_retry_after(
         assert low <= retry_delay(attempts, retry_after=retry_after, rng=rng) <= high
 
 
-def _queue_disable(store: SqlStore, device_id: str) -> None:
+def _queue(store: SqlStore, device_id: str, status: DeviceStatus) -> None:
+    """Register ``device_id`` and set its status, queueing the hub change it causes."""
     now = _now()
     audit = AuditEvent(at=now, actor="test", action="device-add", outcome="ok")
     store.add_device(device_id, now=now, audit=audit)
-    store.set_device_status(
-        device_id,
-        DeviceStatus.DISABLED,
-        now=now,
-        audit=audit,
-        hub=HubChange(device_id, HubStatus.DISABLED, "device-disable"),
+    hub, cause = (
+        (HubStatus.ENABLED, "device-enable")
+        if status is DeviceStatus.ACTIVE
+        else (HubStatus.DISABLED, "device-disable")
     )
+    store.set_device_status(
+        device_id, status, now=now, audit=audit, hub=HubChange(device_id, hub, cause)
+    )
+
+
+def _queue_disable(store: SqlStore, device_id: str) -> None:
+    _queue(store, device_id, DeviceStatus.DISABLED)
 
 
 def test_the_sender_retries_then_sends_and_logs_no_secret(
@@ -258,16 +264,7 @@ def test_the_sender_retries_then_sends_and_logs_no_secret(
 
 
 def _queue_enable(store: SqlStore, device_id: str) -> None:
-    now = _now()
-    audit = AuditEvent(at=now, actor="test", action="device-add", outcome="ok")
-    store.add_device(device_id, now=now, audit=audit)
-    store.set_device_status(
-        device_id,
-        DeviceStatus.ACTIVE,
-        now=now,
-        audit=audit,
-        hub=HubChange(device_id, HubStatus.ENABLED, "device-enable"),
-    )
+    _queue(store, device_id, DeviceStatus.ACTIVE)
 
 
 def test_a_disable_for_a_device_without_identity_holds_already(

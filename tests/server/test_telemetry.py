@@ -98,7 +98,7 @@ def _call(
         "query_string": b"",
         "headers": headers or [],
         "client": ("192.0.2.7", 50000),
-        "server": ("127.0.0.1", 8443),
+        "server": ("127.0.0.1", 7443),
         "scheme": "https",
         "http_version": "1.1",
     }

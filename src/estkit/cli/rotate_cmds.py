@@ -275,10 +275,9 @@ def _new_ca_config(
 
 
 def _shown(path: Path, config: ServerConfig) -> str:
-    try:
-        return str(path.relative_to(config.data_dir))
-    except ValueError:
-        return str(path)
+    from estkit.server.wiring import shown_path
+
+    return shown_path(path, config.data_dir)
 
 
 def _toml_string(value: object) -> str:

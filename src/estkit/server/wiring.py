@@ -134,8 +134,8 @@ def installed_cas(config: ServerConfig) -> dict[str, CaConfig]:
 def awaiting_import(config: ServerConfig) -> list[str]:
     """One line per rotated CA whose certificate is not installed yet (``installed_cas``)."""
     return [
-        f"CA {name}: its certificate {_shown(ca.cert, config.data_dir)} is not imported yet "
-        f"(sign {_shown(ca.cert.with_suffix('.csr'), config.data_dir)} on the root's machine, "
+        f"CA {name}: its certificate {shown_path(ca.cert, config.data_dir)} is not imported yet "
+        f"(sign {shown_path(ca.cert.with_suffix('.csr'), config.data_dir)} on the root's machine, "
         f"then `estkit ca import --cert {name}=FILE`): {ca.generation.replaces} goes on issuing"
         for name, ca in config.cas.items()
         if name not in installed_cas(config)
@@ -155,7 +155,7 @@ def offline_root_pending(config: ServerConfig) -> str | None:
     if not missing:
         return None
     csrs = [
-        _shown(csr, config.data_dir)
+        shown_path(csr, config.data_dir)
         for ca in config.cas.values()
         if not ca.offline and not ca.cert.exists() and (csr := ca.cert.with_suffix(".csr")).exists()
     ]
@@ -164,7 +164,7 @@ def offline_root_pending(config: ServerConfig) -> str | None:
         if csrs
         else ""
     )
-    shown = ", ".join(_shown(path, config.data_dir) for path in missing)
+    shown = ", ".join(shown_path(path, config.data_dir) for path in missing)
     return (
         f"offline root: not imported yet: {shown}; "
         f"{sign}install them with `estkit ca import --data-dir {config.data_dir}` "
@@ -172,7 +172,7 @@ def offline_root_pending(config: ServerConfig) -> str | None:
     )
 
 
-def _shown(path: Path, data_dir: Path) -> str:
+def shown_path(path: Path, data_dir: Path) -> str:
     """``path`` relative to the data directory when it is inside it."""
     try:
         return str(path.relative_to(data_dir))
